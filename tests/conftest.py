@@ -44,6 +44,19 @@ def tiny_model_dir(request, tmp_path_factory, data_dir):
 
 
 @pytest.fixture(scope="session")
+def model_dir(tiny_model_dir) -> Path:
+    """The tiny random Llama most engine tests run on."""
+    return tiny_model_dir("llama")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="session")
 def gemma_model_dir() -> Path:
     """The real Gemma 3 270M, prepared into the default model cache (slow once, then instant)."""
     from lingosteer.models import prepare_model

@@ -28,18 +28,6 @@ LONG_TEXT = (
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_model_dir):
-    return tiny_model_dir("llama")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_dir)
-
-
-@pytest.fixture(scope="module")
 def interventions(tmp_path_factory, model_dir, tiny_model_dir):
     root = tmp_path_factory.mktemp("interventions")
     return {

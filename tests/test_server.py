@@ -58,11 +58,6 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_model_dir):
-    return tiny_model_dir("llama")
-
-
-@pytest.fixture(scope="module")
 def root(tmp_path_factory, model_dir, tiny_model_dir):
     """Interventions root: swh and ita preloaded, a second swh version staged (hidden: not preloaded),
     and a Qwen2 artifact (another model: skipped at start)."""

@@ -20,13 +20,6 @@ CHAT_TEMPLATE = (
 )
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model_dir("llama"))
-
-
 @pytest.fixture()
 def router(tokenizer, tmp_path):
     registry = InterventionRegistry(engine_client=None, root=tmp_path)
