@@ -27,8 +27,9 @@ def register(subparsers) -> None:
     for task in TASKS:
         parser = tasks.add_parser(task, help=f"{task.upper()} benchmark (files <split>.<lang>.jsonl|tsv)")
         parser.add_argument("--model", required=True, help="prepared model name or Hugging Face model directory")
-        parser.add_argument("--interventions", type=Path, default=None,
-                            help="directory of intervention artifacts (one subdirectory per language)")
+        parser.add_argument("--interventions", type=Path, nargs="+", default=None, metavar="DIR",
+                            help="directory of intervention artifacts (one subdirectory per language); under "
+                                 "--cross-fit K also K directories, the k-th used for fold k (fitted without it)")
         parser.add_argument("--eval", nargs="+", required=True, metavar="PATH",
                             help="evaluation files or directories; the language comes from the file name")
         parser.add_argument("--calibrate", nargs="+", default=None, metavar="PATH",

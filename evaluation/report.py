@@ -24,7 +24,8 @@ FORMAT = "lingosteer.bench"
 FORMAT_VERSION = 1
 
 
-def build_report(config, model_dir, eval_sets, outcomes, artifacts, timing, reference) -> dict:
+def build_report(config, model_dir, eval_sets, outcomes, map_sets, timing, reference) -> dict:
+    """`map_sets`: the intervention directories per language, one dict per set (one set per fold, or one)."""
     from lingosteer.fingerprint import model_fingerprint
 
     english = next((s for s in eval_sets.values() if s.english), None)
@@ -37,7 +38,8 @@ def build_report(config, model_dir, eval_sets, outcomes, artifacts, timing, refe
         row = _summary([(o.baseline, o.intervened)], config.bootstrap, config.seed)
         row.update(
             n=s.n, alpha=o.alpha, file=str(s.path), flores=s.flores, calibration=o.calibration,
-            intervention=str(artifacts[s.flores]),
+            intervention=(str(map_sets[0][s.flores]) if len(map_sets) == 1
+                          else [str(maps[s.flores]) for maps in map_sets]),
             transfer=None if english_acc is None else {"baseline": row["baseline"] / english_acc,
                                                         "intervened": row["intervened"] / english_acc},
         )

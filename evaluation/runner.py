@@ -7,8 +7,10 @@ Three ways to set alpha per language (the evaluation items never influence it):
 - cross-fit K: the evaluation items of each language are cut into K contiguous folds;
   the items of fold k are scored with the alpha chosen on the other folds. (With only
   a validation split at hand: calibrate on one half, evaluate on the other, swap.)
-  Every item is scored under the whole grid in one pass, and fold k's choice is
-  made from the other folds' rows only.
+  Fold k's choice is made from the other folds' rows only. With K interventions
+  directories, directory k's maps are used for fold k, both for its calibration on
+  the other folds and for its evaluation: maps fitted on translations of the other
+  folds' items never see fold k.
 - neither: the default alpha in each intervention's manifest.
 
 English files (`*.en.*`) are scored plain only: they are the reference for transfer
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +38,7 @@ class BenchmarkConfig:
     task: str
     model: str | Path
     eval_paths: list
-    interventions: Path | None = None
+    interventions: Path | list[Path] | None = None  # one directory, or one per cross-fit fold
     calibrate_paths: list | None = None
     cross_fit: int | None = None
     alpha_grid: tuple[float, ...] = DEFAULT_GRID
@@ -97,6 +98,7 @@ class Outcome:
     alpha: float | list[float] | None
     calibration: dict = field(default_factory=dict)
     fold_of_item: np.ndarray | None = None
+    maps_of_item: np.ndarray | None = None  # which intervention set each item was evaluated with
 
 
 def run_benchmark(config: BenchmarkConfig, llm=None) -> tuple[dict, list[dict]]:
@@ -115,19 +117,19 @@ def run_benchmark(config: BenchmarkConfig, llm=None) -> tuple[dict, list[dict]]:
     missing = [s.code for s in targets if config.calibrate_paths and s.code not in cal_sets]
     if missing:
         raise ValueError(f"no calibration file for language(s) {', '.join(missing)}")
-    artifacts = find_interventions(config.interventions, [s.flores for s in targets], model_dir) if targets else {}
+    map_sets = ([find_interventions(root, [s.flores for s in targets], model_dir) for root in _intervention_dirs(config)]
+                if targets else [{}])
 
     own_engine = llm is None
     if own_engine:
         llm = _start_engine(model_dir)
     try:
-        for path in artifacts.values():
-            llm.collective_rpc("lingosteer_load", args=(str(path),))
         timing = Timing()
-        outcomes = _score_all(config, llm, eval_sets, cal_sets, artifacts, timing)
+        scorer = Scorer(llm, map_sets, timing, config.progress)
+        outcomes = _score_all(config, scorer, eval_sets, cal_sets)
         reference = None
         if config.reference == "hf":
-            reference = _reference_check(config, llm, model_dir, tokenizer, eval_sets, outcomes, artifacts)
+            reference = _reference_check(config, scorer, model_dir, tokenizer, eval_sets, outcomes)
     finally:
         if own_engine:
             from lingosteer.backend import shutdown_engine
@@ -136,11 +138,24 @@ def run_benchmark(config: BenchmarkConfig, llm=None) -> tuple[dict, list[dict]]:
 
     from evaluation.report import build_report
 
-    report = build_report(config, model_dir, eval_sets, outcomes, artifacts, timing, reference)
+    report = build_report(config, model_dir, eval_sets, outcomes, map_sets, timing, reference)
     return report, _item_records(eval_sets, outcomes)
 
 
 # ---- inputs -------------------------------------------------------------------------
+
+
+def _intervention_dirs(config) -> list[Path]:
+    """One directory for every item, or (under cross-fit K) one per fold: directory k holds
+    the interventions used for fold k, fitted without fold k's items."""
+    roots = config.interventions
+    roots = [] if roots is None else [Path(roots)] if isinstance(roots, (str, Path)) else [Path(r) for r in roots]
+    if not roots:
+        raise ValueError("--interventions is required to evaluate non-English languages")
+    if len(roots) > 1 and len(roots) != config.cross_fit:
+        raise ValueError(f"got {len(roots)} interventions directories: give one, or one per fold with "
+                         f"--cross-fit {len(roots)} (directory k is used for fold k)")
+    return roots
 
 
 def _check_config(config: BenchmarkConfig) -> None:
@@ -168,15 +183,13 @@ def _load_sets(config, paths, tokenizer, prompts) -> dict[str, LanguageSet]:
     return sets
 
 
-def find_interventions(root: Path | None, languages: list[str], model_dir: Path) -> dict[str, Path]:
+def find_interventions(root: Path, languages: list[str], model_dir: Path) -> dict[str, Path]:
     """FLORES code -> artifact directory, for each language, from a directory of artifacts
     (its subdirectories, or itself; hidden ones are a writer's staging area and skipped).
     Checked against the model's fingerprint."""
     from alignment.artifact import load_intervention
     from lingosteer.fingerprint import model_fingerprint
 
-    if root is None:
-        raise ValueError("--interventions is required to evaluate non-English languages")
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"interventions directory {root} does not exist")
@@ -195,15 +208,35 @@ def find_interventions(root: Path | None, languages: list[str], model_dir: Path)
             f"no intervention for {', '.join(missing)} in {root} (found: {', '.join(sorted(by_source)) or 'none'})"
         )
     fingerprint = model_fingerprint(model_dir)
-    chosen = {}
     for lang in languages:
-        artifact = load_intervention(by_source[lang], expected_fingerprint=fingerprint)
-        fit_data = artifact.manifest.get("fit_data", {})
-        if "xcopa" in " ".join(str(fit_data.get(key, "")) for key in ("corpus", "spec", "data_dir", "sources")).lower():
-            print(f"warning: the {lang} intervention was fitted on XCOPA data ({by_source[lang]}); "
-                  "its items must not be among those evaluated", file=sys.stderr)
-        chosen[lang] = by_source[lang]
-    return chosen
+        load_intervention(by_source[lang], expected_fingerprint=fingerprint)
+    return {lang: by_source[lang] for lang in languages}
+
+
+def fitted_items(artifact_dir: Path) -> tuple[str, list[list[int]]] | None:
+    """(file name, [start, end) item ranges) of benchmark items an intervention was fitted on, if any.
+
+    Fitting scripts record them as fit_data["task_items"] = {"file": ..., "ranges": [[a, b], ...]}."""
+    fit_data = json.loads((Path(artifact_dir) / "manifest.json").read_text()).get("fit_data", {})
+    task_items = fit_data.get("task_items")
+    return None if not task_items else (task_items["file"], task_items["ranges"])
+
+
+def check_not_fitted_on(artifact_dir: Path, lang_set: LanguageSet, items: np.ndarray) -> None:
+    """Refuse to evaluate items whose own text went into the intervention's fit."""
+    fitted = fitted_items(artifact_dir)
+    if fitted is None or fitted[0] != lang_set.path.name:
+        return
+    used = np.zeros(lang_set.n, dtype=bool)
+    for start, end in fitted[1]:
+        used[max(start, 0) : min(end, lang_set.n)] = True
+    overlap = np.asarray(items)[used[np.asarray(items)]]
+    if overlap.size:
+        raise ValueError(
+            f"{artifact_dir} was fitted on items {fitted[1]} of {fitted[0]}, and items {overlap.min()}-{overlap.max()} "
+            f"of {lang_set.path} would be evaluated with it; under --cross-fit K give K interventions "
+            "directories, directory k fitted without fold k's items"
+        )
 
 
 # Scoring asks for the logits of every prompt token: a step of T tokens holds T x vocab
@@ -223,23 +256,51 @@ def _start_engine(model_dir: Path):
 # ---- scoring ------------------------------------------------------------------------
 
 
-def _score_conditions(llm, jobs: list[tuple[LanguageSet, list[Condition]]], timing: Timing,
-                      progress: bool) -> dict[tuple[str, Condition], np.ndarray]:
-    """Scores [n, options] of each (language, condition), all requests in one `generate` call."""
-    requests, slots = [], []
-    for lang_set, conditions in jobs:
-        for condition in conditions:
-            slots.append((lang_set, condition, len(requests)))
-            requests += [(enc, condition) for options in lang_set.encoded for enc in options]
-    if not requests:
-        return {}
-    flat, seconds = score_with_vllm(llm, requests, progress)
-    timing.add(seconds, sum(s.n for s, _, _ in slots), len(requests))
-    scores = {}
-    for lang_set, condition, start in slots:
-        width = len(lang_set.examples[0].options)
-        scores[(lang_set.code, condition)] = flat[start : start + lang_set.n * width].reshape(lang_set.n, width)
-    return scores
+class Scorer:
+    """Option scores [n, options] per (file, condition, intervention set), filled on demand.
+
+    `map_sets[m]` is one set of interventions (FLORES code -> artifact); one set is loaded
+    in the engine at a time. An entry's rows stay NaN until scored, so an item is never
+    scored twice under one condition and set. Plain scores do not depend on the set.
+    """
+
+    def __init__(self, llm, map_sets: list[dict[str, Path]], timing: Timing, progress: bool):
+        self.llm, self.map_sets, self.timing, self.progress = llm, map_sets, timing, progress
+        self.loaded: int | None = None
+        self._scores: dict[tuple, np.ndarray] = {}
+
+    def scores(self, s: LanguageSet, condition: Condition, maps: int) -> np.ndarray:
+        key = (s.path, condition, None if condition.plain else maps)
+        if key not in self._scores:
+            self._scores[key] = np.full((s.n, len(s.examples[0].options)), np.nan)
+        return self._scores[key]
+
+    def load(self, maps: int) -> None:
+        if self.loaded != maps:
+            for path in self.map_sets[maps].values():
+                self.llm.collective_rpc("lingosteer_load", args=(str(path),))
+            self.loaded = maps
+
+    def score(self, wanted: list[tuple[LanguageSet, Condition, np.ndarray]], maps: int) -> None:
+        """Score the (set, condition, items) not scored yet, under intervention set `maps`, in one `generate`."""
+        todo: dict[tuple, tuple[LanguageSet, Condition, set]] = {}
+        for s, condition, items in wanted:
+            entry = todo.setdefault((s.path, condition), (s, condition, set()))
+            entry[2].update(int(i) for i in items)
+        requests, slots = [], []
+        for s, condition, items in todo.values():
+            table = self.scores(s, condition, maps)
+            items = [i for i in sorted(items) if np.isnan(table[i, 0])]
+            slots.append((table, items, len(requests)))
+            requests += [(enc, condition) for i in items for enc in s.encoded[i]]
+        if not requests:
+            return
+        self.load(maps)
+        flat, seconds = score_with_vllm(self.llm, requests, self.progress)
+        self.timing.add(seconds, sum(len(items) for _, items, _ in slots), len(requests))
+        for table, items, start in slots:
+            width = table.shape[1]
+            table[items] = flat[start : start + len(items) * width].reshape(len(items), width)
 
 
 def _correct(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -251,98 +312,115 @@ def _condition(lang_set: LanguageSet, alpha: float, steer: str) -> Condition:
     return PLAIN if alpha == 0 else Condition(lang_set.flores, float(alpha), steer)
 
 
-def _grid_jobs(sets, grid, steer):
-    return [(s, list(dict.fromkeys(_condition(s, a, steer) for a in (0.0, *grid)))) for s in sets]
+def _calibrate(scorer: Scorer, s: LanguageSet, items: np.ndarray, grid, steer, maps: int) -> tuple[float, list[float]]:
+    """The alpha chosen on `items` of `s` (already scored under the grid) and the grid's accuracies."""
+    correct = np.stack([_correct(scorer.scores(s, _condition(s, a, steer), maps)[items], s.labels[items])
+                        for a in grid])
+    return choose_alpha(grid, correct)
 
 
-def _grid_correct(lang_set, scores, grid, steer) -> np.ndarray:
-    return np.stack([_correct(scores[(lang_set.code, _condition(lang_set, a, steer))], lang_set.labels) for a in grid])
-
-
-def _score_all(config, llm, eval_sets, cal_sets, artifacts, timing) -> dict[str, Outcome]:
+def _score_all(config, scorer: Scorer, eval_sets, cal_sets) -> dict[str, Outcome]:
     grid, steer = tuple(config.alpha_grid), config.steer
     targets = [s for s in eval_sets.values() if not s.english]
-    english = [s for s in eval_sets.values() if s.english]
+    everything = lambda s: np.arange(s.n)  # noqa: E731
+    scorer.score([(s, PLAIN, everything(s)) for s in eval_sets.values()], maps=0)
     outcomes: dict[str, Outcome] = {}
 
     if config.cross_fit:
-        scores = _score_conditions(llm, _grid_jobs(targets, grid, steer) + [(s, [PLAIN]) for s in english],
-                                   timing, config.progress)
+        folds = {s.code: contiguous_folds(s.n, config.cross_fit) for s in targets}
+        maps_of_fold = [k if len(scorer.map_sets) > 1 else 0 for k in range(config.cross_fit)]
+        choices: dict[tuple[str, int], tuple[float, list[float]]] = {}
+        for maps in dict.fromkeys(maps_of_fold):
+            fold_ids = [k for k, m in enumerate(maps_of_fold) if m == maps]
+            others = {(s.code, k): np.setdiff1d(everything(s), folds[s.code][k]) for s in targets for k in fold_ids}
+            for s in targets:
+                for k in fold_ids:
+                    check_not_fitted_on(scorer.map_sets[maps][s.flores], s, folds[s.code][k])
+            scorer.score([(s, _condition(s, a, steer), others[(s.code, k)])
+                          for s in targets for k in fold_ids for a in grid], maps)
+            for s in targets:
+                for k in fold_ids:
+                    choices[(s.code, k)] = _calibrate(scorer, s, others[(s.code, k)], grid, steer, maps)
+            scorer.score([(s, _condition(s, choices[(s.code, k)][0], steer), folds[s.code][k])
+                          for s in targets for k in fold_ids], maps)
         for s in targets:
-            outcomes[s.code] = _cross_fit_outcome(s, scores, grid, steer, config.cross_fit)
+            outcomes[s.code] = _cross_fit_outcome(scorer, s, folds[s.code], choices, maps_of_fold, steer)
     else:
         alphas, calibration = {}, {}
         if config.calibrate_paths:
             cal_targets = [cal_sets[s.code] for s in targets]
-            cal_scores = _score_conditions(llm, _grid_jobs(cal_targets, grid, steer), timing, config.progress)
-            for s in cal_targets:
-                alpha, accuracy = choose_alpha(grid, _grid_correct(s, cal_scores, grid, steer))
+            scorer.score([(c, _condition(c, a, steer), everything(c)) for c in cal_targets for a in grid], maps=0)
+            for s, c in zip(targets, cal_targets):
+                alpha, accuracy = _calibrate(scorer, c, everything(c), grid, steer, maps=0)
                 alphas[s.code] = alpha
-                calibration[s.code] = {"file": str(s.path), "n": s.n, "grid_accuracy": accuracy}
+                calibration[s.code] = {"file": str(c.path), "n": c.n, "grid_accuracy": accuracy}
         else:
             from alignment.artifact import load_intervention
 
             for s in targets:
-                alphas[s.code] = load_intervention(artifacts[s.flores]).default_alpha
+                alphas[s.code] = load_intervention(scorer.map_sets[0][s.flores]).default_alpha
                 calibration[s.code] = {"source": "manifest default_alpha"}
-        jobs = [(s, list(dict.fromkeys([PLAIN, _condition(s, alphas[s.code], steer)]))) for s in targets]
-        scores = _score_conditions(llm, jobs + [(s, [PLAIN]) for s in english], timing, config.progress)
         for s in targets:
-            base = scores[(s.code, PLAIN)]
-            inter = scores[(s.code, _condition(s, alphas[s.code], steer))]
+            check_not_fitted_on(scorer.map_sets[0][s.flores], s, everything(s))
+        scorer.score([(s, _condition(s, alphas[s.code], steer), everything(s)) for s in targets], maps=0)
+        for s in targets:
+            base = scorer.scores(s, PLAIN, 0)
+            inter = scorer.scores(s, _condition(s, alphas[s.code], steer), 0)
             outcomes[s.code] = Outcome(_correct(base, s.labels), _correct(inter, s.labels), base, inter,
-                                       np.full(s.n, alphas[s.code]), alphas[s.code], calibration[s.code])
-    for s in english:
-        base = scores[(s.code, PLAIN)]
-        correct = _correct(base, s.labels)
-        outcomes[s.code] = Outcome(correct, correct, base, base, np.zeros(s.n), None)
+                                       np.full(s.n, alphas[s.code]), alphas[s.code], calibration[s.code],
+                                       maps_of_item=np.zeros(s.n, dtype=int))
+    for s in eval_sets.values():
+        if s.english:
+            base = scorer.scores(s, PLAIN, 0)
+            correct = _correct(base, s.labels)
+            outcomes[s.code] = Outcome(correct, correct, base, base, np.zeros(s.n), None)
     return outcomes
 
 
-def _cross_fit_outcome(s: LanguageSet, scores, grid, steer, k: int) -> Outcome:
-    correct = _grid_correct(s, scores, grid, steer)
-    base = scores[(s.code, PLAIN)]
+def _cross_fit_outcome(scorer: Scorer, s: LanguageSet, folds, choices, maps_of_fold, steer) -> Outcome:
+    """Fold k's items under the alpha chosen on the other folds (and fold k's intervention set)."""
+    base = scorer.scores(s, PLAIN, 0)
     inter = np.empty_like(base)
-    alpha_per_item, fold_of_item = np.empty(s.n), np.empty(s.n, dtype=int)
-    alphas, accuracies = [], []
-    folds = contiguous_folds(s.n, k)
-    for fold, held_out in enumerate(folds):
-        calibration_items = np.setdiff1d(np.arange(s.n), held_out)
-        alpha, accuracy = choose_alpha(grid, correct[:, calibration_items])
-        inter[held_out] = scores[(s.code, _condition(s, alpha, steer))][held_out]
-        alpha_per_item[held_out], fold_of_item[held_out] = alpha, fold
-        alphas.append(alpha)
-        accuracies.append(accuracy)
-    calibration = {"cross_fit": k, "folds": [[int(f[0]), int(f[-1]) + 1] for f in folds],
-                   "grid_accuracy_by_fold": accuracies}
-    return Outcome(_correct(base, s.labels), _correct(inter, s.labels), base, inter, alpha_per_item, alphas,
-                   calibration, fold_of_item)
+    alpha_per_item, fold_of_item, maps_of_item = np.empty(s.n), np.empty(s.n, dtype=int), np.empty(s.n, dtype=int)
+    for k, held_out in enumerate(folds):
+        alpha = choices[(s.code, k)][0]
+        inter[held_out] = scorer.scores(s, _condition(s, alpha, steer), maps_of_fold[k])[held_out]
+        alpha_per_item[held_out], fold_of_item[held_out], maps_of_item[held_out] = alpha, k, maps_of_fold[k]
+    calibration = {"cross_fit": len(folds), "folds": [[int(f[0]), int(f[-1]) + 1] for f in folds],
+                   "grid_accuracy_by_fold": [choices[(s.code, k)][1] for k in range(len(folds))]}
+    return Outcome(_correct(base, s.labels), _correct(inter, s.labels), base, inter, alpha_per_item,
+                   [choices[(s.code, k)][0] for k in range(len(folds))], calibration, fold_of_item, maps_of_item)
 
 
 # ---- the HF reference ---------------------------------------------------------------
 
 
-def _reference_check(config, llm, model_dir, tokenizer, eval_sets, outcomes, artifacts) -> dict:
+def _reference_check(config, scorer: Scorer, model_dir, tokenizer, eval_sets, outcomes) -> dict:
     """Score a sample with vLLM and with HF transformers (same requests): agreement and speed.
 
     The sample is the first items of each evaluation language, in turn, up to
-    `reference_sample` items; each is scored plain and under the alpha it was evaluated with.
+    `reference_sample` items, among those evaluated with the intervention set loaded
+    last; each is scored plain and under the alpha it was evaluated with.
     """
     from alignment.artifact import load_intervention
     from alignment.hidden_states import load_model_and_tokenizer
 
+    maps = scorer.loaded if scorer.loaded is not None else 0
     sets = list(eval_sets.values())
     per_language = math.ceil(config.reference_sample / len(sets))
     requests, group_sizes, items = [], [], 0
     for s in sets:
-        for i in range(min(per_language, s.n, config.reference_sample - items)):
+        o = outcomes[s.code]
+        eligible = np.arange(s.n) if s.english else np.flatnonzero(o.maps_of_item == maps)
+        for i in eligible[: min(per_language, config.reference_sample - items)]:
             items += 1
-            for condition in dict.fromkeys([PLAIN, _condition(s, outcomes[s.code].alpha_per_item[i], config.steer)]):
+            for condition in dict.fromkeys([PLAIN, _condition(s, o.alpha_per_item[i], config.steer)]):
                 requests += [(enc, condition) for enc in s.encoded[i]]
                 group_sizes.append(len(s.encoded[i]))
-    vllm_scores, vllm_seconds = score_with_vllm(llm, requests, config.progress)
+    scorer.load(maps)
+    vllm_scores, vllm_seconds = score_with_vllm(scorer.llm, requests, config.progress)
     model, _ = load_model_and_tokenizer(model_dir)
-    interventions = {flores: load_intervention(path) for flores, path in artifacts.items()}
+    interventions = {flores: load_intervention(path) for flores, path in scorer.map_sets[maps].items()}
     hf_scores, hf_seconds = score_with_hf(model, requests, interventions, tokenizer.pad_token_id or 0,
                                           batch_size=max(group_sizes), progress=config.progress)
     diff = np.abs(vllm_scores - hf_scores)

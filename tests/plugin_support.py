@@ -20,7 +20,7 @@ RESULT_MARKER = "LINGOSTEER_RESULT "  # vLLM logs to stdout too
 
 def write_planted_intervention(
     out_dir: Path, model_dir: Path, layers: list[int], source: str, seed: int = 0,
-    strength: float = 0.5, default_alpha: float = 1.0,
+    strength: float = 0.5, default_alpha: float = 1.0, fit_data: dict | None = None,
 ) -> Path:
     """Fit (exactly, by lstsq) an artifact whose maps are a known random perturbation of I."""
     config = json.loads((Path(model_dir) / "config.json").read_text())
@@ -33,7 +33,7 @@ def write_planted_intervention(
     aligner = LinearAligner(solver="lstsq", bias=True).fit(X, Y)
     return save_intervention(
         out_dir, aligner, fingerprint=model_fingerprint(model_dir), source=source, target="eng_Latn",
-        layers=layers, pooling="mean", fit_data={"planted": True, "seed": seed},
+        layers=layers, pooling="mean", fit_data={"planted": True, "seed": seed, **(fit_data or {})},
         default_alpha=default_alpha, overwrite=True,
     )
 

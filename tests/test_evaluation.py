@@ -6,6 +6,7 @@ sentences arranged as XCOPA / XNLI items, so scores are real model outputs.
 
 import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,10 +15,10 @@ import torch
 
 from evaluation.calibration import choose_alpha, contiguous_folds, parse_grid
 from evaluation.report import markdown, read_report, write_report
-from evaluation.runner import BenchmarkConfig, _cross_fit_outcome, run_benchmark
+from evaluation.runner import BenchmarkConfig, Scorer, Timing, _score_all, run_benchmark
 from evaluation.scoring import PLAIN, Condition, encode_examples, score_with_hf, score_with_vllm, steer_ranges
 from evaluation.stats import bootstrap_delta_ci, mcnemar_exact
-from evaluation.tasks import build_examples, find_files, load_prompts
+from evaluation.tasks import build_examples, find_files, load_items, load_prompts
 from lingosteer.backend import engine_kwargs, shutdown_engine
 from lingosteer.data import load_sib200
 from plugin_support import write_planted_intervention
@@ -28,18 +29,6 @@ N_ITEMS = 12
 
 
 # ---- fixtures -----------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def model_dir(tiny_model_dir):
-    return tiny_model_dir("llama")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -223,23 +212,55 @@ def test_choose_alpha_prefers_accuracy_then_weaker_alpha():
         parse_grid("1,x")
 
 
-def test_cross_fit_chooses_each_folds_alpha_on_the_other_folds():
+def _prefilled_scorer(tmp_path, lang, tables_per_set):
+    """A Scorer whose every entry is already scored, so it never calls the engine."""
+    map_sets = []
+    for m, tables in enumerate(tables_per_set):
+        artifact = tmp_path / f"maps{m}"
+        artifact.mkdir()
+        (artifact / "manifest.json").write_text(json.dumps({"fit_data": {}}))
+        map_sets.append({lang.flores: artifact})
+    scorer = Scorer(llm=None, map_sets=map_sets, timing=Timing(), progress=False)
+    for m, tables in enumerate(tables_per_set):
+        for condition, table in tables.items():
+            scorer.scores(lang, condition, m)[:] = table
+    return scorer
+
+
+def _fake_language(n):
+    return SimpleNamespace(code="sw", flores="swh_Latn", labels=np.zeros(n, dtype=int), n=n, english=False,
+                           path=Path("val.sw.jsonl"), examples=[SimpleNamespace(options=("a", "b"))] * n)
+
+
+def test_cross_fit_chooses_each_folds_alpha_on_the_other_folds(tmp_path):
     grid = (-1.0, 0.0, 1.0)
-    labels = np.zeros(8, dtype=int)
-    lang = SimpleNamespace(code="sw", flores="swh_Latn", labels=labels, n=8)
+    lang = _fake_language(8)
     # option 0 is right everywhere; alpha -1 is good on items 0-3 only, alpha +1 on items 4-7 only
     good, bad = np.array([1.0, 0.0]), np.array([0.0, 1.0])
-    plain = np.tile(bad, (8, 1))
-    minus = np.array([good] * 4 + [bad] * 4)
-    plus = np.array([bad] * 4 + [good] * 4)
-    scores = {("sw", PLAIN): plain, ("sw", Condition("swh_Latn", -1.0, "last")): minus,
-              ("sw", Condition("swh_Latn", 1.0, "last")): plus}
-    outcome = _cross_fit_outcome(lang, scores, grid, "last", 2)
+    tables = {PLAIN: np.tile(bad, (8, 1)), Condition("swh_Latn", -1.0, "last"): np.array([good] * 4 + [bad] * 4),
+              Condition("swh_Latn", 1.0, "last"): np.array([bad] * 4 + [good] * 4)}
+    cfg = SimpleNamespace(alpha_grid=grid, steer="last", cross_fit=2)
+    outcome = _score_all(cfg, _prefilled_scorer(tmp_path, lang, [tables]), {"sw": lang}, {})["sw"]
     # fold 0 (items 0-3) is evaluated with the alpha its complement prefers (+1): all wrong there
     assert outcome.alpha == [1.0, -1.0]
     assert not outcome.intervened.any()
     assert list(outcome.fold_of_item) == [0] * 4 + [1] * 4
     assert [len(f) for f in contiguous_folds(7, 2)] == [4, 3]
+
+
+def test_cross_fit_uses_each_folds_own_intervention_set(tmp_path):
+    grid = (0.0, 1.0)
+    lang = _fake_language(8)
+    good, bad = np.array([1.0, 0.0]), np.array([0.0, 1.0])
+    plain = np.tile(bad, (8, 1))
+    steered = Condition("swh_Latn", 1.0, "last")
+    # set 0 helps everywhere, set 1 nowhere: fold 0 must be calibrated and evaluated with set 0 only
+    sets = [{PLAIN: plain, steered: np.tile(good, (8, 1))}, {PLAIN: plain, steered: np.tile(bad, (8, 1))}]
+    cfg = SimpleNamespace(alpha_grid=grid, steer="last", cross_fit=2)
+    outcome = _score_all(cfg, _prefilled_scorer(tmp_path, lang, sets), {"sw": lang}, {})["sw"]
+    assert outcome.alpha == [1.0, 0.0]
+    assert list(outcome.intervened) == [True] * 4 + [False] * 4
+    assert list(outcome.maps_of_item) == [0] * 4 + [1] * 4
 
 
 # ---- report ---------------------------------------------------------------------------
@@ -289,6 +310,42 @@ def test_reference_check_agrees_with_vllm(llm, model_dir, interventions, xcopa_d
     assert ref["items"] == 4 and ref["sequences"] == ref["item_conditions"] * 2
     assert ref["max_abs_loglik_diff"] < 2e-3 and ref["prediction_agreement"] == 1.0
     assert ref["speed_ratio"] > 0 and isinstance(report["languages"]["sw"]["alpha"], list)
+
+
+def test_per_fold_interventions_score_each_fold_with_its_own_maps(llm, model_dir, tokenizer, interventions,
+                                                                  xcopa_dir, tmp_path):
+    other = write_planted_intervention(tmp_path / "other" / "swh", model_dir, [0, 1], "swh_Latn", seed=3,
+                                       strength=3.0)
+    cfg = config(model_dir, [interventions, other.parent], [xcopa_dir / "val.sw.jsonl"], cross_fit=2)
+    report, items = run_benchmark(cfg, llm=llm)
+    assert report["languages"]["sw"]["intervention"] == [str(interventions / "swh"), str(other)]
+    lang = find_files("xcopa", [xcopa_dir / "val.sw.jsonl"])
+    examples = build_examples("xcopa", "sw", load_items("xcopa", lang["sw"]), load_prompts("xcopa"), "lm-eval")
+    encoded = encode_examples(tokenizer, examples)
+    for fold, artifact in enumerate([interventions / "swh", other]):
+        rows = [r for r in items if r["fold"] == fold]
+        llm.collective_rpc("lingosteer_load", args=(str(artifact),))
+        requests = [(enc, Condition("swh_Latn", rows[0]["alpha"], "last")) for r in rows for enc in encoded[r["index"]]]
+        direct, _ = score_with_vllm(llm, requests, progress=False)
+        assert np.allclose(direct, [x for r in rows for x in r["intervened_scores"]], atol=1e-4)
+    llm.collective_rpc("lingosteer_load", args=(str(interventions / "swh"),))
+
+
+def test_evaluating_items_an_intervention_was_fitted_on_is_refused(llm, model_dir, xcopa_dir, tmp_path):
+    half = N_ITEMS // 2
+    fitted_on = lambda a, b: {"task_items": {"file": "val.sw.jsonl", "ranges": [[a, b]]}}  # noqa: E731
+    write_planted_intervention(tmp_path / "leaky" / "swh", model_dir, [0, 1], "swh_Latn", fit_data=fitted_on(0, 3))
+    with pytest.raises(ValueError, match="val.sw.jsonl"):
+        run_benchmark(config(model_dir, tmp_path / "leaky", [xcopa_dir / "val.sw.jsonl"], cross_fit=2), llm=llm)
+    # one set per fold, each fitted on the other fold's items only: allowed
+    write_planted_intervention(tmp_path / "fold0" / "swh", model_dir, [0, 1], "swh_Latn", fit_data=fitted_on(half, N_ITEMS))
+    write_planted_intervention(tmp_path / "fold1" / "swh", model_dir, [0, 1], "swh_Latn", fit_data=fitted_on(0, half))
+    cfg = config(model_dir, [tmp_path / "fold0", tmp_path / "fold1"], [xcopa_dir / "val.sw.jsonl"], cross_fit=2)
+    report, _ = run_benchmark(cfg, llm=llm)
+    assert report["languages"]["sw"]["n"] == N_ITEMS
+    with pytest.raises(ValueError, match="one per fold"):
+        run_benchmark(config(model_dir, [tmp_path / "fold0", tmp_path / "fold1"], [xcopa_dir / "val.sw.jsonl"]),
+                      llm=llm)
 
 
 # ---- bad input ------------------------------------------------------------------------
