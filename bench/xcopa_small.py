@@ -2,10 +2,12 @@
 
     python bench/xcopa_small.py [--langs sw,zh] [--items 40] [--json]
 
-For each language: fit an intervention on the first `--pairs` SIB-200 train+dev
-pairs if there is none yet (bench/fit_xcopa_interventions.py; never on XCOPA
-items), then `lingosteer bench xcopa` on the first `--items` validation items with `--cross-fit 2` (each half evaluated with the
-alpha chosen on the other half) and the HF-transformers reference on a sample.
+For each language: fit two interventions if there are none yet
+(bench/fit_xcopa_interventions.py: the first `--pairs` SIB-200 and NTREX pairs,
+plus the translated XCOPA items of one half each), then `lingosteer bench xcopa`
+on the first `--items` validation items with `--cross-fit 2`: each half is
+evaluated with the map fitted without it and the alpha chosen on the other half.
+The HF-transformers reference scores a sample.
 Prints the table, vLLM items/s and the speed ratio to the HF reference (same
 sample, measured in the same run); `--json` prints the report as one JSON object.
 """
@@ -27,12 +29,13 @@ def parse_args(argv=None):
     parser.add_argument("--model", default="gemma-3-270m", help="prepared model name or HF directory")
     parser.add_argument("--langs", default="sw,zh", help="XCOPA languages (file codes)")
     parser.add_argument("--items", type=int, default=40, help="validation items per language")
-    parser.add_argument("--pairs", type=int, default=100, help="SIB-200 pairs per intervention fit")
+    parser.add_argument("--pairs", type=int, default=100, help="SIB-200 and NTREX pairs per intervention fit")
     parser.add_argument("--grid", default="-1,-0.5,0,0.5,1", help="alpha grid")
     parser.add_argument("--reference-sample", type=int, default=10, help="items scored by the HF reference")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
-    parser.add_argument("--interventions", type=Path, default=REPO_ROOT / "interventions" / "xcopa-gemma-3-270m",
-                        help="where the fitted interventions are kept (reused when present)")
+    parser.add_argument("--interventions", type=Path, default=None,
+                        help="where the fitted interventions are kept, reused when present "
+                             "(default interventions/xcopa-<items>items-<model>: the folds depend on --items)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "reports" / "bench-xcopa-small")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object to stdout")
     return parser.parse_args(argv)
@@ -44,12 +47,16 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     langs = [code.strip() for code in args.langs.split(",") if code.strip()]
-    status = fit_xcopa_interventions.main(["--model", args.model, "--langs", ",".join(langs), "--pairs",
-                                           str(args.pairs), "--data-dir", str(args.data_dir),
-                                           "--out", str(args.interventions)])
+    if args.interventions is None:
+        args.interventions = REPO_ROOT / "interventions" / f"xcopa-{args.items}items-{Path(args.model).name}"
+    status = fit_xcopa_interventions.main([
+        "--model", args.model, "--langs", ",".join(langs), "--sib-pairs", str(args.pairs), "--ntrex-pairs",
+        str(args.pairs), "--xcopa-folds", "2", "--xcopa-items", str(args.items), "--data-dir", str(args.data_dir),
+        "--out", str(args.interventions)])
     if status:
         return status
-    bench = ["bench", "xcopa", "--model", args.model, "--interventions", str(args.interventions),
+    folds = [str(args.interventions / f"fold{k}") for k in range(2)]
+    bench = ["bench", "xcopa", "--model", args.model, "--interventions", *folds,
              "--eval", *(str(args.data_dir / "xcopa" / f"val.{code}.jsonl") for code in langs),
              str(args.data_dir / "xcopa" / "train.en.jsonl"),
              "--cross-fit", "2", "--max-items", str(args.items), "--alpha-grid", args.grid,
