@@ -121,6 +121,7 @@ def main(argv=None) -> int:
         steered = start_engine(model_dir, plugins=True, enforce_eager=args.enforce_eager)
         info = steered.collective_rpc("lingosteer_load", args=(str(intervention),))[0]
         engines = {"plain": plain, "idle": steered, "last": steered, "all": steered}
+        dtype = str(plain.llm_engine.model_config.dtype).removeprefix("torch.")
         for mode in MODES:  # warm-up: first batches pay one-time costs
             run_batch(engines[mode], mode, args, info["language"])
         samples = {mode: [] for mode in MODES}
@@ -141,6 +142,7 @@ def main(argv=None) -> int:
         "max_tokens": args.max_tokens,
         "repetitions": args.repetitions,
         "enforce_eager": args.enforce_eager,
+        "dtype": dtype,
         "layers_steered": len(info["layers"]),
         "median_tokens_per_s": medians,
         "ratios": {mode: medians[mode] / medians["plain"] for mode in MODES if mode != "plain"},
@@ -151,7 +153,7 @@ def main(argv=None) -> int:
     else:
         print(f"model {args.model}: {args.requests} concurrent requests x {args.max_tokens} tokens, "
               f"{args.repetitions} interleaved repetitions, {len(info['layers'])} layers steered, "
-              f"{'eager' if args.enforce_eager else 'torch.compile'}")
+              f"{'eager' if args.enforce_eager else 'torch.compile'}, {dtype}")
         print(f"{'mode':<6} {'median tok/s':>13} {'ratio to plain':>15}")
         for mode in MODES:
             print(f"{mode:<6} {medians[mode]:>13.1f} {medians[mode] / medians['plain']:>15.3f}")

@@ -5,6 +5,8 @@ with `engine_kwargs` so a change of machine means a change here only.
 """
 
 import os
+from functools import cache
+from pathlib import Path
 
 # KV cache size (GiB) vLLM reserves on CPU; a few GiB are plenty for short prompts
 # on small models and leave room for several processes on a 24 GiB machine.
@@ -20,16 +22,34 @@ def is_cpu_backend() -> bool:
     return current_platform.is_cpu()
 
 
+@cache
+def cpu_has_native_bfloat16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """True if the CPU computes bfloat16 matmuls natively (AVX512-BF16 or AMX).
+
+    Without them oneDNN emulates bfloat16: on the 2-core AVX-512 Xeon here a
+    [256 x 640] @ [640 x 262144] matmul (Gemma 3's output layer) ran at 15 GFLOPS in
+    bfloat16 against 40 in float32. Unknown (no /proc/cpuinfo): assume native.
+    """
+    try:
+        flags = cpuinfo.read_text()
+    except OSError:
+        return True
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
 def engine_kwargs(model, **overrides) -> dict:
     """Keyword arguments for `vllm.LLM(...)` suited to this machine; `overrides` win.
 
     On CPU this also sets `VLLM_CPU_KVCACHE_SPACE` in the environment if unset
-    (vLLM reads it from there, not from an argument). The GPU branch keeps vLLM's
-    own defaults apart from the context length.
+    (vLLM reads it from there, not from an argument), and picks float32 where the
+    CPU would only emulate bfloat16 (faster, and exact against float32 references).
+    The GPU branch keeps vLLM's own defaults apart from the context length.
     """
     kwargs = {"model": str(model), "max_model_len": DEFAULT_MAX_MODEL_LEN, "seed": 0}
     if is_cpu_backend():
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(DEFAULT_CPU_KVCACHE_GIB))
+        if not cpu_has_native_bfloat16():
+            kwargs["dtype"] = "float32"
     kwargs.update(overrides)
     return kwargs
 
