@@ -29,6 +29,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 ENGINE = dict(dtype="float32", max_model_len=256, enforce_eager=True, seed=0)
 ENGINE_FLAGS = ["--dtype", "float32", "--max-model-len", "256", "--enforce-eager", "--seed", "0"]
 MAX_TOKENS = 8
+KEEPER_TOKENS = 200  # a plain request that runs for the whole hot swap (prompt + 200 < max_model_len)
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -322,9 +323,10 @@ def _launch(client, model_name, requests, steered_tokens=MAX_TOKENS) -> list[asy
     return [asyncio.create_task(one(p, x)) for p, x in requests]
 
 
-async def _until_engine_runs_requests(server) -> None:
+async def _until_engine_runs_requests(server, timeout_s: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout_s
     async with httpx.AsyncClient(base_url=server["base"]) as http:
-        for _ in range(2000):
+        while time.monotonic() < deadline:
             metrics = (await http.get("/metrics")).text
             running = [line for line in metrics.splitlines() if line.startswith("vllm:num_requests_running")]
             if running and float(running[0].split()[-1]) > 0:
@@ -378,16 +380,23 @@ def test_hot_swap_during_load_no_failures_and_no_mixed_requests(server, client, 
     async def load_with_swap():
         """Wave 1 is running when the swap starts; wave 2 arrives during it; wave 3 after it."""
         client = _async_client(server)
+        # The tiny model can finish wave 1 between two polls of /metrics; one long plain
+        # request keeps the engine busy until the swap is under way.
+        keeper = asyncio.create_task(client.completions.create(
+            model=model_name, prompt=PLAIN[0], max_tokens=KEEPER_TOKENS, temperature=0,
+            extra_body={"ignore_eos": True}))
         wave1 = _launch(client, model_name, make_requests(36, 0), long)
         await _until_engine_runs_requests(server)
-        running_at_swap = sum(not task.done() for task in wave1)  # in flight as the swap starts
+        running_at_swap = sum(not task.done() for task in [keeper, *wave1])  # in flight as the swap starts
         swap = asyncio.create_task(asyncio.to_thread(
             admin.post, "/admin/interventions", json={"path": ".staged/swh_v2"}))
         wave2 = _launch(client, model_name, make_requests(24, 36), long)
         swap_response = await swap
         wave3 = _launch(client, model_name, make_requests(9, 60), long)
         results = await asyncio.gather(*wave1, *wave2, *wave3, return_exceptions=True)
+        kept = await keeper
         await client.close()
+        assert kept.usage.completion_tokens == KEEPER_TOKENS
         return swap_response, running_at_swap, results
 
     all_requests = make_requests(69, 0)
