@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     bench = ["bench", "xcopa", "--model", args.model, "--interventions", *folds,
              "--eval", *(str(args.data_dir / "xcopa" / f"val.{code}.jsonl") for code in langs),
              str(args.data_dir / "xcopa" / "train.en.jsonl"),
-             "--cross-fit", "2", "--max-items", str(args.items), "--alpha-grid", args.grid,
+             "--cross-fit", "2", "--max-items", str(args.items), f"--alpha-grid={args.grid}",
              "--reference", "hf", "--reference-sample", str(args.reference_sample), "--out", str(args.out)]
     captured = io.StringIO()
     with contextlib.redirect_stdout(captured):
