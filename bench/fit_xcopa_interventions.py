@@ -113,6 +113,7 @@ def main(argv=None) -> int:
 
         items = xcopa_pairs(code, (args.data_dir or DEFAULT_DATA_DIR) / "xcopa", args.xcopa_items) if args.xcopa_folds else None
         if items is None:
+            shared.solve()  # one map, written once per output directory
             fits = [(out_dir, shared, None) for out_dir in out_dirs]
         else:
             X = states([s for src, _ in items for s in src]).reshape(len(layers), len(items), 3, -1)
@@ -125,9 +126,8 @@ def main(argv=None) -> int:
                 fold_stats = LinearAligner(solver="ridge").partial_fit(
                     X[:, keep].reshape(len(layers), -1, X.shape[-1]), Y[:, keep].reshape(len(layers), -1, Y.shape[-1]),
                     sample_ids=ids)
-                fits.append((out_dir, shared + fold_stats, _ranges(keep)))
+                fits.append((out_dir, (shared + fold_stats).solve(), _ranges(keep)))
         for out_dir, aligner, item_ranges in fits:
-            aligner.solve()
             fit_data = {"sources": sources, "script": "bench/fit_xcopa_interventions.py"}
             if item_ranges is not None:
                 fit_data["sources"] = sources + [{"corpus": "xcopa translated-en", "file": f"val.{code}.jsonl",
