@@ -177,6 +177,7 @@ def _train_task(languages: tuple[str, ...], training: dict, corpus, seed: int) -
         "started_at": started,
         "finished_at": datetime.now(timezone.utc).isoformat(),
         "host": socket.gethostname(),
+        "pid": os.getpid(),  # the worker process that ran it (one run per process)
         "torch": torch.__version__,
     }
 

@@ -128,6 +128,8 @@ def test_killed_worker_and_killed_driver_lose_and_duplicate_nothing(tmp_path, da
     for name, record in records.items():  # nothing duplicated or half-written
         assert record["run_id"] == name
     assert not list((results / "runs").glob(".*.tmp"))
+    # The killed worker was running its task: it wrote no record, another process redid its run.
+    assert victim.pid not in {record["pid"] for record in records.values()}
     for name in survivors:  # finished runs were not redone
         assert records[name] == survivors[name]
     log = [json.loads(line) for line in (results / "invocations.jsonl").read_text().splitlines()]

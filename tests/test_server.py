@@ -26,10 +26,13 @@ from plugin_support import run_plain_vllm, write_planted_intervention
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-ENGINE = dict(dtype="float32", max_model_len=256, enforce_eager=True, seed=0)
-ENGINE_FLAGS = ["--dtype", "float32", "--max-model-len", "256", "--enforce-eager", "--seed", "0"]
+ENGINE = dict(dtype="float32", max_model_len=2048, enforce_eager=True, seed=0)
+ENGINE_FLAGS = ["--dtype", "float32", "--max-model-len", "2048", "--enforce-eager", "--seed", "0"]
 MAX_TOKENS = 8
-KEEPER_TOKENS = 200  # a plain request that runs for the whole hot swap (prompt + 200 < max_model_len)
+# Streamed requests that are in flight across the hot swap (prompt + LONG_TOKENS <
+# max_model_len). The swap and the tokens both take engine steps, so the margin does
+# not depend on the CPU: here the swap returned after ~150 of their tokens.
+LONG_TOKENS = 1800
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -140,9 +143,9 @@ def admin(server):
         yield http
 
 
-def complete(client, model, prompt, xargs=None, max_tokens=MAX_TOKENS):
+def complete(client, model, prompt, xargs=None, max_tokens=MAX_TOKENS, ignore_eos=False):
     """A greedy completion: (token ids, logprobs, lingosteer field, header)."""
-    extra = {"return_tokens_as_token_ids": True}
+    extra = {"return_tokens_as_token_ids": True, **({"ignore_eos": True} if ignore_eos else {})}
     if xargs is not None:
         extra["vllm_xargs"] = xargs
     raw = client.completions.with_raw_response.create(
@@ -323,18 +326,6 @@ def _launch(client, model_name, requests, steered_tokens=MAX_TOKENS) -> list[asy
     return [asyncio.create_task(one(p, x)) for p, x in requests]
 
 
-async def _until_engine_runs_requests(server, timeout_s: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    async with httpx.AsyncClient(base_url=server["base"]) as http:
-        while time.monotonic() < deadline:
-            metrics = (await http.get("/metrics")).text
-            running = [line for line in metrics.splitlines() if line.startswith("vllm:num_requests_running")]
-            if running and float(running[0].split()[-1]) > 0:
-                return
-            await asyncio.sleep(0.02)
-    raise TimeoutError("the engine never reported running requests")
-
-
 async def _run_concurrently(server, model_name, requests):
     client = _async_client(server)
     results = await asyncio.gather(*_launch(client, model_name, requests), return_exceptions=True)
@@ -361,13 +352,47 @@ def test_concurrent_mixed_load_has_no_errors_and_plain_equals_plain_vllm(server,
     assert {f["language"] for _, f in results if f["applied"]} == {"swh_Latn", "ita_Latn"}
 
 
+class _LongStream:
+    """A streamed greedy completion of LONG_TOKENS tokens whose progress is readable while it runs."""
+
+    def __init__(self, client, model_name, prompt: str, xargs: dict | None):
+        self.tokens: list[int] = []
+        self.logprobs: list[float] = []
+        self.field: dict | None = None
+        self.first_token = asyncio.Event()
+        self.task = asyncio.create_task(self._run(client, model_name, prompt, xargs))
+
+    async def _run(self, client, model_name, prompt, xargs):
+        extra = {"return_tokens_as_token_ids": True, "ignore_eos": True, **({"vllm_xargs": xargs} if xargs else {})}
+        try:
+            stream = await client.completions.create(model=model_name, prompt=prompt, max_tokens=LONG_TOKENS,
+                                                     temperature=0, logprobs=1, stream=True, extra_body=extra)
+            async for chunk in stream:
+                if not chunk.choices:  # lingosteer's closing chunk
+                    self.field = chunk.model_extra["lingosteer"]
+                elif chunk.choices[0].logprobs is not None:
+                    self.tokens += [int(t.removeprefix("token_id:")) for t in chunk.choices[0].logprobs.tokens]
+                    self.logprobs += chunk.choices[0].logprobs.token_logprobs
+                    if self.tokens:
+                        self.first_token.set()
+        finally:
+            self.first_token.set()  # a failed stream wakes its waiter too; its task holds the error
+        return {"tokens": self.tokens, "logprobs": self.logprobs}, self.field
+
+
 def test_hot_swap_during_load_no_failures_and_no_mixed_requests(server, client, model_name, admin, plain_reference):
-    long = 32  # steered requests run long enough to be mid-generation when the swap lands
-    expected = {}
+    """Streams that have delivered their first token when the swap is sent, and not their last when it
+    returns, are in flight across it on any machine: the test checks exactly that (no gauge, no timing)."""
+    long = 32  # tokens of the short steered requests
+    long_requests = [(SWAHILI[0], {"language": "swh_Latn"}), (SWAHILI[1], {"language": "swh_Latn"}), (PLAIN[0], None)]
+    expected, expected_long = {}, {}
     for version_path in ("llama/swh", ".staged/swh_v2"):
         info = admin.post("/admin/interventions", json={"path": version_path}).json()["loaded"]
         expected[info["version"]] = {
             p: complete(client, model_name, p, {"language": "swh_Latn"}, max_tokens=long)[0] for p in SWAHILI}
+        expected_long[info["version"]] = {
+            p: complete(client, model_name, p, x, max_tokens=LONG_TOKENS, ignore_eos=True)[0]
+            for p, x in long_requests if x}
     old, new = list(expected)
     assert admin.post("/admin/interventions", json={"path": "llama/swh"}).status_code == 200
     assert any(expected[old][p]["tokens"] != expected[new][p]["tokens"] or
@@ -378,36 +403,44 @@ def test_hot_swap_during_load_no_failures_and_no_mixed_requests(server, client, 
                 for i in range(offset, offset + n)]
 
     async def load_with_swap():
-        """Wave 1 is running when the swap starts; wave 2 arrives during it; wave 3 after it."""
+        """The long streams and wave 1 run when the swap is sent; wave 2 arrives during it; wave 3 after."""
         client = _async_client(server)
-        # The tiny model can finish wave 1 between two polls of /metrics; one long plain
-        # request keeps the engine busy until the swap is under way.
-        keeper = asyncio.create_task(client.completions.create(
-            model=model_name, prompt=PLAIN[0], max_tokens=KEEPER_TOKENS, temperature=0,
-            extra_body={"ignore_eos": True}))
+        streams = [_LongStream(client, model_name, p, x) for p, x in long_requests]
         wave1 = _launch(client, model_name, make_requests(36, 0), long)
-        await _until_engine_runs_requests(server)
-        running_at_swap = sum(not task.done() for task in [keeper, *wave1])  # in flight as the swap starts
+        await asyncio.wait_for(asyncio.gather(*(s.first_token.wait() for s in streams)), timeout=600)
+        tokens_when_sent = [len(s.tokens) for s in streams]
         swap = asyncio.create_task(asyncio.to_thread(
             admin.post, "/admin/interventions", json={"path": ".staged/swh_v2"}))
         wave2 = _launch(client, model_name, make_requests(24, 36), long)
         swap_response = await swap
+        tokens_when_returned = [len(s.tokens) for s in streams]
         wave3 = _launch(client, model_name, make_requests(9, 60), long)
         results = await asyncio.gather(*wave1, *wave2, *wave3, return_exceptions=True)
-        kept = await keeper
+        long_results = await asyncio.gather(*(s.task for s in streams), return_exceptions=True)
         await client.close()
-        assert kept.usage.completion_tokens == KEEPER_TOKENS
-        return swap_response, running_at_swap, results
+        return swap_response, tokens_when_sent, tokens_when_returned, results, long_results
 
     all_requests = make_requests(69, 0)
     try:
-        swap_response, running_at_swap, results = asyncio.run(load_with_swap())
+        swap_response, tokens_when_sent, tokens_when_returned, results, long_results = asyncio.run(load_with_swap())
     finally:
         assert admin.post("/admin/interventions", json={"path": "llama/swh"}).status_code == 200
     assert swap_response.status_code == 200 and swap_response.json()["replaced_version"] == old
-    assert running_at_swap > 0  # the swap really happened under load
-    errors = [r for r in results if isinstance(r, BaseException)]
+    errors = [r for r in results + long_results if isinstance(r, BaseException)]
     assert not errors, errors[:3]
+    # The swap really happened while every long stream was generating.
+    assert all(n > 0 for n in tokens_when_sent), tokens_when_sent
+    assert all(n < LONG_TOKENS for n in tokens_when_returned), tokens_when_returned
+    for (prompt, xargs), (generation, field) in zip(long_requests, long_results):
+        assert len(generation["tokens"]) == LONG_TOKENS
+        if xargs is None:
+            reference = plain_reference[prompt]
+            prefix = {key: values[:len(reference["tokens"])] for key, values in generation.items()}
+            assert field["applied"] is False
+            assert_same_generation(prefix, reference, tolerance=1e-5)
+        else:  # started before the swap: the old version, for every one of its tokens
+            assert field["version"] == old
+            assert_same_generation(generation, expected_long[old][prompt])
     seen = set()
     for (prompt, xargs), (generation, field) in zip(all_requests, results):
         if xargs is None:
