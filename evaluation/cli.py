@@ -29,7 +29,8 @@ def register(subparsers) -> None:
         parser.add_argument("--model", required=True, help="prepared model name or Hugging Face model directory")
         parser.add_argument("--interventions", type=Path, nargs="+", default=None, metavar="DIR",
                             help="directory of intervention artifacts (one subdirectory per language); under "
-                                 "--cross-fit K also K directories, the k-th used for fold k (fitted without it)")
+                                 "--cross-fit K also K directories, the k-th used for fold k (fitted without it); "
+                                 "without it every language is scored plain (a baseline)")
         parser.add_argument("--eval", nargs="+", required=True, metavar="PATH",
                             help="evaluation files or directories; the language comes from the file name")
         parser.add_argument("--calibrate", nargs="+", default=None, metavar="PATH",
@@ -55,6 +56,8 @@ def register(subparsers) -> None:
         parser.add_argument("--reference-sample", type=int, default=20, help="items in the reference sample")
         parser.add_argument("--bootstrap", type=int, default=10000, help="bootstrap resamples for the delta CI")
         parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+        parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                            help="engine dtype (default %(default)s: pinned so reports compare across CPUs)")
         parser.add_argument("--json", action="store_true", help="print the report as one JSON object to stdout")
         parser.set_defaults(func=run_bench, task=task)
 
@@ -76,6 +79,7 @@ def run_bench(args) -> int:
         calibrate_paths=args.calibrate, cross_fit=args.cross_fit, alpha_grid=args.alpha_grid, steer=args.steer,
         prompt_style=args.prompt, prompts_path=args.prompts, groups_path=args.groups, max_items=args.max_items,
         reference=args.reference, reference_sample=args.reference_sample, bootstrap=args.bootstrap, seed=args.seed,
+        dtype=args.dtype,
     )
     report, items = run_benchmark(config)
     paths = write_report(report, items, args.out)

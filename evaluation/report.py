@@ -24,8 +24,9 @@ FORMAT = "lingosteer.bench"
 FORMAT_VERSION = 1
 
 
-def build_report(config, model_dir, eval_sets, outcomes, map_sets, timing, reference) -> dict:
-    """`map_sets`: the intervention directories per language, one dict per set (one set per fold, or one)."""
+def build_report(config, model_dir, eval_sets, outcomes, map_sets, timing, reference, engine: dict) -> dict:
+    """`map_sets`: the intervention directories per language, one dict per set (one set per fold, or one);
+    `engine`: dtype, device, CPU and vLLM version the scores were computed with."""
     from lingosteer.fingerprint import model_fingerprint
 
     english = next((s for s in eval_sets.values() if s.english), None)
@@ -38,7 +39,7 @@ def build_report(config, model_dir, eval_sets, outcomes, map_sets, timing, refer
         row = _summary([(o.baseline, o.intervened)], config.bootstrap, config.seed)
         row.update(
             n=s.n, alpha=o.alpha, file=str(s.path), flores=s.flores, calibration=o.calibration,
-            intervention=(str(map_sets[0][s.flores]) if len(map_sets) == 1
+            intervention=(None if config.plain_only else str(map_sets[0][s.flores]) if len(map_sets) == 1
                           else [str(maps[s.flores]) for maps in map_sets]),
             transfer=None if english_acc is None else {"baseline": row["baseline"] / english_acc,
                                                         "intervened": row["intervened"] / english_acc},
@@ -58,6 +59,7 @@ def build_report(config, model_dir, eval_sets, outcomes, map_sets, timing, refer
         "task": config.task,
         "model": model_fingerprint(model_dir),
         "model_dir": str(model_dir),
+        "engine": engine,
         "prompt_style": config.prompt_style,
         "steer": config.steer,
         "alpha_grid": list(config.alpha_grid),
@@ -105,6 +107,8 @@ def _groups(config) -> dict[str, list[str]]:
 
 
 def _selection(config) -> str:
+    if config.plain_only:
+        return "none: no interventions, every language scored plain (a baseline)"
     if config.cross_fit:
         return f"cross-fit: {config.cross_fit} contiguous folds of each evaluation file; each fold's alpha chosen on the other folds"
     if config.calibrate_paths:
@@ -188,6 +192,8 @@ def markdown(report: dict) -> str:
         f"# {report['task']} benchmark",
         "",
         f"- model: `{report['model_dir']}` ({report['model'].get('architecture')})",
+        f"- engine: vLLM {report['engine']['vllm']}, {report['engine']['dtype']}, {report['engine']['device']} "
+        f"({report['engine']['cpu']})",
         f"- prompt: {report['prompt_style']}; steered tokens: {report['steer']}",
         f"- alpha: {report['alpha_selection']}; grid {', '.join(f'{a:g}' for a in report['alpha_grid'])}",
         "- delta CI: paired bootstrap over items (within each language); McNemar: exact binomial on "

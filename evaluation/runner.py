@@ -12,6 +12,7 @@ Three ways to set alpha per language (the evaluation items never influence it):
   the other folds and for its evaluation: maps fitted on translations of the other
   folds' items never see fold k.
 - neither: the default alpha in each intervention's manifest.
+- no interventions at all: every language is scored plain (a baseline run).
 
 English files (`*.en.*`) are scored plain only: they are the reference for transfer
 efficiency (accuracy / English accuracy), not an intervention target.
@@ -52,6 +53,14 @@ class BenchmarkConfig:
     bootstrap: int = 10000
     seed: int = 0
     progress: bool = True
+    # Pinned, not chosen from the CPU: a CPU with native bfloat16 moved 4 of 11 XCOPA
+    # languages by 1-2 points against float32, so reports compare only at one dtype.
+    dtype: str = "float32"
+
+    @property
+    def plain_only(self) -> bool:
+        """No interventions given: a plain baseline of every language."""
+        return self.interventions is None
 
 
 @dataclass
@@ -118,11 +127,11 @@ def run_benchmark(config: BenchmarkConfig, llm=None) -> tuple[dict, list[dict]]:
     if missing:
         raise ValueError(f"no calibration file for language(s) {', '.join(missing)}")
     map_sets = ([find_interventions(root, [s.flores for s in targets], model_dir) for root in _intervention_dirs(config)]
-                if targets else [{}])
+                if targets and not config.plain_only else [{}])
 
     own_engine = llm is None
     if own_engine:
-        llm = _start_engine(model_dir)
+        llm = _start_engine(model_dir, config.dtype)
     try:
         timing = Timing()
         scorer = Scorer(llm, map_sets, timing, config.progress)
@@ -138,7 +147,7 @@ def run_benchmark(config: BenchmarkConfig, llm=None) -> tuple[dict, list[dict]]:
 
     from evaluation.report import build_report
 
-    report = build_report(config, model_dir, eval_sets, outcomes, map_sets, timing, reference)
+    report = build_report(config, model_dir, eval_sets, outcomes, map_sets, timing, reference, _engine_facts(llm))
     return report, _item_records(eval_sets, outcomes)
 
 
@@ -165,6 +174,8 @@ def _check_config(config: BenchmarkConfig) -> None:
         raise ValueError("give either calibration files or --cross-fit, not both")
     if config.max_items is not None and config.max_items < 1:
         raise ValueError("--max-items must be positive")
+    if config.plain_only and (config.calibrate_paths or config.cross_fit):
+        raise ValueError("calibration and --cross-fit choose an alpha for interventions: give --interventions too")
     if config.reference not in (None, "hf"):
         raise ValueError(f"reference must be 'hf', got {config.reference!r}")
     if config.reference and config.reference_sample < 1:
@@ -245,12 +256,23 @@ def check_not_fitted_on(artifact_dir: Path, lang_set: LanguageSet, items: np.nda
 SCORING_STEP_TOKENS = 1024
 
 
-def _start_engine(model_dir: Path):
+def _start_engine(model_dir: Path, dtype: str):
     from vllm import LLM
 
     from lingosteer.backend import engine_kwargs
 
-    return LLM(**engine_kwargs(model_dir, max_num_batched_tokens=SCORING_STEP_TOKENS))
+    return LLM(**engine_kwargs(model_dir, dtype=dtype, max_num_batched_tokens=SCORING_STEP_TOKENS))
+
+
+def _engine_facts(llm) -> dict:
+    """What the numbers depend on besides the model and the items: dtype, CPU, vLLM."""
+    import vllm
+
+    from lingosteer.backend import cpu_model_name, is_cpu_backend
+
+    dtype = str(llm.llm_engine.model_config.dtype).removeprefix("torch.")
+    return {"dtype": dtype, "device": "cpu" if is_cpu_backend() else "gpu", "cpu": cpu_model_name(),
+            "vllm": vllm.__version__}
 
 
 # ---- scoring ------------------------------------------------------------------------
@@ -326,7 +348,13 @@ def _score_all(config, scorer: Scorer, eval_sets, cal_sets) -> dict[str, Outcome
     scorer.score([(s, PLAIN, everything(s)) for s in eval_sets.values()], maps=0)
     outcomes: dict[str, Outcome] = {}
 
-    if config.cross_fit:
+    if config.plain_only:
+        for s in targets:
+            base = scorer.scores(s, PLAIN, 0)
+            correct = _correct(base, s.labels)
+            outcomes[s.code] = Outcome(correct, correct, base, base, np.zeros(s.n), None,
+                                       {"source": "no interventions: plain baseline"})
+    elif config.cross_fit:
         folds = {s.code: contiguous_folds(s.n, config.cross_fit) for s in targets}
         maps_of_fold = [k if len(scorer.map_sets) > 1 else 0 for k in range(config.cross_fit)]
         choices: dict[tuple[str, int], tuple[float, list[float]]] = {}

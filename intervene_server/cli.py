@@ -101,7 +101,7 @@ def serve_command(args) -> int:
     options.model = str(resolve_model(options.model_tag or options.model))
     # This machine's engine defaults (and CPU environment) where the user gave none
     # (vLLM's parser defaults dtype to "auto" rather than None).
-    for key, value in engine_kwargs(options.model).items():
+    for key, value in engine_kwargs(options.model, api_server=True).items():
         if getattr(options, key, None) is None or (key == "dtype" and options.dtype == "auto"):
             setattr(options, key, value)
     root = Path(options.interventions)

@@ -5,6 +5,7 @@ with `engine_kwargs` so a change of machine means a change here only.
 """
 
 import os
+import platform
 from functools import cache
 from pathlib import Path
 
@@ -37,17 +38,34 @@ def cpu_has_native_bfloat16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
 
 
-def engine_kwargs(model, **overrides) -> dict:
+@cache
+def cpu_model_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name (`lscpu`'s "Model name"), for reports: results and speed depend on it."""
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def engine_kwargs(model, api_server: bool = False, **overrides) -> dict:
     """Keyword arguments for `vllm.LLM(...)` suited to this machine; `overrides` win.
 
     On CPU this also sets `VLLM_CPU_KVCACHE_SPACE` in the environment if unset
     (vLLM reads it from there, not from an argument), and picks float32 where the
     CPU would only emulate bfloat16 (faster, and exact against float32 references).
-    The GPU branch keeps vLLM's own defaults apart from the context length.
+    vLLM on CPU keeps one core free for an API server's front end; an offline engine
+    (`api_server=False`) has none, and reserving the core made a plain lm-eval run
+    1.8x slower on 2 cores, so it gets every core (`VLLM_CPU_NUM_OF_RESERVED_CPU=0`
+    unless set). The GPU branch keeps vLLM's own defaults apart from the context length.
     """
     kwargs = {"model": str(model), "max_model_len": DEFAULT_MAX_MODEL_LEN, "seed": 0}
     if is_cpu_backend():
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(DEFAULT_CPU_KVCACHE_GIB))
+        if not api_server:
+            os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
         if not cpu_has_native_bfloat16():
             kwargs["dtype"] = "float32"
     kwargs.update(overrides)

@@ -1,6 +1,10 @@
 """Engine defaults for this machine: float32 where the CPU would only emulate bfloat16."""
 
-from lingosteer.backend import cpu_has_native_bfloat16, engine_kwargs, is_cpu_backend
+import os
+
+import pytest
+
+from lingosteer.backend import cpu_has_native_bfloat16, cpu_model_name, engine_kwargs, is_cpu_backend
 
 
 def test_native_bfloat16_read_from_cpu_flags(tmp_path):
@@ -19,3 +23,19 @@ def test_engine_defaults_follow_the_cpu_and_overrides_win(tmp_path):
     expect_float32 = is_cpu_backend() and not cpu_has_native_bfloat16()
     assert (kwargs.get("dtype") == "float32") == expect_float32
     assert engine_kwargs(tmp_path, dtype="bfloat16")["dtype"] == "bfloat16"
+
+
+def test_cpu_model_name_read_from_cpuinfo(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC 9R14 96-Core Processor\nflags\t: fpu\n")
+    assert cpu_model_name(cpuinfo) == "AMD EPYC 9R14 96-Core Processor"
+
+
+def test_offline_engines_use_every_core_api_servers_leave_one(tmp_path, monkeypatch):
+    if not is_cpu_backend():
+        pytest.skip("the reserved core is a setting of vLLM's CPU backend")
+    monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
+    engine_kwargs(tmp_path, api_server=True)
+    assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in os.environ  # vLLM's default: one core for the front end
+    engine_kwargs(tmp_path)
+    assert os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"

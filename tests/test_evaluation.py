@@ -239,7 +239,7 @@ def test_cross_fit_chooses_each_folds_alpha_on_the_other_folds(tmp_path):
     good, bad = np.array([1.0, 0.0]), np.array([0.0, 1.0])
     tables = {PLAIN: np.tile(bad, (8, 1)), Condition("swh_Latn", -1.0, "last"): np.array([good] * 4 + [bad] * 4),
               Condition("swh_Latn", 1.0, "last"): np.array([bad] * 4 + [good] * 4)}
-    cfg = SimpleNamespace(alpha_grid=grid, steer="last", cross_fit=2)
+    cfg = SimpleNamespace(alpha_grid=grid, steer="last", cross_fit=2, plain_only=False)
     outcome = _score_all(cfg, _prefilled_scorer(tmp_path, lang, [tables]), {"sw": lang}, {})["sw"]
     # fold 0 (items 0-3) is evaluated with the alpha its complement prefers (+1): all wrong there
     assert outcome.alpha == [1.0, -1.0]
@@ -256,7 +256,7 @@ def test_cross_fit_uses_each_folds_own_intervention_set(tmp_path):
     steered = Condition("swh_Latn", 1.0, "last")
     # set 0 helps everywhere, set 1 nowhere: fold 0 must be calibrated and evaluated with set 0 only
     sets = [{PLAIN: plain, steered: np.tile(good, (8, 1))}, {PLAIN: plain, steered: np.tile(bad, (8, 1))}]
-    cfg = SimpleNamespace(alpha_grid=grid, steer="last", cross_fit=2)
+    cfg = SimpleNamespace(alpha_grid=grid, steer="last", cross_fit=2, plain_only=False)
     outcome = _score_all(cfg, _prefilled_scorer(tmp_path, lang, sets), {"sw": lang}, {})["sw"]
     assert outcome.alpha == [1.0, 0.0]
     assert list(outcome.intervened) == [True] * 4 + [False] * 4
@@ -287,6 +287,21 @@ def test_report_contract_and_round_trip(calibrated, tmp_path):
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(paths["items"].read_text().splitlines()) == len(items)
     assert "| sw | 12 |" in markdown(report)
+
+
+def test_without_interventions_every_language_is_a_plain_baseline(llm, model_dir, xcopa_dir, calibrated):
+    files = [xcopa_dir / "val.sw.jsonl", xcopa_dir / "val.it.jsonl", xcopa_dir / "val.en.jsonl"]
+    report, items = run_benchmark(config(model_dir, None, files), llm=llm)
+    steered_report, _ = calibrated
+    for code in ("sw", "it"):
+        row = report["languages"][code]
+        assert row["alpha"] is None and row["intervention"] is None
+        assert row["intervened"] == row["baseline"] == steered_report["languages"][code]["baseline"]
+    assert report["alpha_selection"].startswith("none")
+    assert report["engine"]["dtype"] == "float32" and report["engine"]["cpu"]
+    assert "float32" in markdown(report)
+    with pytest.raises(ValueError, match="give --interventions"):
+        run_benchmark(config(model_dir, None, files, cross_fit=2), llm=llm)
 
 
 def test_manifest_alpha_without_calibration_and_xnli(llm, model_dir, interventions, tmp_path, data_dir):
