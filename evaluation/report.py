@@ -75,6 +75,8 @@ def build_report(config, model_dir, eval_sets, outcomes, map_sets, timing, refer
             "vllm_item_conditions": timing.item_conditions,
             "vllm_sequences": timing.sequences,
             "vllm_items_per_s": timing.item_conditions / timing.seconds if timing.seconds else None,
+            "vllm_prompt_tokens": timing.prompt_tokens,
+            "vllm_cached_tokens": timing.cached_tokens,
             "reference": reference,
         },
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -207,7 +209,8 @@ def markdown(report: dict) -> str:
     perf = report["performance"]
     if perf["vllm_items_per_s"]:
         lines.append(f"vLLM: {perf['vllm_item_conditions']} item-conditions ({perf['vllm_sequences']} sequences) "
-                     f"in {perf['vllm_seconds']:.1f} s = {perf['vllm_items_per_s']:.1f} items/s")
+                     f"in {perf['vllm_seconds']:.1f} s = {perf['vllm_items_per_s']:.1f} items/s; "
+                     f"{perf['vllm_cached_tokens']} of {perf['vllm_prompt_tokens']} prompt tokens from the prefix cache")
     ref = perf["reference"]
     if ref:
         lines.append(

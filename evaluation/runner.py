@@ -28,7 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from evaluation.calibration import DEFAULT_GRID, choose_alpha, contiguous_folds
-from evaluation.scoring import PLAIN, STEER_MODES, Condition, Encoded, encode_examples, score_with_hf, score_with_vllm
+from evaluation.scoring import (
+    PLAIN, STEER_MODES, Condition, Encoded, VllmScores, encode_examples, score_with_hf, score_with_vllm,
+)
 from evaluation.tasks import Example, build_examples, find_files, load_items, load_prompts
 
 ENGLISH = "eng_Latn"
@@ -88,11 +90,15 @@ class Timing:
     seconds: float = 0.0
     item_conditions: int = 0  # items scored, counting an item once per condition
     sequences: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens read from the prefix cache
 
-    def add(self, seconds: float, item_conditions: int, sequences: int) -> None:
-        self.seconds += seconds
+    def add(self, scored: VllmScores, item_conditions: int, sequences: int) -> None:
+        self.seconds += scored.seconds
         self.item_conditions += item_conditions
         self.sequences += sequences
+        self.prompt_tokens += scored.prompt_tokens
+        self.cached_tokens += scored.cached_tokens
 
 
 @dataclass
@@ -259,9 +265,9 @@ SCORING_STEP_TOKENS = 1024
 def _start_engine(model_dir: Path, dtype: str):
     from vllm import LLM
 
-    from lingosteer.backend import engine_kwargs
+    from lingosteer.backend import scoring_engine_kwargs
 
-    return LLM(**engine_kwargs(model_dir, dtype=dtype, max_num_batched_tokens=SCORING_STEP_TOKENS))
+    return LLM(**scoring_engine_kwargs(model_dir, dtype=dtype, max_num_batched_tokens=SCORING_STEP_TOKENS))
 
 
 def _engine_facts(llm) -> dict:
@@ -318,11 +324,11 @@ class Scorer:
         if not requests:
             return
         self.load(maps)
-        flat, seconds = score_with_vllm(self.llm, requests, self.progress)
-        self.timing.add(seconds, sum(len(items) for _, items, _ in slots), len(requests))
+        scored = score_with_vllm(self.llm, requests, self.progress)
+        self.timing.add(scored, sum(len(items) for _, items, _ in slots), len(requests))
         for table, items, start in slots:
             width = table.shape[1]
-            table[items] = flat[start : start + len(items) * width].reshape(len(items), width)
+            table[items] = scored.scores[start : start + len(items) * width].reshape(len(items), width)
 
 
 def _correct(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -446,7 +452,8 @@ def _reference_check(config, scorer: Scorer, model_dir, tokenizer, eval_sets, ou
                 requests += [(enc, condition) for enc in s.encoded[i]]
                 group_sizes.append(len(s.encoded[i]))
     scorer.load(maps)
-    vllm_scores, vllm_seconds = score_with_vllm(scorer.llm, requests, config.progress)
+    scored = score_with_vllm(scorer.llm, requests, config.progress)
+    vllm_scores, vllm_seconds = scored.scores, scored.seconds
     model, _ = load_model_and_tokenizer(model_dir)
     interventions = {flores: load_intervention(path) for flores, path in scorer.map_sets[maps].items()}
     hf_scores, hf_seconds = score_with_hf(model, requests, interventions, tokenizer.pad_token_id or 0,

@@ -15,9 +15,18 @@ Where to steer (`STEER_MODES`), as [start, end) ranges of the prompt's tokens:
 - "all":     context and option tokens (after BOS).
 
 vLLM: one request per (option, condition) with `prompt_logprobs=0`, all submitted
-in one `generate` call so the engine batches them. vLLM 0.32 makes requests that
-ask for prompt log-probabilities skip prefix-cache reads (`skip_reading_prefix_cache`
-defaults to True for them), so options of an item do not share the context's KV.
+in one `generate` call so the engine batches them. By default (`shared_prefix`)
+only the necessary arithmetic is done, in the serving engine and plugin:
+- requests are submitted grouped by prompt and read the prefix cache (vLLM skips
+  it for prompt-logprob requests unless told otherwise), so an item's options and
+  every steering condition share the KV blocks of the context before the first
+  steered token (the plugin salts blocks only from there on);
+- each request names its first scored position (`lingosteer_score_from`), so the
+  plugin computes full-vocabulary logits only for the rows that predict the
+  option, and keeps that row's block out of the cache (vLLM returns no
+  log-probabilities for rows it read from the cache).
+`shared_prefix=False` is the plain way: every request computes its whole prompt
+and logits for every row (the reference the fast way is checked against).
 """
 
 from __future__ import annotations
@@ -100,23 +109,50 @@ def option_loglikelihood(encoded: Encoded, token_logprobs) -> float:
     return float(sum(token_logprobs[j] for j in range(encoded.context_len, len(encoded.token_ids))))
 
 
-def score_with_vllm(llm, requests: list[tuple[Encoded, Condition]], progress: bool = True) -> tuple[np.ndarray, float]:
-    """Summed option log-likelihoods of every request, and the seconds `generate` took."""
+@dataclass
+class VllmScores:
+    scores: np.ndarray  # summed option log-likelihood per request
+    seconds: float  # wall time of `generate`
+    prompt_tokens: int
+    cached_tokens: int  # prompt tokens whose KV came from the prefix cache
+
+
+def score_with_vllm(llm, requests: list[tuple[Encoded, Condition]], progress: bool = True,
+                    shared_prefix: bool = True) -> VllmScores:
+    """Summed option log-likelihoods of every request, through the engine (see the module notes)."""
     from vllm import SamplingParams
 
-    prompts = [{"prompt_token_ids": list(enc.token_ids)} for enc, _ in requests]
-    params = [SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, extra_args=extra_args(enc, cond))
-              for enc, cond in requests]
+    from intervene_server.request_spec import SCORE_FROM_KEY
+
+    def params(enc: Encoded, cond: Condition) -> SamplingParams:
+        extra = extra_args(enc, cond)
+        if not shared_prefix:
+            return SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, extra_args=extra)
+        return SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False,
+                              skip_reading_prefix_cache=False,
+                              extra_args={**(extra or {}), SCORE_FROM_KEY: enc.context_len})
+
+    # Neighbours in submission order share their context's blocks (they are cached when allocated).
+    order = sorted(range(len(requests)), key=lambda i: requests[i][0].token_ids) if shared_prefix \
+        else list(range(len(requests)))
+    prompts = [{"prompt_token_ids": list(requests[i][0].token_ids)} for i in order]
     start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=progress)
+    outputs = llm.generate(prompts, [params(*requests[i]) for i in order], use_tqdm=progress)
     seconds = time.perf_counter() - start
     scores = np.empty(len(requests))
-    for i, ((enc, _), output) in enumerate(zip(requests, outputs)):
+    cached = 0
+    for i, output in zip(order, outputs):
+        enc = requests[i][0]
+        if output.num_cached_tokens and output.num_cached_tokens > enc.context_len - 1:
+            raise RuntimeError(
+                f"vLLM read {output.num_cached_tokens} prompt tokens from the prefix cache, past the first scored "
+                f"row ({enc.context_len - 1}): is the lingosteer plugin installed in this engine?")
+        cached += output.num_cached_tokens or 0
+        # Rows before the option are placeholders (or were never computed): read only the option's.
         entries = output.prompt_logprobs
-        logprobs = [None if entry is None else entry[token].logprob
-                    for entry, token in zip(entries, enc.token_ids)]
+        logprobs = [None if j < enc.context_len else entries[j][token].logprob for j, token in enumerate(enc.token_ids)]
         scores[i] = option_loglikelihood(enc, logprobs)
-    return scores, seconds
+    return VllmScores(scores, seconds, sum(len(enc.token_ids) for enc, _ in requests), cached)
 
 
 def score_with_hf(model, requests: list[tuple[Encoded, Condition]], interventions: dict, pad_id: int,

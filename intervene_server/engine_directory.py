@@ -5,46 +5,50 @@ loop, the same thread that runs load/unload RPCs, in order. Binding a request
 there to the version current at that moment is race-free, and the worker then
 uses exactly that version for the request's whole life. Retired versions are
 released only when no request known to the engine core still names them.
+There too each request gets the block hashes that decide which of its KV blocks
+the prefix cache may share (`prefix_cache.BlockSalter`).
 """
 
 import logging
 
 from vllm.v1.request import Request
 
-from intervene_server.request_spec import VERSION_KEY, RequestSpecError, parse_request_spec
+from intervene_server.prefix_cache import BlockSalter
+from intervene_server.request_spec import VERSION_KEY, RequestSpecError, parse_request_spec, parse_score_from
 
 logger = logging.getLogger("lingosteer.plugin")
 
 
 class EngineDirectory:
-    def __init__(self, loaded: list[dict]) -> None:
+    def __init__(self, loaded: list[dict], salter: BlockSalter | None = None) -> None:
         self.versions: dict[str, str] = {}  # language -> version
+        self.salter = salter
         self.sync(loaded)
 
     def sync(self, loaded: list[dict]) -> None:
         self.versions = {entry["language"]: entry["version"] for entry in loaded}
 
     def bind(self, request: Request) -> None:
-        """Pin a steered request to the current version and salt its prefix-cache key."""
+        """Pin a steered request to the current version; let the prefix cache share only what is plain."""
         params = request.sampling_params
         if params is None:
             return
         try:
             spec = parse_request_spec(params.extra_args)
+            score_from = parse_score_from(params.extra_args)
         except RequestSpecError as error:  # the front end validates; never stop the engine
             logger.warning("request %s: malformed intervention ignored: %s", request.request_id, error)
             return
-        if spec is None:
-            return
-        version = spec.version or self.versions.get(spec.language)
-        if version is None:
-            return  # the worker runs it plain and logs why
-        params.extra_args[VERSION_KEY] = version
-        bound = parse_request_spec(params.extra_args)
-        request.cache_salt = f"{request.cache_salt or ''}|{bound.cache_salt()}"
-        # The block hashes were computed with the old salt when the request was built.
-        request.block_hashes = []
-        request.update_block_hashes()
+        salts = []
+        version = None if spec is None else spec.version or self.versions.get(spec.language)
+        if version is not None:  # (None: the worker runs it plain and logs why)
+            params.extra_args[VERSION_KEY] = version
+            bound = parse_request_spec(params.extra_args)
+            salts.append((bound.first_position(request.num_prompt_tokens), bound.cache_salt()))
+        if score_from is not None:
+            salts.append((score_from - 1, f"score:{request.request_id}"))
+        if salts and self.salter is not None:
+            self.salter.salt(request, salts)
 
 
 def versions_in_use(requests) -> list[str]:

@@ -1,15 +1,18 @@
 """vLLM general plugin: wires lingosteer into the engine core and the worker.
 
 `register()` runs in every vLLM process (front end, engine core, worker). It patches
-three places, each re-checked by tests against the pinned vLLM version:
+these places, each re-checked by tests against the pinned vLLM version:
 
 worker   `Worker.load_model`: after the model loads (before torch.compile traces it),
          route each decoder layer's output through the steering op.
          `GPUModelRunner._model_forward`: build the step's plan for the op.
+         `GPUModelRunner._get_prompt_logprobs_dict`: logits only for the prompt rows
+         a scoring request reads (`prompt_logits`).
          `Worker.lingosteer_*`: RPC methods to load / unload / list interventions.
 engine   `EngineCore.add_request`: bind each steered request to the intervention
 core     version current when it enters the scheduler, and salt its prefix-cache
-         key with it, so KV blocks are never shared across different interventions.
+         block hashes from its first steered position on, so KV blocks are shared
+         only where they equal the plain run's.
          `EngineCore.collective_rpc`: after a load/unload, refresh the language ->
          version directory and release versions no request names any more.
 front    `InputProcessor.process_inputs`: reject malformed intervention arguments
@@ -38,13 +41,15 @@ def register() -> None:
 def _patch_front_end() -> None:
     from vllm.v1.engine.input_processor import InputProcessor
 
-    from intervene_server.request_spec import parse_request_spec
+    from intervene_server.request_spec import parse_request_spec, parse_score_from
 
     process_inputs = InputProcessor.process_inputs
 
     @functools.wraps(process_inputs)
     def process_validated_inputs(self, request_id, prompt, params, *args, **kwargs):
-        parse_request_spec(getattr(params, "extra_args", None))  # RequestSpecError is a ValueError
+        extra_args = getattr(params, "extra_args", None)
+        parse_request_spec(extra_args)  # RequestSpecError is a ValueError
+        parse_score_from(extra_args)
         return process_inputs(self, request_id, prompt, params, *args, **kwargs)
 
     InputProcessor.process_inputs = process_validated_inputs
@@ -55,6 +60,7 @@ def _patch_worker() -> None:
     from vllm.v1.worker.gpu_worker import Worker
 
     from intervene_server import worker_rpc
+    from intervene_server.prompt_logits import prompt_logprobs_of_scored_rows
     from intervene_server.residual_op import active_plan
     from intervene_server.worker_state import attach_to_model
 
@@ -77,8 +83,15 @@ def _patch_worker() -> None:
         with active_plan(plan):
             return model_forward(self, *args, **kwargs)
 
+    get_prompt_logprobs_dict = GPUModelRunner._get_prompt_logprobs_dict
+
+    @functools.wraps(get_prompt_logprobs_dict)
+    def get_prompt_logprobs_of_scored_rows(self, hidden_states, num_scheduled_tokens):
+        return prompt_logprobs_of_scored_rows(self, get_prompt_logprobs_dict, hidden_states, num_scheduled_tokens)
+
     Worker.load_model = load_model_then_attach
     GPUModelRunner._model_forward = model_forward_with_plan
+    GPUModelRunner._get_prompt_logprobs_dict = get_prompt_logprobs_of_scored_rows
     worker_rpc.add_methods(Worker)
 
 
@@ -86,6 +99,7 @@ def _patch_engine_core() -> None:
     from vllm.v1.engine.core import EngineCore
 
     from intervene_server.engine_directory import EngineDirectory, versions_in_use
+    from intervene_server.prefix_cache import BlockSalter
 
     add_request = EngineCore.add_request
     collective_rpc = EngineCore.collective_rpc
@@ -94,7 +108,8 @@ def _patch_engine_core() -> None:
     # always on the busy-loop thread (add_request and RPCs both run there).
     def directory(core) -> EngineDirectory:
         if not hasattr(core, "lingosteer_directory"):
-            core.lingosteer_directory = EngineDirectory(collective_rpc(core, "lingosteer_list")[0])
+            core.lingosteer_directory = EngineDirectory(
+                collective_rpc(core, "lingosteer_list")[0], BlockSalter.of_engine_core(core))
         return core.lingosteer_directory
 
     @functools.wraps(add_request)

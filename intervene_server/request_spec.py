@@ -9,6 +9,12 @@ Over HTTP the same keys arrive as `vllm_xargs`. Keys:
              (vLLM's HTTP layer types `vllm_xargs` values as scalars or flat lists)
 The engine core adds `lingosteer_version` (the intervention version bound at
 arrival), so a request keeps that version even if the language is swapped.
+
+A scoring request (log-likelihood of a continuation) may also carry
+  lingosteer_score_from  the first prompt position whose log-probability it reads;
+                         the plugin computes full-vocabulary logits only from there
+                         (`prompt_logprobs` rows before it are placeholders), and
+                         never reads that row's KV from the prefix cache.
 """
 
 from dataclasses import dataclass
@@ -16,6 +22,7 @@ from typing import Any
 
 LANGUAGE_KEY = "language"
 VERSION_KEY = "lingosteer_version"
+SCORE_FROM_KEY = "lingosteer_score_from"
 POSITION_MODES = ("last", "prompt", "all")
 
 
@@ -37,6 +44,24 @@ class InterventionRequest:
         return (
             f"lingosteer:{self.language}:{self.version}:{self.alpha}:{layers}:{self.positions}"
         )
+
+    def first_position(self, prompt_len: int) -> int:
+        """The first token position this intervention changes: the KV before it is the plain run's."""
+        if self.positions == "last":
+            return prompt_len - 1
+        if self.positions in ("prompt", "all"):
+            return 0
+        return min(start for start, _ in self.positions)
+
+
+def parse_score_from(extra_args: dict[str, Any] | None) -> int | None:
+    """The first prompt position a scoring request reads (None for other requests)."""
+    value = (extra_args or {}).get(SCORE_FROM_KEY)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise RequestSpecError(f"'{SCORE_FROM_KEY}' must be a positive int (a prompt position), got {value!r}")
+    return value
 
 
 def parse_request_spec(extra_args: dict[str, Any] | None) -> InterventionRequest | None:

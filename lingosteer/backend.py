@@ -72,6 +72,21 @@ def engine_kwargs(model, api_server: bool = False, **overrides) -> dict:
     return kwargs
 
 
+# vLLM's CPU attention takes KV blocks in multiples of 32 tokens and defaults to
+# 128; the prefix cache shares whole blocks only, and the contexts of benchmark
+# items are tens of tokens, so scoring engines use the smallest block allowed.
+CPU_SCORING_BLOCK_SIZE = 32
+
+
+def scoring_engine_kwargs(model, **overrides) -> dict:
+    """`engine_kwargs` for an offline engine that scores log-likelihoods with prefix sharing."""
+    kwargs = engine_kwargs(model, enable_prefix_caching=True)
+    if is_cpu_backend():
+        kwargs["block_size"] = CPU_SCORING_BLOCK_SIZE
+    kwargs.update(overrides)
+    return kwargs
+
+
 def shutdown_engine(llm) -> None:
     """Stop a `vllm.LLM`'s engine processes now, freeing their memory before the next engine.
 

@@ -18,8 +18,8 @@ from evaluation.report import markdown, read_report, write_report
 from evaluation.runner import BenchmarkConfig, Scorer, Timing, _score_all, run_benchmark
 from evaluation.scoring import PLAIN, Condition, encode_examples, score_with_hf, score_with_vllm, steer_ranges
 from evaluation.stats import bootstrap_delta_ci, mcnemar_exact
-from evaluation.tasks import build_examples, find_files, load_items, load_prompts
-from lingosteer.backend import engine_kwargs, shutdown_engine
+from evaluation.tasks import Example, build_examples, find_files, load_items, load_prompts
+from lingosteer.backend import scoring_engine_kwargs, shutdown_engine
 from lingosteer.data import load_sib200
 from plugin_support import write_planted_intervention
 
@@ -69,7 +69,7 @@ def xcopa_dir(tmp_path_factory, data_dir):
 def llm(model_dir, interventions):
     from vllm import LLM
 
-    engine = LLM(**engine_kwargs(model_dir, **ENGINE))
+    engine = LLM(**scoring_engine_kwargs(model_dir, **ENGINE))
     yield engine
     shutdown_engine(engine)
 
@@ -162,7 +162,7 @@ def test_vllm_scores_equal_direct_and_hf_reference(llm, tokenizer, hf_model, int
     encoded = [enc for options in encode_examples(tokenizer, examples) for enc in options]
     steered = Condition("swh_Latn", 1.5, "context")
     requests = [(enc, PLAIN) for enc in encoded] + [(enc, steered) for enc in encoded]
-    vllm_scores, _ = score_with_vllm(llm, requests, progress=False)
+    vllm_scores = score_with_vllm(llm, requests, progress=False).scores
     hf_scores, _ = score_with_hf(hf_model, requests, {"swh_Latn": load_intervention(interventions / "swh")},
                                  tokenizer.pad_token_id, batch_size=2, progress=False)
     direct = np.array([_direct_loglik(hf_model, enc) for enc in encoded])
@@ -327,6 +327,40 @@ def test_reference_check_agrees_with_vllm(llm, model_dir, interventions, xcopa_d
     assert ref["speed_ratio"] > 0 and isinstance(report["languages"]["sw"]["alpha"], list)
 
 
+def test_shared_prefix_scoring_equals_the_plain_way(llm, tokenizer, interventions, data_dir):
+    """Contexts of 70+ tokens (whole KV blocks to share) and options with a common first word (so a
+    block past the context could match): the fast way gives today's scores, and really shares."""
+    llm.collective_rpc("lingosteer_load", args=(str(interventions / "swh"),))
+    sentences = _sentences("swh_Latn", data_dir, 12)
+    examples = [Example(" ".join(sentences[i:i + 3]), (" na " + sentences[i + 3], " na " + sentences[i + 4]), 0)
+                for i in range(0, 8, 2)]
+    encoded = [enc for options in encode_examples(tokenizer, examples) for enc in options]
+    assert min(enc.context_len for enc in encoded) > 64
+    conditions = [PLAIN, *(Condition("swh_Latn", a, "last") for a in (-1.0, 1.0, 2.0)),
+                  Condition("swh_Latn", 1.0, "context"), Condition("swh_Latn", 1.0, "all")]
+    requests = [(enc, condition) for condition in conditions for enc in encoded]
+    llm.reset_prefix_cache()
+    plain_way = score_with_vllm(llm, requests, progress=False, shared_prefix=False)
+    llm.reset_prefix_cache()
+    fast = score_with_vllm(llm, requests, progress=False)
+    assert np.abs(fast.scores - plain_way.scores).max() <= 1e-4
+    width = len(encoded)
+    for k in range(len(conditions)):
+        chosen = lambda scores: scores[k * width:(k + 1) * width].reshape(-1, 2).argmax(axis=1)  # noqa: E731
+        assert (chosen(fast.scores) == chosen(plain_way.scores)).all()
+    assert plain_way.cached_tokens == 0 and fast.cached_tokens >= 32 * len(encoded) * 3
+    # "context" and "all" steer from token 1: they share blocks among themselves, never with plain runs.
+    everywhere = [(enc, condition) for condition in conditions[-2:] for enc in encoded]
+    llm.reset_prefix_cache()
+    alone = score_with_vllm(llm, everywhere, progress=False).cached_tokens
+    llm.reset_prefix_cache()
+    score_with_vllm(llm, [(enc, PLAIN) for enc in encoded], progress=False)
+    assert score_with_vllm(llm, everywhere, progress=False).cached_tokens == alone
+    # "last" steers the last context token: the blocks before it are the plain run's.
+    last = [(enc, conditions[1]) for enc in encoded]
+    assert score_with_vllm(llm, last, progress=False).cached_tokens >= 64 * len(encoded)
+
+
 def test_per_fold_interventions_score_each_fold_with_its_own_maps(llm, model_dir, tokenizer, interventions,
                                                                   xcopa_dir, tmp_path):
     other = write_planted_intervention(tmp_path / "other" / "swh", model_dir, [0, 1], "swh_Latn", seed=3,
@@ -341,7 +375,7 @@ def test_per_fold_interventions_score_each_fold_with_its_own_maps(llm, model_dir
         rows = [r for r in items if r["fold"] == fold]
         llm.collective_rpc("lingosteer_load", args=(str(artifact),))
         requests = [(enc, Condition("swh_Latn", rows[0]["alpha"], "last")) for r in rows for enc in encoded[r["index"]]]
-        direct, _ = score_with_vllm(llm, requests, progress=False)
+        direct = score_with_vllm(llm, requests, progress=False).scores
         assert np.allclose(direct, [x for r in rows for x in r["intervened_scores"]], atol=1e-4)
     llm.collective_rpc("lingosteer_load", args=(str(interventions / "swh"),))
 

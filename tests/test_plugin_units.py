@@ -1,10 +1,13 @@
-"""The plugin's pure parts: request arguments and which rows of a step are steered."""
+"""The plugin's pure parts: request arguments, which rows of a step are steered, which get logits."""
 
 import numpy as np
 import pytest
 import torch
 
-from intervene_server.request_spec import InterventionRequest, RequestSpecError, parse_request_spec
+from intervene_server.prompt_logits import prompt_logprobs_of_scored_rows, rows_to_skip
+from intervene_server.request_spec import (
+    SCORE_FROM_KEY, InterventionRequest, RequestSpecError, parse_request_spec, parse_score_from,
+)
 from intervene_server.step_plan import ScheduledRequest, build_step_plan, selected_rows
 from intervene_server.store import LoadedIntervention
 
@@ -118,3 +121,75 @@ def test_op_updates_only_selected_rows_with_the_formula():
     untouched = [0, 1, 4, 5]
     assert torch.equal(hidden[untouched], hidden_before[untouched])
     assert torch.equal(residual[untouched], residual_before[untouched])
+
+
+def test_first_steered_position_of_each_mode():
+    assert InterventionRequest("swh_Latn", positions="last").first_position(20) == 19
+    assert InterventionRequest("swh_Latn", positions="prompt").first_position(20) == 0
+    assert InterventionRequest("swh_Latn", positions="all").first_position(20) == 0
+    assert InterventionRequest("swh_Latn", positions=((7, 9), (3, 5))).first_position(20) == 3
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.5, "7", True])
+def test_malformed_score_from_is_rejected(value):
+    with pytest.raises(RequestSpecError, match="lingosteer_score_from"):
+        parse_score_from({SCORE_FROM_KEY: value})
+    assert parse_score_from({"language": "swh_Latn"}) is None
+
+
+def _runner_with(requests: dict[str, tuple[int | None, int]], scheduled: dict[str, int]):
+    """A stand-in for vLLM's model runner: request id -> (score_from, num_computed_tokens)."""
+    from types import SimpleNamespace
+
+    states = {rid: SimpleNamespace(num_computed_tokens=done, sampling_params=SimpleNamespace(
+        extra_args=None if score_from is None else {SCORE_FROM_KEY: score_from}))
+        for rid, (score_from, done) in requests.items()}
+    order = list(scheduled)
+    starts = np.cumsum([0] + [scheduled[rid] for rid in order])
+    return SimpleNamespace(num_prompt_logprobs=dict.fromkeys(requests, 0), requests=states,
+                           query_start_loc=SimpleNamespace(np=starts),
+                           input_batch=SimpleNamespace(req_id_to_index={rid: i for i, rid in enumerate(order)}))
+
+
+def test_logits_are_computed_only_for_rows_a_scoring_request_reads():
+    # a: 10 prompt rows in this step, reads from position 8 (rows 7..9); b: plain prompt logprobs;
+    # c: second chunk (6 tokens done, 4 now), reads from position 9 (rows 8..9 = its 3rd and 4th row).
+    scheduled = {"a": 10, "b": 5, "c": 4}
+    runner = _runner_with({"a": (8, 0), "b": (None, 0), "c": (9, 6)}, scheduled)
+    hidden = torch.randn(19, 3)
+    weight = torch.randn(3, 11)
+    computed_rows = []
+
+    def compute_logits(rows):
+        computed_rows.append(rows.shape[0])
+        return rows @ weight
+
+    runner.model = SimpleModel(compute_logits)
+
+    def get_prompt_logprobs_dict(runner, hidden_states, num_scheduled_tokens):
+        # vLLM's loop, reduced: one slice of rows per request, logits of the whole slice.
+        out, offset = {}, 0
+        for rid, n in num_scheduled_tokens.items():
+            out[rid] = runner.model.compute_logits(hidden_states[offset:offset + n])
+            offset += n
+        return out
+
+    assert rows_to_skip(runner, scheduled) == {0: 7, 15: 2}
+    logits = prompt_logprobs_of_scored_rows(runner, get_prompt_logprobs_dict, hidden, scheduled)
+    assert computed_rows == [3, 5, 2]
+    full = hidden @ weight
+    torch.testing.assert_close(logits["a"][7:], full[7:10])
+    torch.testing.assert_close(logits["b"], full[10:15])
+    torch.testing.assert_close(logits["c"][2:], full[17:19])
+    assert not logits["a"][:7].any() and not logits["c"][:2].any()
+    assert "compute_logits" not in vars(runner.model)  # the shadowing is undone
+
+
+class SimpleModel:
+    """A model whose `compute_logits` is a method, as vLLM's are."""
+
+    def __init__(self, compute_logits):
+        self._compute_logits = compute_logits
+
+    def compute_logits(self, rows):
+        return self._compute_logits(rows)
