@@ -112,6 +112,7 @@ def option_loglikelihood(encoded: Encoded, token_logprobs) -> float:
 @dataclass
 class VllmScores:
     scores: np.ndarray  # summed option log-likelihood per request
+    greedy: np.ndarray  # bool per request: every option token is the top-ranked one (lm-eval's is_greedy)
     seconds: float  # wall time of `generate`
     prompt_tokens: int
     cached_tokens: int  # prompt tokens whose KV came from the prefix cache
@@ -139,7 +140,7 @@ def score_with_vllm(llm, requests: list[tuple[Encoded, Condition]], progress: bo
     start = time.perf_counter()
     outputs = llm.generate(prompts, [params(*requests[i]) for i in order], use_tqdm=progress)
     seconds = time.perf_counter() - start
-    scores = np.empty(len(requests))
+    scores, greedy = np.empty(len(requests)), np.empty(len(requests), dtype=bool)
     cached = 0
     for i, output in zip(order, outputs):
         enc = requests[i][0]
@@ -149,10 +150,10 @@ def score_with_vllm(llm, requests: list[tuple[Encoded, Condition]], progress: bo
                 f"row ({enc.context_len - 1}): is the lingosteer plugin installed in this engine?")
         cached += output.num_cached_tokens or 0
         # Rows before the option are placeholders (or were never computed): read only the option's.
-        entries = output.prompt_logprobs
-        logprobs = [None if j < enc.context_len else entries[j][token].logprob for j, token in enumerate(enc.token_ids)]
-        scores[i] = option_loglikelihood(enc, logprobs)
-    return VllmScores(scores, seconds, sum(len(enc.token_ids) for enc, _ in requests), cached)
+        option = [output.prompt_logprobs[j][token] for j, token in enumerate(enc.token_ids) if j >= enc.context_len]
+        scores[i] = option_loglikelihood(enc, [None] * enc.context_len + [entry.logprob for entry in option])
+        greedy[i] = all(entry.rank == 1 for entry in option)
+    return VllmScores(scores, greedy, seconds, sum(len(enc.token_ids) for enc, _ in requests), cached)
 
 
 def score_with_hf(model, requests: list[tuple[Encoded, Condition]], interventions: dict, pad_id: int,

@@ -16,7 +16,7 @@ import torch
 from evaluation.calibration import choose_alpha, contiguous_folds, parse_grid
 from evaluation.report import markdown, read_report, write_report
 from evaluation.runner import BenchmarkConfig, Scorer, Timing, _score_all, run_benchmark
-from evaluation.scoring import PLAIN, Condition, encode_examples, score_with_hf, score_with_vllm, steer_ranges
+from evaluation.scoring import PLAIN, Condition, Encoded, encode_examples, score_with_hf, score_with_vllm, steer_ranges
 from evaluation.stats import bootstrap_delta_ci, mcnemar_exact
 from evaluation.tasks import Example, build_examples, find_files, load_items, load_prompts
 from lingosteer.backend import scoring_engine_kwargs, shutdown_engine
@@ -344,6 +344,7 @@ def test_shared_prefix_scoring_equals_the_plain_way(llm, tokenizer, intervention
     llm.reset_prefix_cache()
     fast = score_with_vllm(llm, requests, progress=False)
     assert np.abs(fast.scores - plain_way.scores).max() <= 1e-4
+    assert (fast.greedy == plain_way.greedy).all()
     width = len(encoded)
     for k in range(len(conditions)):
         chosen = lambda scores: scores[k * width:(k + 1) * width].reshape(-1, 2).argmax(axis=1)  # noqa: E731
@@ -359,6 +360,18 @@ def test_shared_prefix_scoring_equals_the_plain_way(llm, tokenizer, intervention
     # "last" steers the last context token: the blocks before it are the plain run's.
     last = [(enc, conditions[1]) for enc in encoded]
     assert score_with_vllm(llm, last, progress=False).cached_tokens >= 64 * len(encoded)
+
+
+def test_greedy_flag_is_true_exactly_for_the_greedy_continuation(llm, tokenizer):
+    from vllm import SamplingParams
+
+    context = tokenizer("Habari ya asubuhi, rafiki yangu")["input_ids"]
+    [output] = llm.generate([{"prompt_token_ids": context}], SamplingParams(max_tokens=3, temperature=0.0,
+                                                                          ignore_eos=True), use_tqdm=False)
+    greedy = list(output.outputs[0].token_ids)
+    other = greedy[:2] + [(greedy[2] + 1) % 100 + 5]
+    requests = [(Encoded(tuple(context + option), len(context), 1), PLAIN) for option in (greedy, other)]
+    assert list(score_with_vllm(llm, requests, progress=False).greedy) == [True, False]
 
 
 def test_per_fold_interventions_score_each_fold_with_its_own_maps(llm, model_dir, tokenizer, interventions,
