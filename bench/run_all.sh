@@ -12,6 +12,9 @@ echo "== prepare the real model (instant once done)"
 echo "== plugin throughput: plain vLLM vs plugin idle / last / all (issue: serving overhead)"
 "$python" bench/throughput.py
 
+echo "== log-likelihood scoring: today's path vs the fast path vs lm-eval's vllm backend"
+"$python" bench/scoring.py --data-dir "$data"
+
 echo "== alignment fit: time and peak memory vs sentence count"
 "$python" bench/fit_scaling.py --data-dir "$data" --repeats 1
 

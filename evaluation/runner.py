@@ -137,7 +137,7 @@ def run_benchmark(config: BenchmarkConfig, llm=None) -> tuple[dict, list[dict]]:
 
     own_engine = llm is None
     if own_engine:
-        llm = _start_engine(model_dir, config.dtype)
+        llm = start_scoring_engine(model_dir, config.dtype)
     try:
         timing = Timing()
         scorer = Scorer(llm, map_sets, timing, config.progress)
@@ -200,10 +200,10 @@ def _load_sets(config, paths, tokenizer, prompts) -> dict[str, LanguageSet]:
     return sets
 
 
-def find_interventions(root: Path, languages: list[str], model_dir: Path) -> dict[str, Path]:
-    """FLORES code -> artifact directory, for each language, from a directory of artifacts
-    (its subdirectories, or itself; hidden ones are a writer's staging area and skipped).
-    Checked against the model's fingerprint."""
+def find_interventions(root: Path, languages: list[str] | None, model_dir: Path) -> dict[str, Path]:
+    """FLORES code -> artifact directory, for each language (None: every language found), from a
+    directory of artifacts (its subdirectories, or itself; hidden ones are a writer's staging area
+    and skipped). Checked against the model's fingerprint."""
     from alignment.artifact import load_intervention
     from lingosteer.fingerprint import model_fingerprint
 
@@ -219,6 +219,8 @@ def find_interventions(root: Path, languages: list[str], model_dir: Path) -> dic
             if source in by_source:
                 raise ValueError(f"two interventions for {source} in {root}: {by_source[source]} and {path}")
             by_source[source] = path
+    if languages is None:
+        languages = sorted(by_source)
     missing = [lang for lang in languages if lang not in by_source]
     if missing:
         raise FileNotFoundError(
@@ -262,12 +264,14 @@ def check_not_fitted_on(artifact_dir: Path, lang_set: LanguageSet, items: np.nda
 SCORING_STEP_TOKENS = 1024
 
 
-def _start_engine(model_dir: Path, dtype: str):
+def start_scoring_engine(model_dir: Path, dtype: str, **overrides):
+    """An offline `vllm.LLM` for `score_with_vllm` (and generation); `overrides` win."""
     from vllm import LLM
 
     from lingosteer.backend import scoring_engine_kwargs
 
-    return LLM(**scoring_engine_kwargs(model_dir, dtype=dtype, max_num_batched_tokens=SCORING_STEP_TOKENS))
+    return LLM(**scoring_engine_kwargs(model_dir, dtype=dtype, max_num_batched_tokens=SCORING_STEP_TOKENS,
+                                       **overrides))
 
 
 def _engine_facts(llm) -> dict:

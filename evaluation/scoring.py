@@ -57,6 +57,7 @@ class Condition:
     language: str | None = None  # FLORES code of the loaded intervention
     alpha: float = 0.0
     steer: str = "last"
+    layers: tuple[int, ...] | None = None  # a subset of the intervention's layers; None: all of them
 
     @property
     def plain(self) -> bool:
@@ -66,6 +67,11 @@ class Condition:
 PLAIN = Condition()
 
 
+def leading_special(token_ids, special_ids: set[int]) -> int:
+    """How many tokens at the start are special (BOS): they are never steered."""
+    return next((i for i, t in enumerate(token_ids) if t not in special_ids), len(token_ids))
+
+
 def encode_examples(tokenizer, examples: list[Example]) -> list[list[Encoded]]:
     """Token ids of every option of every example (fast tokenizer, batched)."""
     contexts = tokenizer([ex.context for ex in examples])["input_ids"]
@@ -73,7 +79,7 @@ def encode_examples(tokenizer, examples: list[Example]) -> list[list[Encoded]]:
     special = set(tokenizer.all_special_ids)
     encoded, k = [], 0
     for ex, context in zip(examples, contexts):
-        num_special = next((i for i, t in enumerate(context) if t not in special), len(context))
+        num_special = leading_special(context, special)
         options = []
         for option in ex.options:
             continuation = wholes[k][len(context):]
@@ -100,8 +106,11 @@ def extra_args(encoded: Encoded, condition: Condition) -> dict | None:
     """The plugin's request arguments (`SamplingParams.extra_args`); None for plain requests."""
     if condition.plain:
         return None
-    return {"language": condition.language, "alpha": float(condition.alpha),
+    args = {"language": condition.language, "alpha": float(condition.alpha),
             "positions": steer_ranges(encoded, condition.steer)}
+    if condition.layers is not None:
+        args["layers"] = list(condition.layers)
+    return args
 
 
 def option_loglikelihood(encoded: Encoded, token_logprobs) -> float:
@@ -196,7 +205,8 @@ def score_with_hf(model, requests: list[tuple[Encoded, Condition]], intervention
             if cond.plain:
                 logits = model(input_ids=ids, attention_mask=attention).logits
             else:
-                with steered(model, interventions[cond.language], mask, alpha=cond.alpha):
+                with steered(model, interventions[cond.language], mask, alpha=cond.alpha,
+                             layers=None if cond.layers is None else list(cond.layers)):
                     logits = model(input_ids=ids, attention_mask=attention).logits
             logprobs = torch.log_softmax(logits.float(), dim=-1)
             for row, (i, enc) in enumerate(zip(batch, encs)):

