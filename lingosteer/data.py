@@ -247,6 +247,9 @@ def load_xcopa(path: Path | str) -> list[XcopaItem]:
         item = XcopaItem(**_fields(record, where, types))
         if item.label not in (0, 1) or item.question not in XCOPA_QUESTIONS:
             raise ValueError(f"{where}: label must be 0 or 1 and question cause or effect")
+        empty = [name for name in ("premise", "choice1", "choice2") if not getattr(item, name).strip()]
+        if empty:
+            raise ValueError(f"{where}: empty {' and '.join(empty)}")
         items.append(item)
     return items
 
@@ -272,6 +275,8 @@ def load_xnli(path: Path | str) -> list[XnliItem]:
             item = XnliItem(**_fields(record, where, {"premise": str, "hypothesis": str, "label": int}))
             if item.label not in (0, 1, 2):
                 raise ValueError(f"{where}: label must be 0, 1 or 2, got {item.label}")
+            if not item.premise.strip() or not item.hypothesis.strip():
+                raise ValueError(f"{where}: empty premise or hypothesis")
             items.append(item)
         return items
     items = []
@@ -281,6 +286,8 @@ def load_xnli(path: Path | str) -> list[XnliItem]:
             raise ValueError(
                 f"{where}: expected 'premise<TAB>hypothesis<TAB>label' with label one of {', '.join(XNLI_LABELS)}"
             )
+        if not fields[0].strip() or not fields[1].strip():
+            raise ValueError(f"{where}: empty premise or hypothesis")
         items.append(XnliItem(fields[0], fields[1], XNLI_LABELS.index(fields[2])))
     return items
 

@@ -162,6 +162,7 @@ def test_load_xcopa_all_languages(data_dir):
         ('{"premise": "p", "choice1": "a", "choice2": "b", "question": "effect", "label": 1}', "missing field"),
         ('{"premise": "p", "choice1": "a", "choice2": "b", "question": "effect", "label": "1", "idx": 0}', "wrong type"),
         ('{"premise": "p", "choice1": "a", "choice2": "b", "question": "why", "label": 1, "idx": 0}', "cause or effect"),
+        ('{"premise": "p", "choice1": "a", "choice2": " ", "question": "cause", "label": 1, "idx": 0}', "empty choice2"),
     ],
 )
 def test_xcopa_malformed_line_names_file_and_line(tmp_path, bad_line, message):
@@ -199,6 +200,9 @@ def test_xnli_malformed(tmp_path):
     tsv = tmp_path / "dev.xx.tsv"
     tsv.write_text("p\th\tneutral\np\th\tentailment\np\th\tmaybe\n", encoding="utf-8")
     with pytest.raises(ValueError, match=f"{tsv}:3: expected"):
+        load_xnli(tsv)
+    tsv.write_text("p\th\tneutral\np\t\tentailment\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=f"{tsv}:2: empty premise or hypothesis"):
         load_xnli(tsv)
     jsonl = tmp_path / "test.xx.jsonl"
     jsonl.write_text('{"premise": "p", "hypothesis": "h", "label": 3}\n', encoding="utf-8")
