@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from intervene_server.prompt_logits import prompt_logprobs_of_scored_rows, rows_to_skip
+from intervene_server.prompt_logits import prompt_logprobs_of_scored_rows, scored_slices
 from intervene_server.request_spec import (
     SCORE_FROM_KEY, InterventionRequest, RequestSpecError, parse_request_spec, parse_score_from,
 )
@@ -137,13 +137,14 @@ def test_malformed_score_from_is_rejected(value):
     assert parse_score_from({"language": "swh_Latn"}) is None
 
 
-def _runner_with(requests: dict[str, tuple[int | None, int]], scheduled: dict[str, int]):
-    """A stand-in for vLLM's model runner: request id -> (score_from, num_computed_tokens)."""
+def _runner_with(requests: dict[str, tuple[int | None, int, int]], scheduled: dict[str, int]):
+    """A stand-in for vLLM's model runner: request id -> (score_from, num_computed_tokens, prompt length)."""
     from types import SimpleNamespace
 
-    states = {rid: SimpleNamespace(num_computed_tokens=done, sampling_params=SimpleNamespace(
-        extra_args=None if score_from is None else {SCORE_FROM_KEY: score_from}))
-        for rid, (score_from, done) in requests.items()}
+    states = {rid: SimpleNamespace(num_computed_tokens=done, prompt_token_ids=[7] * length,
+                                   sampling_params=SimpleNamespace(
+                                       extra_args=None if score_from is None else {SCORE_FROM_KEY: score_from}))
+              for rid, (score_from, done, length) in requests.items()}
     order = list(scheduled)
     starts = np.cumsum([0] + [scheduled[rid] for rid in order])
     return SimpleNamespace(num_prompt_logprobs=dict.fromkeys(requests, 0), requests=states,
@@ -151,11 +152,12 @@ def _runner_with(requests: dict[str, tuple[int | None, int]], scheduled: dict[st
                            input_batch=SimpleNamespace(req_id_to_index={rid: i for i, rid in enumerate(order)}))
 
 
-def test_logits_are_computed_only_for_rows_a_scoring_request_reads():
-    # a: 10 prompt rows in this step, reads from position 8 (rows 7..9); b: plain prompt logprobs;
-    # c: second chunk (6 tokens done, 4 now), reads from position 9 (rows 8..9 = its 3rd and 4th row).
+def test_logits_are_computed_only_for_rows_scoring_requests_read_in_one_call():
+    # a: 10 prompt rows in this step (prompt of 14), reads from position 8 (rows 7..9);
+    # b: asks for prompt logprobs without scoring (a served request): vLLM's own call;
+    # c: last chunk (6 of 10 tokens done, 4 now, rows 6..8 have a next token), reads from position 9.
     scheduled = {"a": 10, "b": 5, "c": 4}
-    runner = _runner_with({"a": (8, 0), "b": (None, 0), "c": (9, 6)}, scheduled)
+    runner = _runner_with({"a": (8, 0, 14), "b": (None, 0, 9), "c": (9, 6, 10)}, scheduled)
     hidden = torch.randn(19, 3)
     weight = torch.randn(3, 11)
     computed_rows = []
@@ -167,20 +169,23 @@ def test_logits_are_computed_only_for_rows_a_scoring_request_reads():
     runner.model = SimpleModel(compute_logits)
 
     def get_prompt_logprobs_dict(runner, hidden_states, num_scheduled_tokens):
-        # vLLM's loop, reduced: one slice of rows per request, logits of the whole slice.
+        # vLLM's loop, reduced: one slice per request, its rows that have a next prompt token.
         out, offset = {}, 0
         for rid, n in num_scheduled_tokens.items():
-            out[rid] = runner.model.compute_logits(hidden_states[offset:offset + n])
+            state = runner.requests[rid]
+            count = min(n, len(state.prompt_token_ids) - state.num_computed_tokens - 1)
+            out[rid] = runner.model.compute_logits(hidden_states[offset:offset + count])
             offset += n
         return out
 
-    assert rows_to_skip(runner, scheduled) == {0: 7, 15: 2}
+    assert scored_slices(runner, scheduled) == {0: (7, 10), 15: (2, 3)}
     logits = prompt_logprobs_of_scored_rows(runner, get_prompt_logprobs_dict, hidden, scheduled)
-    assert computed_rows == [3, 5, 2]
+    assert computed_rows == [3 + 1, 5]  # a's and c's read rows together, then b's whole slice
     full = hidden @ weight
     torch.testing.assert_close(logits["a"][7:], full[7:10])
     torch.testing.assert_close(logits["b"], full[10:15])
-    torch.testing.assert_close(logits["c"][2:], full[17:19])
+    torch.testing.assert_close(logits["c"][2:], full[17:18])
+    assert logits["c"].shape == (3, 11)
     assert not logits["a"][:7].any() and not logits["c"][:2].any()
     assert "compute_logits" not in vars(runner.model)  # the shadowing is undone
 
