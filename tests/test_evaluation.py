@@ -232,6 +232,22 @@ def _fake_language(n):
                            path=Path("val.sw.jsonl"), examples=[SimpleNamespace(options=("a", "b"))] * n)
 
 
+def test_torch_compile_only_where_its_start_up_pays_back():
+    from evaluation.runner import COMPILE_PAYS_BACK_TOKENS, compile_pays_back
+
+    def sets(items, tokens_per_option):
+        encoded = [[Encoded(tuple(range(tokens_per_option)), 2, 1)] * 2 for _ in range(items)]
+        return {"sw": SimpleNamespace(encoded=encoded)}
+
+    cfg = SimpleNamespace(plain_only=False, alpha_grid=GRID, cross_fit=2)
+    per_language = 2 * 22 * (2 + len(GRID))  # tokens of one item, cross-fitted over the grid
+    small = sets(COMPILE_PAYS_BACK_TOKENS // per_language - 1, 22)
+    large = sets(COMPILE_PAYS_BACK_TOKENS // per_language + 1, 22)
+    assert not compile_pays_back(cfg, small, {}) and compile_pays_back(cfg, large, {})
+    plain = SimpleNamespace(plain_only=True, alpha_grid=GRID, cross_fit=None)
+    assert not compile_pays_back(plain, large, {})  # two conditions' worth of tokens, not seven
+
+
 def test_cross_fit_chooses_each_folds_alpha_on_the_other_folds(tmp_path):
     grid = (-1.0, 0.0, 1.0)
     lang = _fake_language(8)
@@ -299,6 +315,7 @@ def test_without_interventions_every_language_is_a_plain_baseline(llm, model_dir
         assert row["intervened"] == row["baseline"] == steered_report["languages"][code]["baseline"]
     assert report["alpha_selection"].startswith("none")
     assert report["engine"]["dtype"] == "float32" and report["engine"]["cpu"]
+    assert report["engine"]["enforce_eager"] is True  # the fixture's engine
     assert "float32" in markdown(report)
     with pytest.raises(ValueError, match="give --interventions"):
         run_benchmark(config(model_dir, None, files, cross_fit=2), llm=llm)

@@ -26,29 +26,24 @@ from plugin_support import write_planted_intervention
 N_ITEMS = 8
 ALPHA = 1.0  # the planted intervention's manifest default: what language=auto steers with
 STEERED = Condition("swh_Latn", ALPHA, "last")
-TASK_YAML = """\
+LOCAL_TASK = """\
 task: {name}
 dataset_path: json
 dataset_kwargs:
   data_files:
     validation: {data}
 validation_split: validation
-output_type: multiple_choice
 doc_to_text: "{{{{premise}}}}"
+"""
+TASK_YAML = LOCAL_TASK + """\
+output_type: multiple_choice
 doc_to_choice: "{{{{[choice1, choice2]}}}}"
 doc_to_target: label
 metric_list:
   - metric: acc
 """
-GENERATE_YAML = """\
-task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    validation: {data}
-validation_split: validation
+GENERATE_YAML = LOCAL_TASK + """\
 output_type: generate_until
-doc_to_text: "{{{{premise}}}}"
 doc_to_target: "{{{{choice1}}}}"
 generation_kwargs:
   until: ["."]
