@@ -26,7 +26,6 @@ few tokenizer lines are followed here rather than inherited. Scoring goes throug
 
 from __future__ import annotations
 
-import json
 import weakref
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from lm_eval.models.utils import (
     handle_stop_sequences, has_bos_prefix, normalize_gen_kwargs, postprocess_generated_text,
 )
 
+from alignment.artifact import load_intervention
 from evaluation.runner import ENGLISH, find_interventions, start_scoring_engine
 from evaluation.scoring import PLAIN, STEER_MODES, Condition, Encoded, extra_args, leading_special, score_with_vllm
 from lingosteer.backend import DEFAULT_MAX_MODEL_LEN, shutdown_engine
@@ -171,8 +171,7 @@ class LingosteerLM(TemplateLM):
             else:
                 alpha = self.alpha
                 if alpha is None:
-                    manifest = json.loads((self.interventions[language] / "manifest.json").read_text())
-                    alpha = manifest["default_alpha"]
+                    alpha = load_intervention(self.interventions[language]).default_alpha
                 self._conditions[task_name] = Condition(language, float(alpha), self.positions, self.layers)
         return self._conditions[task_name]
 

@@ -159,8 +159,8 @@ def score_with_vllm(llm, requests: list[tuple[Encoded, Condition]], progress: bo
                 f"row ({enc.context_len - 1}): is the lingosteer plugin installed in this engine?")
         cached += output.num_cached_tokens or 0
         # Rows before the option are placeholders (or were never computed): read only the option's.
-        option = [output.prompt_logprobs[j][token] for j, token in enumerate(enc.token_ids) if j >= enc.context_len]
-        scores[i] = option_loglikelihood(enc, [None] * enc.context_len + [entry.logprob for entry in option])
+        option = [output.prompt_logprobs[j][enc.token_ids[j]] for j in range(enc.context_len, len(enc.token_ids))]
+        scores[i] = float(sum(entry.logprob for entry in option))
         greedy[i] = all(entry.rank == 1 for entry in option)
     return VllmScores(scores, greedy, seconds, sum(len(enc.token_ids) for enc, _ in requests), cached)
 
