@@ -1,10 +1,13 @@
 """vLLM general plugin: wires lingosteer into the engine core and the worker.
 
-`register()` runs in every vLLM process (front end, engine core, worker). It patches
-these places, each re-checked by tests against the pinned vLLM version:
+`register()` runs in every vLLM process (front end, engine core, worker). It first
+checks the vLLM version and every private name below (`vllm_compat`), then patches
+these places:
 
-worker   `Worker.load_model`: after the model loads (before torch.compile traces it),
-         route each decoder layer's output through the steering op.
+worker   `Worker.load_model`: refuse a runner or CUDA-graph mode in which the op would
+         not run (`vllm_compat.check_runner`); after the model loads (before
+         torch.compile traces it), route each decoder layer's output through the
+         steering op.
          `GPUModelRunner._model_forward`: build the step's plan for the op.
          `GPUModelRunner._get_prompt_logprobs_dict`: logits only for the prompt rows
          a scoring request reads (`prompt_logits`).
@@ -31,6 +34,9 @@ def register() -> None:
     if _registered:
         return
     _registered = True
+    from intervene_server.vllm_compat import check_vllm
+
+    check_vllm()
     import intervene_server.residual_op  # noqa: F401  (registers torch.ops.lingosteer)
 
     _patch_front_end()
@@ -62,12 +68,14 @@ def _patch_worker() -> None:
     from intervene_server import worker_rpc
     from intervene_server.prompt_logits import prompt_logprobs_of_scored_rows
     from intervene_server.residual_op import active_plan
+    from intervene_server.vllm_compat import check_runner
     from intervene_server.worker_state import attach_to_model
 
     load_model = Worker.load_model
 
     @functools.wraps(load_model)
     def load_model_then_attach(self, *args, **kwargs):
+        check_runner(self.model_runner, self.vllm_config)  # before the weights load: fail fast
         load_model(self, *args, **kwargs)
         runner = self.model_runner
         runner.lingosteer_state = attach_to_model(
@@ -100,6 +108,7 @@ def _patch_engine_core() -> None:
 
     from intervene_server.engine_directory import EngineDirectory, versions_in_use
     from intervene_server.prefix_cache import BlockSalter
+    from intervene_server.vllm_compat import ENGINE_CORE_ATTRIBUTES, require
 
     add_request = EngineCore.add_request
     collective_rpc = EngineCore.collective_rpc
@@ -108,6 +117,7 @@ def _patch_engine_core() -> None:
     # always on the busy-loop thread (add_request and RPCs both run there).
     def directory(core) -> EngineDirectory:
         if not hasattr(core, "lingosteer_directory"):
+            require(core, ENGINE_CORE_ATTRIBUTES, "EngineCore")
             core.lingosteer_directory = EngineDirectory(
                 collective_rpc(core, "lingosteer_list")[0], BlockSalter.of_engine_core(core))
         return core.lingosteer_directory

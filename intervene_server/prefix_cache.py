@@ -25,6 +25,8 @@ from vllm.v1.core.kv_cache_utils import (
 from vllm.v1.request import Request
 from vllm.utils.hashing import get_hash_fn_by_name
 
+from intervene_server.vllm_compat import REQUEST_ATTRIBUTES, require
+
 
 class BlockSalter:
     """Builds per-request block hashers for one engine core (None when prefix caching is off)."""
@@ -43,8 +45,7 @@ class BlockSalter:
     def salt(self, request: Request, salts: list[tuple[int, str]]) -> None:
         """Rehash `request` so the block holding each (position, salt)'s position, and every block
         after it, hash differently from an unsalted request with the same tokens."""
-        if not hasattr(request, "_block_hasher"):
-            raise RuntimeError("vLLM's Request has no _block_hasher: lingosteer supports vLLM 0.32 only")
+        require(request, REQUEST_ATTRIBUTES, "Request")
         by_block: dict[int, list[str]] = defaultdict(list)
         for position, salt in salts:
             by_block[max(position, 0) // self.block_size].append(salt)
