@@ -76,6 +76,16 @@ def build_serve_parser():
     return parser
 
 
+def apply_machine_defaults(parser, options) -> None:
+    """This machine's engine settings (and environment, `backend.engine_kwargs`) wherever the
+    options hold vLLM's parser defaults, i.e. where the user gave no value."""
+    from lingosteer.backend import engine_kwargs
+
+    for key, value in engine_kwargs(options.model, api_server=True).items():
+        if getattr(options, key, None) == parser.get_default(key):
+            setattr(options, key, value)
+
+
 def default_interference_file():
     from lingosteer import CONFIGS_DIR
 
@@ -94,16 +104,12 @@ def serve_command(args) -> int:
     from intervene_server.server.app import ServerOptions, run_server
     from intervene_server.server.auth import read_token_file
     from intervene_server.server.interference_api import read_interference
-    from lingosteer.backend import engine_kwargs
     from lingosteer.models import resolve_model
 
-    options = build_serve_parser().parse_args(args.argv)
+    parser = build_serve_parser()
+    options = parser.parse_args(args.argv)
     options.model = str(resolve_model(options.model_tag or options.model))
-    # This machine's engine defaults (and CPU environment) where the user gave none
-    # (vLLM's parser defaults dtype to "auto" rather than None).
-    for key, value in engine_kwargs(options.model, api_server=True).items():
-        if getattr(options, key, None) is None or (key == "dtype" and options.dtype == "auto"):
-            setattr(options, key, value)
+    apply_machine_defaults(parser, options)
     root = Path(options.interventions)
     if not root.is_dir():
         raise FileNotFoundError(f"interventions root {root} is not a directory")

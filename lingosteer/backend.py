@@ -68,18 +68,34 @@ def configure_cpu_environment(api_server: bool = False) -> None:
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 
 
+def configure_gpu_environment() -> None:
+    """Select vLLM's V1 model runner, where unset (no-op on CPU, whose default it is).
+
+    On GPUs vLLM 0.32 defaults to its V2 runner, which the plugin cannot steer yet
+    (`docs/gpu-plan.md`); the plugin refuses it at start (`vllm_compat.check_runner`).
+    """
+    if is_cpu_backend():
+        return
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+
+
 def engine_kwargs(model, api_server: bool = False, **overrides) -> dict:
     """Keyword arguments for `vllm.LLM(...)` suited to this machine; `overrides` win.
 
     On CPU this also sets vLLM's environment (`configure_cpu_environment`) and picks
     float32 where the CPU would only emulate bfloat16 (faster, and exact against
-    float32 references). The GPU branch keeps vLLM's own defaults apart from the
-    context length.
+    float32 references). On a GPU it selects the V1 runner (`configure_gpu_environment`)
+    and eager mode: the steering op cannot run inside CUDA graphs yet, and the plugin
+    refuses to start with them.
     """
     kwargs = {"model": str(model), "max_model_len": DEFAULT_MAX_MODEL_LEN, "seed": 0}
     configure_cpu_environment(api_server)
-    if is_cpu_backend() and not cpu_has_native_bfloat16():
-        kwargs["dtype"] = "float32"
+    configure_gpu_environment()
+    if is_cpu_backend():
+        if not cpu_has_native_bfloat16():
+            kwargs["dtype"] = "float32"
+    else:
+        kwargs["enforce_eager"] = True
     kwargs.update(overrides)
     return kwargs
 

@@ -1,9 +1,10 @@
-"""Engine defaults for this machine: float32 where the CPU would only emulate bfloat16."""
+"""Engine defaults for this machine: float32 where the CPU would only emulate bfloat16, eager V1 runner on GPUs."""
 
 import os
 
 import pytest
 
+from lingosteer import backend
 from lingosteer.backend import cpu_has_native_bfloat16, cpu_model_name, engine_kwargs, is_cpu_backend
 
 
@@ -17,12 +18,40 @@ def test_native_bfloat16_read_from_cpu_flags(tmp_path):
     assert cpu_has_native_bfloat16(tmp_path / "missing")  # unknown: keep the model's dtype
 
 
-def test_engine_defaults_follow_the_cpu_and_overrides_win(tmp_path):
-    kwargs = engine_kwargs(tmp_path, max_model_len=64)
-    assert kwargs["model"] == str(tmp_path) and kwargs["max_model_len"] == 64
-    expect_float32 = is_cpu_backend() and not cpu_has_native_bfloat16()
-    assert (kwargs.get("dtype") == "float32") == expect_float32
-    assert engine_kwargs(tmp_path, dtype="bfloat16")["dtype"] == "bfloat16"
+@pytest.fixture
+def machine(monkeypatch):
+    """Pretend to be a given machine: `machine(cpu=..., native_bfloat16=...)`; restores vLLM's environment."""
+    for name in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_USE_V2_MODEL_RUNNER"):
+        monkeypatch.delenv(name, raising=False)
+
+    def pretend(cpu: bool, native_bfloat16: bool = False) -> None:
+        monkeypatch.setattr(backend, "is_cpu_backend", lambda: cpu)
+        monkeypatch.setattr(backend, "cpu_has_native_bfloat16", lambda: native_bfloat16)
+
+    return pretend
+
+
+@pytest.mark.parametrize("native_bfloat16, dtype", [(False, "float32"), (True, None)])
+def test_cpu_engines_run_float32_where_bfloat16_is_emulated(tmp_path, machine, native_bfloat16, dtype):
+    machine(cpu=True, native_bfloat16=native_bfloat16)
+    kwargs = engine_kwargs(tmp_path)
+    assert kwargs.get("dtype") == dtype and "enforce_eager" not in kwargs  # CPU: torch.compile stays on
+    assert "VLLM_USE_V2_MODEL_RUNNER" not in os.environ
+
+
+def test_gpu_engines_run_eager_on_the_v1_runner(tmp_path, machine):
+    """The plugin refuses CUDA graphs and the V2 runner (vllm_compat.check_runner): a GPU engine avoids both."""
+    machine(cpu=False)
+    kwargs = engine_kwargs(tmp_path)
+    assert kwargs["enforce_eager"] is True and "dtype" not in kwargs
+    assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"
+    assert "VLLM_CPU_KVCACHE_SPACE" not in os.environ
+
+
+def test_overrides_win(tmp_path, machine):
+    machine(cpu=True)
+    kwargs = engine_kwargs(tmp_path, max_model_len=64, dtype="bfloat16")
+    assert kwargs["model"] == str(tmp_path) and kwargs["max_model_len"] == 64 and kwargs["dtype"] == "bfloat16"
 
 
 def test_cpu_model_name_read_from_cpuinfo(tmp_path):

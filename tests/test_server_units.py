@@ -263,3 +263,23 @@ def test_admin_routes_exist_only_with_a_token(router, tmp_path, token):
         right = client.post("/admin/interventions", json={"path": "../x"},
                             headers={"Authorization": f"Bearer {token}"})
         assert right.status_code == 400 and "outside" in right.json()["detail"]
+
+
+@pytest.mark.parametrize("cpu", [True, False])
+def test_serve_takes_the_machines_engine_settings_where_the_user_gave_none(cpu, monkeypatch):
+    from intervene_server.cli import apply_machine_defaults, build_serve_parser
+    from lingosteer import backend
+
+    monkeypatch.setattr(backend, "is_cpu_backend", lambda: cpu)
+    monkeypatch.setattr(backend, "cpu_has_native_bfloat16", lambda: False)
+    for name in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_USE_V2_MODEL_RUNNER"):
+        monkeypatch.delenv(name, raising=False)
+    parser = build_serve_parser()
+    plain = parser.parse_args(["m", "--interventions", "x"])
+    given = parser.parse_args(["m", "--interventions", "x", "--max-model-len", "4096", "--dtype", "bfloat16"])
+    for options in (plain, given):
+        options.model = "m"
+        apply_machine_defaults(parser, options)
+    assert (plain.max_model_len, plain.dtype) == (backend.DEFAULT_MAX_MODEL_LEN, "float32" if cpu else "auto")
+    assert (given.max_model_len, given.dtype) == (4096, "bfloat16")
+    assert plain.enforce_eager is not cpu  # on a GPU the plugin refuses CUDA graphs
