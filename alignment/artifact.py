@@ -1,7 +1,8 @@
 """The intervention artifact: one directory per (model, source -> target language).
 
     <dir>/manifest.json          what the matrices are and where they came from
-    <dir>/matrices.safetensors   W.{l} [d, d] (or U.{l} [d, r] + V.{l} [r, d]) and b.{l} [d]
+    <dir>/matrices.safetensors   W.{l} [d, d] (or U.{l} [d, r] + V.{l} [r, d], or nothing
+                                 for a mean shift, where W = I) and b.{l} [d]
 
 Serving applies h' = h + alpha * (W h + b - h) at each listed layer l (column
 vectors; see docs/design.md). Two forms of W are recorded in `form`:
@@ -35,7 +36,7 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 MATRICES_NAME = "matrices.safetensors"
 FORMULA = "h' = h + alpha * (W h + b - h)"
-PARAMETRIZATIONS = ("full", "lowrank")
+PARAMETRIZATIONS = ("full", "lowrank", "shift")
 FORMS = ("map", "incline")
 DTYPES = ("float32", "bfloat16")
 DEFAULT_MAX_BYTES = 16 * 2**30
@@ -131,8 +132,8 @@ def save_intervention(
     W, b = aligner.W_, aligner.b_
     if len(layers) != W.shape[0]:
         raise ValueError(f"{len(layers)} layer indices for {W.shape[0]} fitted maps")
-    lowrank = aligner.U_ is not None
-    if form == "incline" and (lowrank or aligner.bias):
+    parametrization = aligner.parametrization_
+    if form == "incline" and (parametrization != "full" or aligner.bias):
         raise ValueError("the INCLINE form stores a full matrix without bias: use rank=None, bias=False")
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -141,9 +142,11 @@ def save_intervention(
     torch_dtype = getattr(torch, dtype)
     tensors = {}
     for i, layer in enumerate(layers):
-        if lowrank:
+        if parametrization == "lowrank":
             tensors[f"U.{layer}"] = torch.from_numpy(aligner.U_[i]).to(torch_dtype).contiguous()
             tensors[f"V.{layer}"] = torch.from_numpy(aligner.V_[i]).to(torch_dtype).contiguous()
+        elif parametrization == "shift":
+            pass  # W = I: the bias is the whole map
         elif form == "incline":
             tensors[f"W.{layer}"] = torch.from_numpy(np.eye(W.shape[1]) + W[i]).to(torch_dtype)
         else:
@@ -157,8 +160,8 @@ def save_intervention(
         "target": target,
         "layers": [int(l) for l in layers],
         "hidden_size": int(W.shape[1]),
-        "parametrization": "lowrank" if lowrank else "full",
-        "rank": int(aligner.U_.shape[2]) if lowrank else None,
+        "parametrization": parametrization,
+        "rank": int(aligner.U_.shape[2]) if parametrization == "lowrank" else None,
         "form": form,
         "formula": FORMULA,
         "pooling": pooling,
@@ -236,6 +239,8 @@ class Intervention:
             raise KeyError(f"layer {layer} is not in this intervention (layers {self.layers})")
         if self.manifest["parametrization"] == "lowrank":
             D = self.tensors[f"U.{layer}"] @ self.tensors[f"V.{layer}"]
+        elif self.manifest["parametrization"] == "shift":
+            D = self.tensors[f"b.{layer}"].new_zeros(self.hidden_size, self.hidden_size)
         else:
             D = self.tensors[f"W.{layer}"].clone()
             D.diagonal().sub_(1.0)
@@ -377,7 +382,7 @@ def _check_tensors(raw: dict, manifest: dict, matrices: Path) -> None:
         if manifest["parametrization"] == "lowrank":
             shapes[f"U.{layer}"] = (d, rank)
             shapes[f"V.{layer}"] = (rank, d)
-        else:
+        elif manifest["parametrization"] == "full":
             shapes[f"W.{layer}"] = (d, d)
         shapes[f"b.{layer}"] = (d,)
     missing = sorted(set(shapes) - set(raw))

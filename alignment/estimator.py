@@ -31,7 +31,14 @@ Solvers (row form A = W^T, so that X A ~ Y):
 - "lstsq": exactly INCLINE, min-norm least squares pinv(X) Y, computed as
   pinv(X^T X) X^T Y (identical: pinv(X) = pinv(X^T X) X^T). Eigenvalues below
   `rcond * max eigenvalue` count as zero.
+- "meanshift" (DiffMean): W = I, b = mean(y) - mean(x). d parameters per layer,
+  nothing to overfit; the method language-steering comparisons find most robust.
+- "procrustes": the orthogonal W that best rotates centred source states onto
+  centred target states (W = U V^T from the SVD of the centred X^T Y), plus the
+  mean shift b = mean(y) - W mean(x). Norm-preserving, d(d-1)/2 degrees of freedom.
 - `bias=True` fits an intercept (centred statistics; the intercept is not penalised).
+  The default (None) is each solver's own: without for ridge and lstsq, with for
+  meanshift (which is nothing but a bias) and procrustes.
 - `rank=r` constrains the delta W - I to rank r (reduced-rank ridge: the ridge
   solution projected on the top-r directions of its fitted values), stored as
   factors U (d x r), V (r x d) with W = I + U V. Lambda is chosen for the
@@ -45,7 +52,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SOLVERS = ("ridge", "lstsq")
+SOLVERS = ("ridge", "lstsq", "meanshift", "procrustes")
+BIASED_SOLVERS = ("meanshift", "procrustes")  # bias on unless told otherwise
+RANK_SOLVERS = ("ridge", "lstsq")  # the solvers whose delta W - I can be truncated
 DEFAULT_LAMBDAS = tuple(np.logspace(-5, 2, 15))
 LSTSQ_RCOND = 1e-12
 
@@ -123,7 +132,7 @@ class LinearAligner:
     def __init__(
         self,
         solver: str = "ridge",
-        bias: bool = False,
+        bias: bool | None = None,
         rank: int | None = None,
         lambdas=DEFAULT_LAMBDAS,
         holdout_fraction: float = 0.2,
@@ -132,6 +141,11 @@ class LinearAligner:
             raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
         if rank is not None and rank < 1:
             raise ValueError(f"rank must be a positive integer, got {rank}")
+        if rank is not None and solver not in RANK_SOLVERS:
+            raise ValueError(f"rank applies to the {' and '.join(RANK_SOLVERS)} solvers, not {solver}")
+        if solver == "meanshift" and bias is False:
+            raise ValueError("meanshift is a bias alone (W = I, b = mean(target) - mean(source)); bias=False does not apply")
+        bias = solver in BIASED_SOLVERS if bias is None else bool(bias)
         if not 0.0 <= holdout_fraction < 1.0:
             raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
         lambdas = tuple(float(lam) for lam in np.atleast_1d(lambdas))
@@ -251,7 +265,7 @@ class LinearAligner:
         With a rank limit, lambda is chosen for the full-rank map, then truncated.
         """
         train, held = self.train_stats_, self.heldout_stats_
-        if self.solver == "lstsq":
+        if self.solver != "ridge":
             grid = [np.nan]
         else:
             scale = np.trace(train.xtx[layer]) / train.xtx.shape[1]
@@ -308,6 +322,12 @@ class LinearAligner:
             xtx, xty, mx, my = stats.centred(layer)
         else:
             xtx, xty, mx, my = stats.xtx[layer], stats.xty[layer], np.zeros(dim), np.zeros(dim)
+        if self.solver == "meanshift":
+            return np.eye(dim), my - mx, None
+        if self.solver == "procrustes":
+            u, _, vt = np.linalg.svd(xty)
+            a = u @ vt  # row form: X A ~ Y with A orthogonal
+            return a, (my - mx @ a if self.bias else np.zeros(dim)), None
         if self.solver == "lstsq":
             eigvals, Q = np.linalg.eigh(xtx)
             keep = eigvals > LSTSQ_RCOND * max(eigvals.max(), 0.0)
@@ -349,12 +369,21 @@ class LinearAligner:
             raise ValueError(f"with layer= pass states [n, d], got shape {X.shape}")
         return (X @ self.W_[layer].T + self.b_[layer]).astype(np.float32)
 
+    @property
+    def parametrization_(self) -> str:
+        """How the map is stored: "shift" (b only, W = I), "lowrank" (W = I + U V) or "full"."""
+        self._check_solved()
+        if self.solver == "meanshift":
+            return "shift"
+        return "full" if self.U_ is None else "lowrank"
+
     def parameter_bytes(self, bytes_per_value: int = 4) -> dict:
-        """Memory of the stored map per layer: full W vs low-rank factors."""
+        """Memory of the stored map per layer (tensors only): W or its factors, and b."""
         self._check_solved()
         dim = self.W_.shape[1]
-        full = dim * dim * bytes_per_value
-        stored = full if self.U_ is None else (self.U_.shape[2] * 2 * dim) * bytes_per_value
+        matrix_values = {"shift": 0, "full": dim * dim, "lowrank": 2 * dim * (0 if self.U_ is None else self.U_.shape[2])}
+        stored = (matrix_values[self.parametrization_] + dim) * bytes_per_value
+        full = (dim * dim + dim) * bytes_per_value
         layers = self.W_.shape[0]
         return {"per_layer": stored, "total": stored * layers, "full_total": full * layers}
 

@@ -70,11 +70,29 @@ def extract_hidden_states(
     then be None) or an already loaded model. `layers` (default: all) are 0-based
     decoder layer indices; the output follows their order.
     """
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    return extract_pooled_states(model_dir_or_model, tokenizer, sentences, layers, (pooling,),
+                                 batch_size, progress)[pooling]
+
+
+def extract_pooled_states(
+    model_dir_or_model,
+    tokenizer,
+    sentences: Sequence[str],
+    layers: Sequence[int] | None = None,
+    poolings: Sequence[str] = POOLINGS,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> dict[str, np.ndarray]:
+    """{pooling: states [n_layers, n_sentences, hidden_size]} from one forward pass per batch."""
     import torch
     from tqdm.auto import tqdm
 
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    poolings = tuple(poolings)
+    bad_poolings = [p for p in poolings if p not in POOLINGS]
+    if bad_poolings or not poolings:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {bad_poolings or poolings!r}")
     if isinstance(model_dir_or_model, (str, Path)):
         model, loaded_tokenizer = load_model_and_tokenizer(model_dir_or_model)
         tokenizer = tokenizer or loaded_tokenizer
@@ -95,7 +113,7 @@ def extract_hidden_states(
     if bad or not layers:
         raise ValueError(f"layers {bad or layers} out of range: the model has {num_layers} layers (0..{num_layers - 1})")
     hidden_size = model.config.get_text_config().hidden_size
-    out = np.empty((len(layers), len(sentences), hidden_size), dtype=np.float32)
+    out = {p: np.empty((len(layers), len(sentences), hidden_size), dtype=np.float32) for p in poolings}
     if not sentences:
         return out
 
@@ -119,7 +137,7 @@ def extract_hidden_states(
         encoded_all = [tokenizer(s, return_special_tokens_mask=True) for s in sentences]
         order = sorted(range(len(sentences)), key=lambda i: len(encoded_all[i]["input_ids"]))
         batches = range(0, len(sentences), batch_size)
-        for start in tqdm(batches, desc=f"hidden states ({pooling})", disable=not progress, unit="batch"):
+        for start in tqdm(batches, desc=f"hidden states ({'+'.join(poolings)})", disable=not progress, unit="batch"):
             batch = order[start : start + batch_size]
             encoded = [encoded_all[i] for i in batch]
             input_ids, attention, keep = _right_pad(encoded, pad_id)
@@ -132,15 +150,14 @@ def extract_hidden_states(
                 except _StopForward:
                     pass
             weights = keep.to(torch.float32)
+            last = torch.where(keep, torch.arange(keep.shape[1]), -1).max(dim=1).values
             for row, layer in enumerate(layers):
                 states = captured[layer].to(torch.float32)
-                if pooling == "mean":
+                if "mean" in out:
                     pooled = (states * weights[:, :, None]).sum(1) / weights.sum(1, keepdim=True)
-                else:
-                    positions = torch.arange(keep.shape[1])
-                    last = torch.where(keep, positions, -1).max(dim=1).values
-                    pooled = states[torch.arange(len(batch)), last]
-                out[row, batch] = pooled.numpy()
+                    out["mean"][row, batch] = pooled.numpy()
+                if "last" in out:
+                    out["last"][row, batch] = states[torch.arange(len(batch)), last].numpy()
     finally:
         for handle in handles:
             handle.remove()

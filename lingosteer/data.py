@@ -79,7 +79,21 @@ def _aligned_pairs(src_path: Path, tgt_path: Path) -> list[tuple[str, str]]:
         raise ValueError(
             f"line-aligned files differ in length: {src_path} has {len(src)} lines, {tgt_path} has {len(tgt)}"
         )
-    return list(zip(src, tgt))
+    for path, lines in ((src_path, src), (tgt_path, tgt)):
+        empty = next((number for number, line in enumerate(lines, start=1) if not line.strip()), None)
+        if empty is not None:
+            raise ValueError(f"{path}:{empty}: empty line in a line-aligned parallel file")
+    return _refuse_duplicate_pairs(list(zip(src, tgt)), f"{src_path} + {tgt_path}")
+
+
+def _refuse_duplicate_pairs(pairs: list[tuple[str, str]], where: str) -> list[tuple[str, str]]:
+    """A pair seen twice would be fitted twice and could sit on both sides of a fit/eval split."""
+    first_seen: dict[tuple[str, str], int] = {}
+    for number, pair in enumerate(pairs, start=1):
+        if pair in first_seen:
+            raise ValueError(f"{where}: pair {number} duplicates pair {first_seen[pair]} ({pair[0][:60]!r})")
+        first_seen[pair] = number
+    return pairs
 
 
 # --- SIB-200 (FLORES-200 sentences with topic labels) --------------------------
@@ -254,6 +268,22 @@ def load_xcopa(path: Path | str) -> list[XcopaItem]:
     return items
 
 
+def parallel_xcopa(lang: str, xcopa_dir: Path | str | None = None) -> list[tuple[str, str]]:
+    """(sentence, English translation) pairs of the XCOPA validation items: premise,
+    choice1 and choice2 of each item, against `translated-en/val.{lang}.jsonl`."""
+    folder = _corpus_dir(xcopa_dir, "xcopa", lambda d: (d / "translated-en").is_dir())
+    code = lang if (folder / f"val.{lang}.jsonl").is_file() else get_language(lang).iso639_1
+    source, english = folder / f"val.{code}.jsonl", folder / "translated-en" / f"val.{code}.jsonl"
+    if not english.is_file():
+        available = sorted(p.name.split(".")[1] for p in (folder / "translated-en").glob("val.*.jsonl"))
+        raise FileNotFoundError(f"no English translation {english} of XCOPA {code!r}; available: {' '.join(available)}")
+    items, translated = load_xcopa(source), load_xcopa(english)
+    if [item.idx for item in items] != [item.idx for item in translated]:
+        raise ValueError(f"{source} and {english} do not hold the same items in the same order")
+    sentences = lambda item: (item.premise, item.choice1, item.choice2)  # noqa: E731
+    return [pair for a, b in zip(items, translated) for pair in zip(sentences(a), sentences(b))]
+
+
 # --- XNLI ----------------------------------------------------------------------
 
 
@@ -294,7 +324,7 @@ def load_xnli(path: Path | str) -> list[XnliItem]:
 
 # --- parallel-source specs (the CLI's --data) -----------------------------------
 
-PARALLEL_CORPORA = ("sib200", "ntrex", "tatoeba")
+PARALLEL_CORPORA = ("sib200", "ntrex", "xcopa", "tatoeba")
 
 
 @dataclass(frozen=True)
@@ -311,6 +341,10 @@ class ParallelSource:
             return parallel_sib200(src_lang, tgt_lang, self.splits, self.data_dir)
         if self.corpus == "ntrex":
             return parallel_ntrex(src_lang, tgt_lang, self.data_dir)
+        if self.corpus == "xcopa":  # items translated to English only
+            if not _is_english(tgt_lang):
+                raise ValueError(f"XCOPA items have English translations only; got {src_lang} -> {tgt_lang}")
+            return parallel_xcopa(src_lang, self.data_dir)
         # Tatoeba pairs every language with English only.
         if _is_english(tgt_lang):
             return parallel_tatoeba(src_lang, self.data_dir)
@@ -333,7 +367,8 @@ def _is_english(lang: str) -> bool:
 def parse_parallel_source(spec: str, default_data_dir: Path | str | None = None) -> ParallelSource:
     """Parse `CORPUS[:SPLITS][@DIR]`.
 
-    CORPUS is sib200, ntrex or tatoeba; SPLITS (SIB-200 only, comma-separated,
+    CORPUS is sib200, ntrex, xcopa (validation items against their English
+    translations: short everyday sentences) or tatoeba; SPLITS (SIB-200 only, comma-separated,
     default train,dev) picks SIB-200 splits; DIR is the data root or the corpus
     folder (default: `default_data_dir`, else lingosteer.DEFAULT_DATA_DIR).
     Examples: `sib200`, `sib200:train,dev`, `sib200:test@/data/flores`,

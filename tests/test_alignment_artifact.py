@@ -61,6 +61,16 @@ def test_round_trip_lowrank(tmp_path):
     np.testing.assert_allclose(loaded.apply(X[0], 1, alpha=1.0), aligner.transform(X[0], layer=0), atol=1e-4)
 
 
+def test_round_trip_meanshift_stores_the_bias_alone(tmp_path):
+    _, X = fitted()
+    aligner = LinearAligner(solver="meanshift").fit(X, X + 2.5)
+    save(tmp_path / "a", aligner)
+    loaded = load_intervention(tmp_path / "a")
+    assert loaded.manifest["parametrization"] == "shift" and loaded.manifest["solver"] == "meanshift"
+    assert set(load_file(str(tmp_path / "a" / "matrices.safetensors"))) == {"b.1", "b.3"}
+    np.testing.assert_allclose(loaded.apply(X[0], 1, alpha=0.5), X[0] + 1.25, atol=1e-5)
+
+
 def test_incline_form_makes_alpha_incline_strength(tmp_path):
     # INCLINE: h' = h + s * (h @ W_incline) with W_incline the lstsq map (row vectors).
     aligner, X = fitted(bias=False)

@@ -119,7 +119,7 @@ def test_low_rank_recovers_planted_low_rank_delta():
     np.testing.assert_allclose(aligner.U_[0] @ aligner.V_[0], U @ V, atol=5e-3)
     np.testing.assert_allclose(aligner.W_[0], np.eye(d) + aligner.U_[0] @ aligner.V_[0], atol=1e-12)
     memory = aligner.parameter_bytes()
-    assert memory["per_layer"] == 2 * d * r * 4 and memory["full_total"] == d * d * 4
+    assert memory["per_layer"] == (2 * d * r + d) * 4 and memory["full_total"] == (d * d + d) * 4
 
 
 def test_memory_of_statistics_does_not_grow_with_pairs():
@@ -181,3 +181,46 @@ def test_merge_with_an_empty_aligner_copies_statistics():
     merged.partial_fit(X, Y)  # must not change `filled`
     assert filled.train_stats_.n + filled.heldout_stats_.n == 50
     assert merged.train_stats_.n + merged.heldout_stats_.n == 100
+
+
+def test_meanshift_is_the_mean_difference():
+    X, Y, _, _ = planted(num_layers=2, n=90, d=16, bias=True)
+    aligner = LinearAligner(solver="meanshift").fit(X, Y)
+    np.testing.assert_array_equal(aligner.W_, np.broadcast_to(np.eye(16), (2, 16, 16)))
+    np.testing.assert_allclose(aligner.b_, Y.mean(axis=1, dtype=np.float64) - X.mean(axis=1, dtype=np.float64), atol=1e-9)
+    assert aligner.parametrization_ == "shift" and aligner.parameter_bytes()["per_layer"] == 16 * 4
+
+
+def test_procrustes_recovers_a_planted_rotation_and_is_orthogonal():
+    rng = np.random.default_rng(5)
+    d = 24
+    rotation, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    shift = rng.normal(size=d)
+    X = rng.normal(size=(1, 300, d)) + 3.0
+    Y = X @ rotation.T + shift + 1e-3 * rng.normal(size=X.shape)
+    aligner = LinearAligner(solver="procrustes").fit(X, Y)
+    W = aligner.W_[0]
+    np.testing.assert_allclose(W @ W.T, np.eye(d), atol=1e-10)
+    np.testing.assert_allclose(W, rotation, atol=1e-3)
+    np.testing.assert_allclose(aligner.b_[0], shift, atol=1e-2)
+    # A map that is not a rotation is still fitted by a rotation: least squares does better.
+    scaled = 2.0 * X
+    assert LinearAligner(solver="procrustes").fit(X, scaled).heldout_error_ratio_[0] > \
+        LinearAligner(solver="lstsq", bias=True).fit(X, scaled).heldout_error_ratio_[0]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(solver="meanshift", bias=False), "bias=False does not apply"),
+        (dict(solver="meanshift", rank=4), "rank applies to the ridge and lstsq"),
+        (dict(solver="procrustes", rank=4), "rank applies to the ridge and lstsq"),
+    ],
+)
+def test_options_that_do_not_apply_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LinearAligner(**kwargs)
+
+
+def test_default_bias_follows_the_solver():
+    assert [LinearAligner(solver=s).bias for s in ("ridge", "lstsq", "meanshift", "procrustes")] == [False, False, True, True]

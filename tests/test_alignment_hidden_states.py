@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from alignment.hidden_states import extract_hidden_states, load_model_and_tokenizer
+from alignment.hidden_states import extract_hidden_states, extract_pooled_states, load_model_and_tokenizer
 
 SENTENCES = [
     "Habari ya asubuhi, rafiki yangu.",
@@ -77,3 +77,12 @@ def test_bad_input_is_refused(model_and_tokenizer):
         extract_hidden_states(model, tokenizer, ["fine", "  "], progress=False)
     with pytest.raises(FileNotFoundError, match="config.json"):
         extract_hidden_states("/nonexistent/model", None, SENTENCES, progress=False)
+
+
+def test_one_pass_gives_every_pooling(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    both = extract_pooled_states(model, tokenizer, SENTENCES, poolings=("mean", "last"), batch_size=3, progress=False)
+    for pooling in ("mean", "last"):
+        alone = extract_hidden_states(model, tokenizer, SENTENCES, pooling=pooling, batch_size=3, progress=False)
+        np.testing.assert_array_equal(both[pooling], alone)
+    assert not np.allclose(both["mean"], both["last"])
