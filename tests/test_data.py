@@ -39,7 +39,8 @@ def test_load_sib200_splits_and_codes(data_dir):
     rows = load_sib200("sw", ("train", "dev"), data_dir)
     assert len(rows) == 701 + 99
     first = _sib_rows(data_dir / "sib200" / "swh_Latn" / "train.tsv")[0]
-    assert (rows[0].index_id, rows[0].category, rows[0].text) == (int(first["index_id"]), first["category"], first["text"])
+    assert (rows[0].index_id, rows[0].category, rows[0].text) == (
+        int(first["index_id"]), first["category"], first["text"])
     assert len(load_sib200("swh_Latn", "test", data_dir)) == 204
     # A FLORES code missing from the language table still names its folder.
     assert len(load_sib200("ace_Arab", ["dev"], data_dir)) == 99
@@ -47,8 +48,9 @@ def test_load_sib200_splits_and_codes(data_dir):
 
 def test_parallel_sib200_joins_on_index_id(data_dir):
     pairs = parallel_sib200("swh_Latn", "zh", ("train", "dev"), data_dir)
-    sw = {r["index_id"]: r["text"] for s in ("train", "dev") for r in _sib_rows(data_dir / "sib200" / "swh_Latn" / f"{s}.tsv")}
-    zh = {r["index_id"]: r["text"] for s in ("train", "dev") for r in _sib_rows(data_dir / "sib200" / "zho_Hans" / f"{s}.tsv")}
+    sib200 = data_dir / "sib200"
+    sw = {r["index_id"]: r["text"] for s in ("train", "dev") for r in _sib_rows(sib200 / "swh_Latn" / f"{s}.tsv")}
+    zh = {r["index_id"]: r["text"] for s in ("train", "dev") for r in _sib_rows(sib200 / "zho_Hans" / f"{s}.tsv")}
     assert sorted(pairs) == sorted((sw[i], zh[i]) for i in sw)
 
 
@@ -86,7 +88,8 @@ def test_sib200_errors(tmp_path, data_dir):
 def test_parallel_ntrex_is_line_aligned(data_dir):
     ntrex = data_dir / "ntrex128"
     pairs = parallel_ntrex("eng_Latn", "sw", data_dir)
-    english, swahili = _plain_lines(ntrex / "newstest2019-src.eng.txt"), _plain_lines(ntrex / "newstest2019-ref.swa.txt")
+    english = _plain_lines(ntrex / "newstest2019-src.eng.txt")
+    swahili = _plain_lines(ntrex / "newstest2019-ref.swa.txt")
     assert len(pairs) == 1997
     assert pairs == list(zip(english, swahili))
     assert not any("\r" in s or "\r" in t for s, t in pairs)  # the files have CRLF endings
@@ -98,7 +101,8 @@ def test_parallel_ntrex_variants_and_missing(data_dir):
     brazil = parallel_ntrex("por-BR", "zho-TW", data_dir)
     assert brazil[5] == (_plain_lines(data_dir / "ntrex128" / "newstest2019-ref.por-BR.txt")[5],
                          _plain_lines(data_dir / "ntrex128" / "newstest2019-ref.zho-TW.txt")[5])
-    assert parallel_ntrex("por_Latn", "en", data_dir)[5][0] == _plain_lines(data_dir / "ntrex128" / "newstest2019-ref.por.txt")[5]
+    portuguese = _plain_lines(data_dir / "ntrex128" / "newstest2019-ref.por.txt")
+    assert parallel_ntrex("por_Latn", "en", data_dir)[5][0] == portuguese[5]
     with pytest.raises(FileNotFoundError, match=r"no NTREX-128 file for language 'quy'.*available"):
         parallel_ntrex("quy", "en", data_dir)
 
@@ -160,9 +164,12 @@ def test_load_xcopa_all_languages(data_dir):
     [
         ('{"premise": "p", "choice1": "a"', "not valid JSON"),
         ('{"premise": "p", "choice1": "a", "choice2": "b", "question": "effect", "label": 1}', "missing field"),
-        ('{"premise": "p", "choice1": "a", "choice2": "b", "question": "effect", "label": "1", "idx": 0}', "wrong type"),
-        ('{"premise": "p", "choice1": "a", "choice2": "b", "question": "why", "label": 1, "idx": 0}', "cause or effect"),
-        ('{"premise": "p", "choice1": "a", "choice2": " ", "question": "cause", "label": 1, "idx": 0}', "empty choice2"),
+        ('{"premise": "p", "choice1": "a", "choice2": "b", "question": "effect", "label": "1", "idx": 0}',
+         "wrong type"),
+        ('{"premise": "p", "choice1": "a", "choice2": "b", "question": "why", "label": 1, "idx": 0}',
+         "cause or effect"),
+        ('{"premise": "p", "choice1": "a", "choice2": " ", "question": "cause", "label": 1, "idx": 0}',
+         "empty choice2"),
     ],
 )
 def test_xcopa_malformed_line_names_file_and_line(tmp_path, bad_line, message):
@@ -182,17 +189,22 @@ def test_xnli_tsv_and_jsonl_agree(tmp_path, data_dir):
     as_int = {"entailment": 0, "neutral": 1, "contradiction": 2}  # the README's convention
     jsonl = tmp_path / "test.en.jsonl"
     jsonl.write_text(
-        "".join(json.dumps({"premise": p, "hypothesis": h, "label": as_int[l]}) + "\n" for p, h, l in rows),
+        "".join(json.dumps({"premise": p, "hypothesis": h, "label": as_int[label]}) + "\n" for p, h, label in rows),
         encoding="utf-8",
     )
     from_tsv, from_jsonl = load_xnli(tsv), load_xnli(jsonl)
     assert len(from_tsv) == 2490 and from_tsv == from_jsonl
     assert {item.label for item in from_tsv} == {0, 1, 2}
-    assert [XNLI_LABELS[item.label] for item in from_tsv] == [l for _, _, l in rows]
+    assert [XNLI_LABELS[item.label] for item in from_tsv] == [label for _, _, label in rows]
 
 
-def test_xnli_all_dev_files_load(data_dir):
-    for path in (data_dir / "xnli").glob("dev.*.tsv"):
+XNLI_LANGUAGES = ("ar", "bg", "de", "el", "en", "es", "fr", "hi", "ru", "sw", "th", "tr", "ur", "vi", "zh")
+
+
+def test_xnli_dev_files_of_all_15_languages_load(data_dir):
+    paths = sorted((data_dir / "xnli").glob("dev.*.tsv"))
+    assert [path.name for path in paths] == [f"dev.{language}.tsv" for language in XNLI_LANGUAGES]
+    for path in paths:
         assert len(load_xnli(path)) == 2490, path
 
 
