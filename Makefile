@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml tools/setup-venv.sh
 	touch $(STAMP)
 
 test: $(STAMP)
+	$(PYTHON) -m ruff check .
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
 demo: $(STAMP)

@@ -11,10 +11,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import pytest  # noqa: E402
+import pytest
 
-import tiny_models  # noqa: E402
-from lingosteer import DEFAULT_DATA_DIR  # noqa: E402
+import tiny_models
+from lingosteer import DEFAULT_DATA_DIR
 
 
 @pytest.fixture(scope="session")
