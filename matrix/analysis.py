@@ -120,7 +120,9 @@ def asymmetry(interference: np.ndarray, robustness: np.ndarray, friendliness: np
     return Asymmetry(
         pairs=int(both.sum()),
         mean_abs_difference=float(np.mean(np.abs(forward - backward))) if forward.size else float("nan"),
-        mean_abs_interference=float(np.mean(np.abs(np.concatenate([forward, backward])))) if forward.size else float("nan"),
+        mean_abs_interference=(
+            float(np.mean(np.abs(np.concatenate([forward, backward])))) if forward.size else float("nan")
+        ),
         correlation=float(np.corrcoef(forward, backward)[0, 1]) if forward.size > 2 else float("nan"),
         sign_disagreement=float(np.mean(np.sign(forward) != np.sign(backward))) if forward.size else float("nan"),
         robustness_friendliness_correlation=float(np.corrcoef(robustness[finite], friendliness[finite])[0, 1])

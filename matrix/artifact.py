@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,7 +123,9 @@ def load_interference(path: str | Path) -> InterferenceMatrix:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object")
     if data.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {data.get('format_version')!r} is not supported (expected {FORMAT_VERSION})")
+        raise ValueError(
+            f"{path}: format_version {data.get('format_version')!r} is not supported (expected {FORMAT_VERSION})"
+        )
     languages = data.get("languages")
     if not isinstance(languages, list) or not languages or not all(isinstance(c, str) for c in languages):
         raise ValueError(f"{path}: `languages` must be a non-empty list of language codes")

@@ -27,7 +27,8 @@ def register(subparsers) -> None:
     analyse.add_argument("--holdout-seed", type=int, default=0, help="seed of the completion cross-validation")
     analyse.add_argument("--embedding-model", help="model name or HF dir for the embedding-similarity proxy (optional)")
     analyse.add_argument("--embedding-layer", type=int, help="decoder layer of the embedding (default: middle)")
-    analyse.add_argument("--data", type=Path, help="data directory for the embedding sentences (default: ../shared/data)")
+    analyse.add_argument("--data", type=Path,
+                         help="data directory for the embedding sentences (default: ../shared/data)")
     analyse.set_defaults(func=_analyse)
 
 
@@ -41,11 +42,13 @@ def _run(args: argparse.Namespace) -> int:
     results = args.results or Path("results") / "sweeps" / args.config.stem
     total = len(plan_runs(config.languages, pairs))
     outcome = run_sweep(
-        config, results, args.address, args.max_runs, pairs, args.num_cpus, args.max_retries, gpus_per_run=args.gpus_per_run
+        config, results, args.address, args.max_runs, pairs, args.num_cpus, args.max_retries,
+        gpus_per_run=args.gpus_per_run,
     )
     print(
         f"sweep {args.config.stem}: {len(outcome.completed)} runs done now, {outcome.skipped} of {total} "
-        f"already done or left for later, {len(outcome.failed)} failed; {outcome.wall_seconds:.0f} s; results in {results}"
+        f"already done or left for later, {len(outcome.failed)} failed; {outcome.wall_seconds:.0f} s; "
+        f"results in {results}"
     )
     if outcome.failed:
         print("failed runs (rerun the same command to retry them): " + ", ".join(sorted(outcome.failed)))

@@ -143,7 +143,8 @@ def evaluate_completion(
     """Hide `holdout_fraction` of the measured pairs (both directions of an unordered pair
     together, as a skipped run hides both), predict them, and score each method."""
     n = len(interference)
-    pairs = [(a, b) for a in range(n) for b in range(a + 1, n) if not np.isnan(interference[a, b]) and not np.isnan(interference[b, a])]
+    measured = ~np.isnan(interference)
+    pairs = [(a, b) for a in range(n) for b in range(a + 1, n) if measured[a, b] and measured[b, a]]
     if len(pairs) < 4:
         raise ValueError(f"only {len(pairs)} measured pairs: too few to evaluate completion")
     rng = np.random.default_rng(seed)
@@ -171,5 +172,6 @@ def evaluate_completion(
         truth = np.concatenate([t for _, t in parts])
         error = predicted - truth
         correlation = float(np.corrcoef(predicted, truth)[0, 1]) if np.std(predicted) > 0 else float("nan")
-        scores.append(CompletionScore(name, float(np.mean(np.abs(error))), float(np.sqrt(np.mean(error**2))), correlation))
+        mae, rmse = float(np.mean(np.abs(error))), float(np.sqrt(np.mean(error**2)))
+        scores.append(CompletionScore(name, mae, rmse, correlation))
     return scores

@@ -17,7 +17,8 @@ def _pyplot():
 
 
 def heatmap(matrix: np.ndarray, labels: list[str], title: str, path: Path, cmap: str, center: float | None = None,
-            colorbar_label: str = "", row_axis: str = "evaluated language", column_axis: str = "added language") -> Path:
+            colorbar_label: str = "", row_axis: str = "evaluated language",
+            column_axis: str = "added language") -> Path:
     plt = _pyplot()
     size = max(5.0, 0.45 * len(labels) + 2)
     fig, ax = plt.subplots(figsize=(size + 1, size))
@@ -34,7 +35,8 @@ def heatmap(matrix: np.ndarray, labels: list[str], title: str, path: Path, cmap:
     if len(labels) <= 16:
         for (i, j), value in np.ndenumerate(matrix):
             if not np.isnan(value):
-                ax.text(j, i, f"{value:.3f}" if abs(value) < 10 else f"{value:.2f}", ha="center", va="center", fontsize=6)
+                text = f"{value:.3f}" if abs(value) < 10 else f"{value:.2f}"
+                ax.text(j, i, text, ha="center", va="center", fontsize=6)
     fig.colorbar(image, ax=ax, shrink=0.8, label=colorbar_label)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)

@@ -85,41 +85,42 @@ def _fmt(value: float, digits: int = 4) -> str:
 def analyse(matrix: InterferenceMatrix, table: list[dict], similarity: np.ndarray | None = None,
             holdout_seed: int = 0) -> dict:
     """All statistics of the analysis as one JSON-able dict."""
-    I, L = matrix.interference, matrix.loss
+    interference, loss = matrix.interference, matrix.loss
     scripts = [row["script"] for row in table]
     families = [row["family"] for row in table]
     resources = [row["resource"] for row in table]
     robustness, friendliness = matrix.robustness, matrix.friendliness
-    measured = ~np.isnan(L)
+    measured = ~np.isnan(loss)
+    monolingual_loss = np.diag(loss).copy()
     # Per-language average loss over every model that covers it (NaN if none is measured yet).
-    mean_loss = np.where(measured.any(axis=1), np.nansum(L, axis=1) / np.maximum(measured.sum(axis=1), 1), np.nan)
+    mean_loss = np.where(measured.any(axis=1), np.nansum(loss, axis=1) / np.maximum(measured.sum(axis=1), 1), np.nan)
     outliers, bounds = analysis.iqr_outliers(mean_loss)
     result = {
         "per_language": [
-            {**row, "monolingual_loss": float(L[i, i]), "mean_loss": float(mean_loss[i]),
+            {**row, "monolingual_loss": float(loss[i, i]), "mean_loss": float(mean_loss[i]),
              "robustness": float(robustness[i]), "friendliness": float(friendliness[i]), "outlier": bool(outliers[i])}
             for i, row in enumerate(table)
         ],
         "outlier_bounds": bounds,
-        "asymmetry": asdict(analysis.asymmetry(I, robustness, friendliness)),
-        "same_script": asdict(analysis.same_vs_different(I, scripts)),
-        "same_family": asdict(analysis.same_vs_different(I, families)),
+        "asymmetry": asdict(analysis.asymmetry(interference, robustness, friendliness)),
+        "same_script": asdict(analysis.same_vs_different(interference, scripts)),
+        "same_family": asdict(analysis.same_vs_different(interference, families)),
         "robustness_by_resource": analysis.mean_by_group(robustness, resources),
         "friendliness_by_resource": analysis.mean_by_group(friendliness, resources),
         "resource_p_values": {
             "robustness_high_vs_low": analysis.permutation_p_value(robustness, resources, "High", "Low"),
             "friendliness_high_vs_low": analysis.permutation_p_value(friendliness, resources, "High", "Low"),
-            "monolingual_loss_high_vs_low": analysis.permutation_p_value(np.diag(L).copy(), resources, "High", "Low"),
+            "monolingual_loss_high_vs_low": analysis.permutation_p_value(monolingual_loss, resources, "High", "Low"),
         },
-        "monolingual_loss_by_resource": analysis.mean_by_group(np.diag(L).copy(), resources),
+        "monolingual_loss_by_resource": analysis.mean_by_group(monolingual_loss, resources),
         "groups": {},
     }
     for name, labels, min_size in (("family", families, 3), ("script", scripts, 1), ("resource", resources, 1)):
-        groups, block = analysis.group_means(I, labels, min_size)
+        groups, block = analysis.group_means(interference, labels, min_size)
         result["groups"][name] = {"groups": groups, "mean_interference": block.tolist()}
-    measured_pairs = int(np.sum(np.triu(~np.isnan(I) & ~np.isnan(I.T), k=1)))
+    measured_pairs = int(np.sum(np.triu(~np.isnan(interference) & ~np.isnan(interference.T), k=1)))
     if measured_pairs >= 4:
-        scores = evaluate_completion(I, scripts, families, similarity, seed=holdout_seed)
+        scores = evaluate_completion(interference, scripts, families, similarity, seed=holdout_seed)
         result["completion"] = {"holdout_fraction": 0.3, "repeats": 20, "scores": [asdict(s) for s in scores]}
     return result
 
@@ -137,7 +138,8 @@ def _markdown(matrix: InterferenceMatrix, stats: dict, embedding_note: str) -> s
     if meta.get("run_wall_seconds"):
         lines += [
             f"Cost: per run median {meta['run_wall_seconds']['median']:.1f} s wall "
-            f"(max {meta['run_wall_seconds']['max']:.1f} s), peak RSS median {meta['run_peak_rss_mib']['median']:.0f} MiB "
+            f"(max {meta['run_wall_seconds']['max']:.1f} s), "
+            f"peak RSS median {meta['run_peak_rss_mib']['median']:.0f} MiB "
             f"(max {meta['run_peak_rss_mib']['max']:.0f} MiB), {meta['num_parameters']:,} parameters; "
             + (f"CPU time per run median {meta['run_cpu_seconds']['median']:.1f} s "
                f"(over {meta['runs_with_cpu_seconds']} runs that recorded it); " if meta.get("run_cpu_seconds") else "")
@@ -151,8 +153,9 @@ def _markdown(matrix: InterferenceMatrix, stats: dict, embedding_note: str) -> s
               "|---|---|---|---|---|---|---|---|---|"]
     for row in stats["per_language"]:
         lines.append(
-            f"| {row['code']} | {row['family']} | {row['script']} | {row['resource']} | {row['monolingual_loss']:.4f} | "
-            f"{row['mean_loss']:.4f} | {_fmt(row['robustness'])} | {_fmt(row['friendliness'])} | {'yes' if row['outlier'] else ''} |"
+            f"| {row['code']} | {row['family']} | {row['script']} | {row['resource']} | "
+            f"{row['monolingual_loss']:.4f} | {row['mean_loss']:.4f} | {_fmt(row['robustness'])} | "
+            f"{_fmt(row['friendliness'])} | {'yes' if row['outlier'] else ''} |"
         )
     a, s, f = stats["asymmetry"], stats["same_script"], stats["same_family"]
     lines += [
@@ -166,7 +169,8 @@ def _markdown(matrix: InterferenceMatrix, stats: dict, embedding_note: str) -> s
         f"the two directions disagree in sign for {100 * a['sign_disagreement']:.0f}% of pairs; "
         f"corr(robustness, friendliness) = {a['robustness_friendliness_correlation']:.3f}.",
         f"- **Same script**: mean I within a script {_fmt(s['same_mean'])} ({s['same_count']} entries) vs across "
-        f"scripts {_fmt(s['different_mean'])} ({s['different_count']}); difference {_fmt(s['same_mean'] - s['different_mean'])}, "
+        f"scripts {_fmt(s['different_mean'])} ({s['different_count']}); "
+        f"difference {_fmt(s['same_mean'] - s['different_mean'])}, "
         f"permutation p = {s['p_value']:.3f}.",
         f"- **Same family**: within {_fmt(f['same_mean'])} ({f['same_count']}) vs across {_fmt(f['different_mean'])} "
         f"({f['different_count']}); permutation p = {f['p_value']:.3f}.",
@@ -186,7 +190,8 @@ def _markdown(matrix: InterferenceMatrix, stats: dict, embedding_note: str) -> s
         groups, block = data["groups"], data["mean_interference"]
         lines += [f"### by {name}", "", "| | " + " | ".join(groups) + " |", "|---" * (len(groups) + 1) + "|"]
         for g, row in zip(groups, block):
-            lines.append(f"| {g} | " + " | ".join("" if v is None or math.isnan(v) else f"{v:+.4f}" for v in row) + " |")
+            cells = ("" if v is None or math.isnan(v) else f"{v:+.4f}" for v in row)
+            lines.append(f"| {g} | " + " | ".join(cells) + " |")
         lines.append("")
     if "completion" in stats:
         c = stats["completion"]
@@ -200,7 +205,9 @@ def _markdown(matrix: InterferenceMatrix, stats: dict, embedding_note: str) -> s
             "|---|---|---|---|",
         ]
         for score in c["scores"]:
-            lines.append(f"| {score['method']} | {score['mae']:.4f} | {score['rmse']:.4f} | {score['correlation']:.3f} |")
+            lines.append(
+                f"| {score['method']} | {score['mae']:.4f} | {score['rmse']:.4f} | {score['correlation']:.3f} |"
+            )
         lines.append("")
     lines += ["## Pictures", "", "![interference](interference_heatmap.png)", "",
               "![robustness vs friendliness](robustness_friendliness.png)", "", "![groups](group_means.png)", "",
@@ -244,9 +251,11 @@ def write_analysis(results: str | Path, out: str | Path, holdout_seed: int = 0,
                                  out / "interference_heatmap.png", "RdBu", center=0.0, colorbar_label="I"))
     written.append(plots.heatmap(matrix.loss[ix], labels, "MLM loss L[A,B] (diagonal: monolingual)",
                                  out / "loss_heatmap.png", "viridis_r", colorbar_label="loss"))
-    written.append(plots.robustness_friendliness_scatter(matrix.robustness, matrix.friendliness, list(languages),
-                                                         [row["script"] for row in table], out / "robustness_friendliness.png"))
-    blocks = {name: (data["groups"], np.array(data["mean_interference"], dtype=float)) for name, data in stats["groups"].items()
-              if data["groups"]}
+    written.append(plots.robustness_friendliness_scatter(
+        matrix.robustness, matrix.friendliness, list(languages), [row["script"] for row in table],
+        out / "robustness_friendliness.png",
+    ))
+    blocks = {name: (data["groups"], np.array(data["mean_interference"], dtype=float))
+              for name, data in stats["groups"].items() if data["groups"]}
     written.append(plots.group_heatmaps(blocks, out / "group_means.png"))
     return written

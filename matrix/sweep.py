@@ -79,7 +79,9 @@ def load_sweep_config(path: str | Path) -> SweepConfig:
     def relative(key):
         return str(path.parent / values[key]) if values.get(key) else None
 
-    return SweepConfig(languages, training, int(values.get("seed", 0)), relative("tokenizer"), relative("data_dir"), str(path))
+    return SweepConfig(
+        languages, training, int(values.get("seed", 0)), relative("tokenizer"), relative("data_dir"), str(path)
+    )
 
 
 def run_id(languages: tuple[str, ...]) -> str:
@@ -131,7 +133,9 @@ def prepare_results_dir(results: Path, config: SweepConfig) -> None:
                 "use another --results directory"
             )
         return
-    write_json_atomic(manifest, {"format_version": FORMAT_VERSION, "config": config.source, "identity": config.identity()})
+    write_json_atomic(
+        manifest, {"format_version": FORMAT_VERSION, "config": config.source, "identity": config.identity()}
+    )
 
 
 def done_runs(results: Path) -> set[str]:

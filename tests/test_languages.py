@@ -112,7 +112,8 @@ def _write_table(tmp_path, rows):
 def test_table_errors(tmp_path):
     good = "aaa_Latn\taa\taaa\tA\tLatin\tX\t\tno\t\t\t"
     shared_iso = "aaa_Cyrl\taa\taaa\tA\tCyrillic\tX\t\tno\t\t\t"
-    assert _index(read_language_table(_write_table(tmp_path, [good, shared_iso]))).by_other_code["aa"].flores == "aaa_Latn"
+    index = _index(read_language_table(_write_table(tmp_path, [good, shared_iso])))
+    assert index.by_other_code["aa"].flores == "aaa_Latn"
     alias_hides_iso = "bbb_Latn\t\tbbb\tB\tLatin\tX\t\tno\t\t\taaa"
     with pytest.raises(ValueError, match="'aaa' names both bbb_Latn and aaa_Latn"):
         _index(read_language_table(_write_table(tmp_path, [good, alias_hides_iso])))

@@ -142,7 +142,8 @@ def _synthetic(n=10, seed=0):
     families = ["F1", "F1", "F2", "F2", "F1", "F3", "F3", "F2", "F3", "F1"][:n]
     same = np.array([[a == b for b in scripts] for a in scripts], dtype=float)
     u, v = rng.normal(size=n), rng.normal(size=n)
-    interference = -0.05 + 0.02 * rng.normal(size=(n, 1)) + 0.02 * rng.normal(size=(1, n)) + 0.03 * same + 0.01 * np.outer(u, v)
+    row_effect, column_effect = rng.normal(size=(n, 1)), rng.normal(size=(1, n))
+    interference = -0.05 + 0.02 * row_effect + 0.02 * column_effect + 0.03 * same + 0.01 * np.outer(u, v)
     np.fill_diagonal(interference, 0.0)
     return interference, scripts, families
 

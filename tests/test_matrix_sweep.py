@@ -32,7 +32,8 @@ def _sweep_config(tmp_path: Path, data_dir: Path, steps: int) -> Path:
 
 
 def _lingosteer(*args, **kwargs):
-    return subprocess.run([sys.executable, "-m", "lingosteer.cli", *map(str, args)], capture_output=True, text=True, **kwargs)
+    command = [sys.executable, "-m", "lingosteer.cli", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, **kwargs)
 
 
 def _records(results: Path) -> dict[str, dict]:
@@ -46,7 +47,8 @@ def test_two_language_sweep_end_to_end(tmp_path, data_dir):
     records = _records(results)
     assert set(records) == RUNS
     pair = records["eng_Latn+swh_Latn"]
-    assert set(pair["loss"]) == {"eng_Latn", "swh_Latn"} and pair["training_sentences"] == {"eng_Latn": 1398, "swh_Latn": 1398}
+    assert set(pair["loss"]) == {"eng_Latn", "swh_Latn"}
+    assert pair["training_sentences"] == {"eng_Latn": 1398, "swh_Latn": 1398}
     assert records["eng_Latn"]["training_sentences"] == {"eng_Latn": 2797}
     assert records["eng_Latn"]["peak_rss_mib"] > 50 and 0 < records["eng_Latn"]["cpu_seconds"]
 
@@ -57,7 +59,8 @@ def test_two_language_sweep_end_to_end(tmp_path, data_dir):
     mono = records["eng_Latn"]["loss"]["eng_Latn"]
     assert matrix.loss[0, 0] == mono and matrix.loss[0, 1] == pair["loss"]["eng_Latn"]
     assert matrix.interference[0, 1] == pytest.approx((mono - pair["loss"]["eng_Latn"]) / mono)
-    for name in ("loss.csv", "interference.csv", "summary.md", "interference_heatmap.png", "robustness_friendliness.png"):
+    for name in ("loss.csv", "interference.csv", "summary.md", "interference_heatmap.png",
+                 "robustness_friendliness.png"):
         assert (out / name).stat().st_size > 0
 
     again = _lingosteer("sweep", "run", "--config", config, "--results", results, timeout=300)
@@ -92,7 +95,8 @@ def _training_workers(driver: psutil.Process) -> list[psutil.Process]:
 
 def test_killed_worker_and_killed_driver_lose_and_duplicate_nothing(tmp_path, data_dir):
     config, results = _sweep_config(tmp_path, data_dir, steps=400), tmp_path / "results"
-    command = [sys.executable, "-m", "lingosteer.cli", "sweep", "run", "--config", str(config), "--results", str(results)]
+    command = [sys.executable, "-m", "lingosteer.cli", "sweep", "run", "--config", str(config),
+               "--results", str(results)]
 
     # 1. Kill the driver (SIGKILL, no cleanup) as soon as the first record is written.
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -19,7 +19,8 @@ def test_no_language_means_no_intervention():
 
 
 def test_full_spec_is_parsed_and_normalised():
-    spec = parse_request_spec({"language": "swh_Latn", "alpha": 0.5, "layers": [3, 1, 3], "positions": [[4, 9], [0, 2]]})
+    spec = parse_request_spec(
+        {"language": "swh_Latn", "alpha": 0.5, "layers": [3, 1, 3], "positions": [[4, 9], [0, 2]]})
     assert spec == InterventionRequest("swh_Latn", 0.5, (1, 3), ((0, 2), (4, 9)))
 
 
@@ -62,7 +63,8 @@ def test_cache_salt_differs_whenever_the_intervention_differs():
 def _intervention(version="v1", layers=(0, 1), dim=4, alpha=1.0):
     return LoadedIntervention(
         language="swh_Latn", target="eng_Latn", version=version, path="/x", default_alpha=alpha,
-        delta_t={l: torch.eye(dim) * (l + 1) for l in layers}, bias={l: torch.zeros(dim) for l in layers},
+        delta_t={layer: torch.eye(dim) * (layer + 1) for layer in layers},
+        bias={layer: torch.zeros(dim) for layer in layers},
     )
 
 

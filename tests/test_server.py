@@ -7,7 +7,6 @@ starts: one engine at a time on this machine.
 
 import asyncio
 import json
-import math
 import os
 import re
 import shutil
@@ -95,7 +94,8 @@ def server(plain_reference, model_dir, root, tmp_path_factory):
     command = [
         sys.executable, "-m", "lingosteer.cli", "serve", str(model_dir), "--interventions", str(root),
         "--admin-token-file", str(work / "token"), "--chat-template", str(work / "chat.jinja"),
-        "--interference", str(work / "i.json"), "--max-upload-mb", "1", "--host", "127.0.0.1", "--port", str(port), *ENGINE_FLAGS,
+        "--interference", str(work / "i.json"), "--max-upload-mb", "1", "--host", "127.0.0.1", "--port", str(port),
+        *ENGINE_FLAGS,
     ]
     log = open(work / "server.log", "w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,

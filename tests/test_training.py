@@ -41,7 +41,8 @@ def test_sdpa_matches_reference_attention_with_padding():
     assert not torch.allclose(reference_attention(q, k, v, torch.ones_like(mask)), expected, atol=1e-3)
 
 
-@pytest.mark.skipif(not xformers_available(), reason="xformers memory-efficient attention needs xformers and a CUDA device")
+@pytest.mark.skipif(not xformers_available(),
+                    reason="xformers memory-efficient attention needs xformers and a CUDA device")
 def test_xformers_matches_sdpa():
     q, k, v, mask = (t.cuda() for t in _attention_inputs())
     torch.testing.assert_close(xformers_attention(q, k, v, mask), sdpa_attention(q, k, v, mask), rtol=1e-3, atol=1e-4)
@@ -102,7 +103,8 @@ def test_corpus_vocabulary_is_compact_and_shared(corpus):
         assert ids.max() < corpus.vocab_size and ids.min() >= 0
         # Both languages keep their frequent tokens: most of each one's tokens are not <unk>.
         assert np.mean(ids == unk) < 0.5
-        assert all(s[0] == SPECIAL_ROLES.index("bos") and s[-1] == SPECIAL_ROLES.index("eos") for s in corpus.train[language])
+        bos, eos = SPECIAL_ROLES.index("bos"), SPECIAL_ROLES.index("eos")
+        assert all(s[0] == bos and s[-1] == eos for s in corpus.train[language])
         assert max(len(s) for s in corpus.train[language]) <= TINY.max_length
     assert len(corpus.test["eng_Latn"]) == 204
 

@@ -110,7 +110,8 @@ class SweepCorpus:
 
 
 def _compact_vocabulary(
-    raw_train: dict[str, list[np.ndarray]], raw_test: dict[str, list[np.ndarray]], specials: list[int], limit: int | None
+    raw_train: dict[str, list[np.ndarray]], raw_test: dict[str, list[np.ndarray]], specials: list[int],
+    limit: int | None,
 ) -> np.ndarray:
     """Original ids of the compact vocabulary: the special tokens first, then data tokens in id order.
 
@@ -120,7 +121,9 @@ def _compact_vocabulary(
     """
     special_set = set(specials)
     if limit is None:
-        everything = np.concatenate([ids for corpus in (raw_train, raw_test) for sentences in corpus.values() for ids in sentences])
+        everything = np.concatenate(
+            [ids for corpus in (raw_train, raw_test) for sentences in corpus.values() for ids in sentences]
+        )
         kept = set(np.unique(everything).tolist()) - special_set
     else:
         if limit <= len(specials):

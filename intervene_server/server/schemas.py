@@ -72,8 +72,10 @@ class LanguageInterference(BaseModel):
     language: str
     robustness: float | None = Field(description="mean of its row, off-diagonal: how little it suffers from others")
     friendliness: float | None = Field(description="mean of its column, off-diagonal: how little it hurts others")
-    row: dict[str, float | None] = Field(description="I[language][B]: relative loss change of this language when B is added")
-    column: dict[str, float | None] = Field(description="I[A][language]: relative loss change of A when this language is added")
+    row: dict[str, float | None] = Field(
+        description="I[language][B]: relative loss change of this language when B is added")
+    column: dict[str, float | None] = Field(
+        description="I[A][language]: relative loss change of A when this language is added")
 
 
 class InterferenceData(BaseModel):
