@@ -7,6 +7,7 @@ checks are marked e2e (they prepare it into the default cache once, then reuse i
 import hashlib
 import importlib.metadata
 import json
+import re
 import shutil
 
 import pytest
@@ -133,8 +134,9 @@ def test_cli_reports_bad_names_in_one_line(tmp_path, capsys):
 
 def test_known_models_pin_a_checksum():
     for source in KNOWN_MODELS.values():
-        assert len(source.gguf_sha256) == 64 and int(source.gguf_sha256, 16) >= 0
-        assert "==" in source.requirement
+        # Compared with hashlib's hexdigest as is: 64 lowercase hex digits, or it could never match.
+        assert re.fullmatch(r"[0-9a-f]{64}", source.gguf_sha256), source.gguf_sha256
+        assert re.fullmatch(r"[A-Za-z0-9_.-]+==\d[\w.]*", source.requirement), source.requirement
 
 
 def _fake_source(tmp_path, monkeypatch, pinned_sha256=None, package_sha256=None) -> GGUFSource:
