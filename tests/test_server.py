@@ -571,13 +571,43 @@ def test_interventions_cli_drives_the_api(server, capsys):
     assert "401" in capsys.readouterr().err
 
 
-def test_metrics_count_requests_detections_and_swaps(server):
-    text = httpx.get(server["base"] + "/metrics").text
-    assert 'lingosteer_requests_total{' in text and 'language="swh_Latn"' in text
-    assert 'lingosteer_language_detections_total{outcome="steered"}' in text
-    assert 'lingosteer_intervention_events_total{event="swap",language="swh_Latn"}' in text
-    assert 'lingosteer_intervention_events_total{event="rejected"' in text
+def counter_values(base: str, counters: dict[str, tuple[str, dict]]) -> dict[str, float]:
+    """For each key, the sum of the /metrics samples named `name` whose labels include `labels` (0 if none)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(base + "/metrics").text
     assert "vllm:" in text  # vLLM's own metrics are still there
+    samples = [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+    return {key: sum(s.value for s in samples if s.name == name and labels.items() <= s.labels.items())
+            for key, (name, labels) in counters.items()}
+
+
+def test_metrics_count_requests_detections_and_swaps(server, admin, client, model_name):
+    """Each counter moves by exactly what this test does, whatever ran before it."""
+    counters = {
+        "steered swh_Latn requests": ("lingosteer_requests_total", {"language": "swh_Latn"}),
+        "steered detections": ("lingosteer_language_detections_total", {"outcome": "steered"}),
+        "swh_Latn swaps": ("lingosteer_intervention_events_total", {"event": "swap", "language": "swh_Latn"}),
+        "rejected loads": ("lingosteer_intervention_events_total", {"event": "rejected"}),
+    }
+    for path in ("llama/swh", "llama/ita"):  # loaded now (load or swap), whatever an earlier test unloaded
+        assert admin.post("/admin/interventions", json={"path": path}).status_code == 200
+    before = counter_values(server["base"], counters)
+    assert admin.post("/admin/interventions", json={"path": "llama/swh"}).status_code == 200
+    assert admin.post("/admin/interventions", json={"path": "qwen2/swh"}).status_code == 422  # another model's
+    complete(client, model_name, SWAHILI[0], {"language": "swh_Latn"})
+    _, detected, _ = complete(client, model_name, ITALIAN[0], {"language": "auto"})
+    assert detected["applied"] and detected["source"] == "detected"
+    # A request is counted once its response is sent: poll briefly rather than race it.
+    expected = dict.fromkeys(counters, 1.0)
+    deadline = time.monotonic() + 10
+    while True:
+        after = counter_values(server["base"], counters)
+        moved = {key: after[key] - before[key] for key in counters}
+        if moved == expected or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert moved == expected
 
 
 def test_interference_routes_are_served(server):
