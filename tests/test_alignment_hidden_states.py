@@ -26,7 +26,8 @@ def test_padded_batch_equals_each_sentence_alone(model_and_tokenizer, pooling):
     assert len(set(lengths)) > 1  # the batch really gets padded
     batched = extract_hidden_states(model, tokenizer, SENTENCES, pooling=pooling, batch_size=4, progress=False)
     alone = np.concatenate(
-        [extract_hidden_states(model, tokenizer, [s], pooling=pooling, batch_size=1, progress=False) for s in SENTENCES],
+        [extract_hidden_states(model, tokenizer, [s], pooling=pooling, batch_size=1, progress=False)
+         for s in SENTENCES],
         axis=1,
     )
     np.testing.assert_allclose(batched, alone, atol=1e-5, rtol=1e-4)

@@ -417,7 +417,8 @@ def test_evaluating_items_an_intervention_was_fitted_on_is_refused(llm, model_di
     with pytest.raises(ValueError, match="val.sw.jsonl"):
         run_benchmark(config(model_dir, tmp_path / "leaky", [xcopa_dir / "val.sw.jsonl"], cross_fit=2), llm=llm)
     # one set per fold, each fitted on the other fold's items only: allowed
-    write_planted_intervention(tmp_path / "fold0" / "swh", model_dir, [0, 1], "swh_Latn", fit_data=fitted_on(half, N_ITEMS))
+    write_planted_intervention(tmp_path / "fold0" / "swh", model_dir, [0, 1], "swh_Latn",
+                               fit_data=fitted_on(half, N_ITEMS))
     write_planted_intervention(tmp_path / "fold1" / "swh", model_dir, [0, 1], "swh_Latn", fit_data=fitted_on(0, half))
     cfg = config(model_dir, [tmp_path / "fold0", tmp_path / "fold1"], [xcopa_dir / "val.sw.jsonl"], cross_fit=2)
     report, _ = run_benchmark(cfg, llm=llm)

@@ -10,7 +10,8 @@ from lingosteer import REPO_ROOT
 
 
 def _fit_script():
-    spec = importlib.util.spec_from_file_location("fit_xcopa_interventions", REPO_ROOT / "bench" / "fit_xcopa_interventions.py")
+    path = REPO_ROOT / "bench" / "fit_xcopa_interventions.py"
+    spec = importlib.util.spec_from_file_location("fit_xcopa_interventions", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

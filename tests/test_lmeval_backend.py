@@ -103,7 +103,8 @@ def lm_eval_run(tmp_path_factory, model_dir, interventions, data_dir):
     logged = {}
     for task in SCORE_TASKS:
         logged[task] = [(args["arg_0"], args["arg_1"], float(resp[0][0]))  # logged as text
-                        for sample in samples(task) for args, resp in zip(sample["arguments"].values(), sample["resps"])]
+                        for sample in samples(task)
+                        for args, resp in zip(sample["arguments"].values(), sample["resps"])]
         assert len(logged[task]) == 2 * N_ITEMS
     logged[GENERATE_TASK] = [(sample["arguments"]["gen_args_0"]["arg_0"], sample["resps"][0][0])
                              for sample in samples(GENERATE_TASK)]
@@ -165,7 +166,8 @@ def test_language_from_the_task_name(tmp_path):
     assert resolve_language("xcopa_sw", "none", loaded) is None
     assert resolve_language("xcopa_it", "auto", {}) is None  # no interventions: everything plain
     assert resolve_language("anything", "swh_Latn", loaded) == "swh_Latn"
-    with pytest.raises(ValueError, match=r"task 'xcopa_it': no intervention for ita_Latn is loaded \(loaded: swh_Latn\)"):
+    missing = r"task 'xcopa_it': no intervention for ita_Latn is loaded \(loaded: swh_Latn\)"
+    with pytest.raises(ValueError, match=missing):
         resolve_language("xcopa_it", "auto", loaded)
     with pytest.raises(ValueError, match="task 'arc_easy': .* 'easy' is no language code"):
         resolve_language("arc_easy", "auto", loaded)
