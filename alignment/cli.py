@@ -1,7 +1,8 @@
 """`lingosteer align fit | eval | diagnose`: alignment matrices from the command line.
 
     lingosteer align fit --model gemma-3-270m --source swh_Latn --target eng_Latn \\
-        --data sib200:train,dev --out interventions/gemma-3-270m/swh_Latn
+        --out interventions/gemma-3-270m/swh_Latn          # the recommended recipe (alignment/recipe.py)
+    lingosteer align fit ... --data sib200:train,dev --data ntrex:0-299 --solver procrustes --ray
     lingosteer align eval --model gemma-3-270m --intervention interventions/gemma-3-270m/swh_Latn \\
         --data sib200:test --json
     lingosteer align diagnose --model gemma-3-270m --langs swh_Latn,ita_Latn,zho_Hans --data sib200:dev
@@ -20,8 +21,10 @@ from pathlib import Path
 from alignment.artifact import DTYPES, FORMS
 from alignment.estimator import SOLVERS
 from alignment.hidden_states import POOLINGS
+from alignment.recipe import RECOMMENDED
 
-DATA_HELP = "parallel data CORPUS[:SPLITS][@DIR], e.g. sib200:train,dev or ntrex@/data/ntrex128"
+DATA_HELP = ("parallel data CORPUS[:SPLITS|:FIRST-LAST][@DIR], e.g. sib200:train,dev, ntrex:0-299@/data/ntrex128 "
+             "or xcopa (validation items vs their English translations)")
 FLORES_SHAPE = re.compile(r"^[a-z]{3}_[A-Z][a-z]{3}$")
 
 
@@ -30,16 +33,20 @@ def register(subparsers) -> None:
     commands = align.add_subparsers(dest="align_command", required=True)
 
     fit = commands.add_parser("fit", help="fit per-layer maps source -> target and write an intervention artifact")
-    _add_model_and_data(fit)
+    _add_model_and_data(fit, several=True)
     fit.add_argument("--source", required=True, help="source language code (e.g. swh_Latn, sw)")
     fit.add_argument("--target", default="eng_Latn", help="target language code (default eng_Latn)")
     fit.add_argument("--out", required=True, type=Path, help="artifact directory to write")
     fit.add_argument("--layers", default="all", help="'all' or a list like 0,4,6-9 (0-based decoder layers)")
-    fit.add_argument("--pooling", choices=POOLINGS, default="mean", help="sentence representation (default mean)")
-    fit.add_argument("--solver", choices=SOLVERS, default="ridge",
-                     help="ridge (lambda per layer on held-out pairs) or lstsq (INCLINE: min-norm least squares)")
-    fit.add_argument("--bias", action="store_true", help="fit an affine map (with intercept)")
-    fit.add_argument("--rank", type=int, default=None, help="store W - I as rank-r factors")
+    fit.add_argument("--pooling", choices=POOLINGS, default=RECOMMENDED.pooling,
+                     help=f"sentence representation (default {RECOMMENDED.pooling})")
+    fit.add_argument("--solver", choices=SOLVERS, default=RECOMMENDED.solver,
+                     help="ridge (toward identity, lambda per layer on held-out pairs), lstsq (INCLINE: min-norm "
+                          "least squares), meanshift (DiffMean: b only) or procrustes (rotation + mean shift); "
+                          f"default {RECOMMENDED.solver}")
+    fit.add_argument("--bias", action=argparse.BooleanOptionalAction, default=None,
+                     help="fit an affine map (default: the solver's own, on for meanshift and procrustes)")
+    fit.add_argument("--rank", type=int, default=None, help="store W - I as rank-r factors (ridge and lstsq)")
     fit.add_argument("--holdout-fraction", type=float, default=0.2,
                      help="share of fitting pairs held out to choose lambda (default 0.2)")
     fit.add_argument("--dtype", choices=DTYPES, default="float32", help="tensor dtype in the artifact")
@@ -49,6 +56,9 @@ def register(subparsers) -> None:
     fit.add_argument("--chunk-size", type=int, default=256,
                      help="pairs per extraction chunk; statistics stream, so memory does not grow with the data")
     fit.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
+    fit.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                     help="extract states on Ray workers (local Ray without ADDRESS; one shard per worker)")
+    fit.add_argument("--ray-workers", type=int, default=2, help="shards (Ray tasks) with --ray (default 2)")
     fit.set_defaults(func=run_fit)
 
     evaluate = commands.add_parser("eval", help="evaluate an intervention on held-out parallel data")
@@ -70,9 +80,13 @@ def register(subparsers) -> None:
     diagnose.set_defaults(func=run_diagnose)
 
 
-def _add_model_and_data(parser) -> None:
+def _add_model_and_data(parser, several: bool = False) -> None:
     parser.add_argument("--model", required=True, help="prepared model name or Hugging Face model directory")
-    parser.add_argument("--data", required=True, help=DATA_HELP)
+    if several:
+        parser.add_argument("--data", action="append", default=None,
+                            help=f"{DATA_HELP}; repeat to mix sources (default: {' + '.join(RECOMMENDED.data)})")
+    else:
+        parser.add_argument("--data", required=True, help=DATA_HELP)
     parser.add_argument("--max-pairs", type=int, default=None, help="use only the first N pairs")
     parser.add_argument("--batch-size", type=int, default=16, help="sentences per forward pass")
 
@@ -116,14 +130,15 @@ def _load_pairs(spec: str, source: str, target: str, max_pairs: int | None):
     from lingosteer.data import parse_parallel_source
 
     data = parse_parallel_source(spec)
-    pairs = data.pairs(source, target)
-    if max_pairs is not None:
-        if max_pairs < 2:
-            raise ValueError("--max-pairs must be at least 2")
-        pairs = pairs[:max_pairs]
+    return data, _check_pair_count(data.pairs(source, target)[:max_pairs], spec, source, target, max_pairs)
+
+
+def _check_pair_count(pairs: list, where: str, source: str, target: str, max_pairs: int | None) -> list:
+    if max_pairs is not None and max_pairs < 2:
+        raise ValueError("--max-pairs must be at least 2")
     if len(pairs) < 2:
-        raise ValueError(f"{spec}: only {len(pairs)} {source}-{target} pairs; need at least 2")
-    return data, pairs
+        raise ValueError(f"{where}: only {len(pairs)} {source}-{target} pairs; need at least 2")
+    return pairs
 
 
 def _load_model(name_or_dir: str):
@@ -147,10 +162,12 @@ def _states(model, tokenizer, sentences, layers, pooling, batch_size):
 
 
 def run_fit(args) -> int:
-    from tqdm.auto import tqdm
-
     from alignment.artifact import save_intervention
     from alignment.estimator import LinearAligner
+    from alignment.fitting import ExtractionSettings, fit_statistics
+    from lingosteer.data import parse_parallel_source
+    from lingosteer.fingerprint import model_fingerprint
+    from lingosteer.models import resolve_model
 
     source, target = language_code(args.source), language_code(args.target)
     if source == target:
@@ -159,36 +176,49 @@ def run_fit(args) -> int:
         raise ValueError(f"{args.out} exists; pass --overwrite to replace it")
     if args.chunk_size < 1 or args.batch_size < 1:
         raise ValueError("--chunk-size and --batch-size must be positive")
-    aligner = LinearAligner(solver=args.solver, bias=args.bias, rank=args.rank,
-                            holdout_fraction=args.holdout_fraction)
-    data, pairs = _load_pairs(args.data, source, target, args.max_pairs)
-    _, model, tokenizer, fingerprint = _load_model(args.model)
+    if args.ray is not None and args.ray_workers < 1:
+        raise ValueError("--ray-workers must be at least 1")
+    # Settings are checked before the slow part: a solver option that does not apply fails here.
+    aligner = LinearAligner(solver=args.solver, bias=args.bias, rank=args.rank, holdout_fraction=args.holdout_fraction)
+    specs = args.data or list(RECOMMENDED.data)
+    sources = [parse_parallel_source(spec) for spec in specs]
+    pairs = [pair for data in sources for pair in data.pairs(source, target)]
+    pairs = _check_pair_count(pairs[: args.max_pairs] if args.max_pairs else pairs, " + ".join(specs), source, target,
+                              args.max_pairs)
+    model_dir = resolve_model(args.model)
+    fingerprint = model_fingerprint(model_dir)
     layers = parse_layers(args.layers, fingerprint["num_hidden_layers"])
+    settings = ExtractionSettings(layers=tuple(layers), pooling=args.pooling, batch_size=args.batch_size,
+                                  chunk_size=args.chunk_size, holdout_fraction=args.holdout_fraction)
+    statistics = fit_statistics(model_dir, pairs, settings, ray_address=args.ray,
+                                workers=args.ray_workers if args.ray is not None else 0)
+    aligner = aligner.merge(statistics).solve()
 
-    chunks = range(0, len(pairs), args.chunk_size)
-    for start in tqdm(chunks, desc="fit chunks", unit="chunk", disable=len(chunks) == 1):
-        chunk = pairs[start : start + args.chunk_size]
-        X_src = _states(model, tokenizer, [s for s, _ in chunk], layers, args.pooling, args.batch_size)
-        X_tgt = _states(model, tokenizer, [t for _, t in chunk], layers, args.pooling, args.batch_size)
-        aligner.partial_fit(X_src, X_tgt)
-    aligner.solve()
-
+    bytes_per_value = 4 if args.dtype == "float32" else 2
     metrics = {
         "heldout_error_ratio": {str(l): _finite_or_none(r) for l, r in zip(layers, aligner.heldout_error_ratio_)},
         "heldout_error_ratio_meaning": "held-out squared distance left by the map fitted without the held-out "
                                        "pairs, over that left by no intervention (lower is better)",
-        "parameter_bytes": aligner.parameter_bytes(4 if args.dtype == "float32" else 2),
+        "parameter_bytes": aligner.parameter_bytes(bytes_per_value),
     }
-    fit_data = {**data.describe(), "spec": args.data, "num_pairs": len(pairs),
-                "num_heldout": aligner.heldout_stats_.n, "max_pairs": args.max_pairs}
+    described = [{**data.describe(), "spec": spec} for data, spec in zip(sources, specs)]
+    fit_data = {**described[0], "sources": described, "num_pairs": len(pairs),
+                "num_heldout": aligner.heldout_stats_.n, "max_pairs": args.max_pairs,
+                "recipe": "recommended" if _is_recommended(args) else "custom"}
     save_intervention(
         args.out, aligner, fingerprint=fingerprint, source=source, target=target, layers=layers,
         pooling=args.pooling, fit_data=fit_data, metrics=metrics, dtype=args.dtype, form=args.form,
         default_alpha=args.alpha, overwrite=args.overwrite,
     )
-    print(f"wrote {args.out} ({source} -> {target}, {len(layers)} layers, {len(pairs)} pairs, {args.solver})",
-          file=sys.stderr)
+    size = sum(p.stat().st_size for p in args.out.iterdir())
+    print(f"wrote {args.out} ({source} -> {target}, {len(layers)} layers, {len(pairs)} pairs, {args.solver}, "
+          f"{size:,} bytes)", file=sys.stderr)
     return 0
+
+
+def _is_recommended(args) -> bool:
+    return (args.solver, args.pooling, tuple(args.data or RECOMMENDED.data), args.bias, args.rank) == \
+        (RECOMMENDED.solver, RECOMMENDED.pooling, RECOMMENDED.data, None, None)
 
 
 def run_eval(args) -> int:
@@ -245,11 +275,15 @@ def run_diagnose(args) -> int:
 
 def _warn_if_overlapping(fit_data: dict, eval_data: dict) -> None:
     """Evaluating on the pairs the map was fitted on flatters it: say so loudly."""
-    same_corpus = fit_data.get("corpus") == eval_data["corpus"] and fit_data.get("data_dir") == eval_data["data_dir"]
-    shared_splits = set(fit_data.get("splits", [])) & set(eval_data["splits"])
-    if same_corpus and (shared_splits or not eval_data["splits"]):
-        print(f"warning: evaluation data overlaps the fitting data ({eval_data['corpus']} "
-              f"{sorted(shared_splits) or ''}); these numbers are not held-out", file=sys.stderr)
+    for fitted in fit_data.get("sources", [fit_data]):
+        if (fitted.get("corpus"), fitted.get("data_dir")) != (eval_data["corpus"], eval_data["data_dir"]):
+            continue
+        shared_splits = set(fitted.get("splits", [])) & set(eval_data["splits"])
+        fit_lines, eval_lines = fitted.get("lines"), eval_data.get("lines")
+        disjoint_lines = fit_lines and eval_lines and (fit_lines[1] < eval_lines[0] or eval_lines[1] < fit_lines[0])
+        if shared_splits or (not eval_data["splits"] and not disjoint_lines):
+            print(f"warning: evaluation data overlaps the fitting data ({eval_data['corpus']} "
+                  f"{sorted(shared_splits) or fit_lines or ''}); these numbers are not held-out", file=sys.stderr)
 
 
 def _finite_or_none(value: float):

@@ -206,9 +206,14 @@ class LinearAligner:
         return self
 
     def merge(self, other: "LinearAligner") -> "LinearAligner":
-        """A new, unsolved aligner holding the statistics of both (same settings required)."""
-        if self.get_params() != other.get_params():
-            raise ValueError(f"cannot merge aligners with different settings: {self.get_params()} vs {other.get_params()}")
+        """A new, unsolved aligner with this one's settings and the statistics of both.
+
+        The statistics do not depend on the solver, so one set of statistics can be
+        solved several ways; only the held-out routing (`holdout_fraction`) must agree.
+        """
+        if self.holdout_fraction != other.holdout_fraction:
+            raise ValueError(f"cannot merge statistics routed with different holdout fractions: "
+                             f"{self.holdout_fraction} vs {other.holdout_fraction}")
         merged = LinearAligner(**self.get_params())
         if self.train_stats_ is None or other.train_stats_ is None:
             source = self if other.train_stats_ is None else other

@@ -9,6 +9,11 @@ Per layer, on parallel sentences never used for fitting:
 Cosine on raw mean-pooled states is dominated by directions shared by all
 sentences, so retrieval is the measure that shows whether translations find
 each other; cosine shows how far the states moved.
+
+Every figure also comes per-language mean-centred (keys ending in `_centred`):
+each side's mean over the evaluated sentences is subtracted first, the usual
+correction for anisotropic LLM states (the shared component makes a few
+"hub" targets nearest to every query). The uncentred keys keep their meaning.
 """
 
 from __future__ import annotations
@@ -42,6 +47,25 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
+METRICS = ("cosine_before", "cosine_after", "p1_before", "p1_after", "p1_tgt_to_src_before", "p1_tgt_to_src_after")
+
+
+def layer_metrics(src: np.ndarray, mapped: np.ndarray, tgt: np.ndarray) -> dict:
+    """Every `METRICS` figure of one layer, uncentred and (`*_centred`) mean-centred."""
+    metrics = {}
+    for suffix, center in (("", lambda x: x), ("_centred", lambda x: x - x.mean(axis=0))):
+        s, m, t = center(src), center(mapped), center(tgt)
+        metrics.update({
+            f"cosine_before{suffix}": mean_pair_cosine(s, t),
+            f"cosine_after{suffix}": mean_pair_cosine(m, t),
+            f"p1_before{suffix}": retrieval_p1(s, t),
+            f"p1_after{suffix}": retrieval_p1(m, t),
+            f"p1_tgt_to_src_before{suffix}": retrieval_p1(t, s),
+            f"p1_tgt_to_src_after{suffix}": retrieval_p1(t, m),
+        })
+    return metrics
+
+
 def evaluate_intervention(intervention, X_src: np.ndarray, X_tgt: np.ndarray, alpha: float = 1.0) -> dict:
     """Metrics per layer of `intervention` (states [n_layers, n, d] in its layer order)."""
     layers = intervention.layers
@@ -49,19 +73,8 @@ def evaluate_intervention(intervention, X_src: np.ndarray, X_tgt: np.ndarray, al
         raise ValueError(f"expected source/target states [{len(layers)}, n, d], got {X_src.shape} and {X_tgt.shape}")
     if X_src.shape[1] < 2:
         raise ValueError("evaluation needs at least 2 sentence pairs")
-    rows = []
-    for i, layer in enumerate(layers):
-        src, tgt = X_src[i], X_tgt[i]
-        mapped = intervention.apply(src, layer, alpha=alpha)
-        rows.append({
-            "layer": layer,
-            "cosine_before": mean_pair_cosine(src, tgt),
-            "cosine_after": mean_pair_cosine(mapped, tgt),
-            "p1_before": retrieval_p1(src, tgt),
-            "p1_after": retrieval_p1(mapped, tgt),
-            "p1_tgt_to_src_before": retrieval_p1(tgt, src),
-            "p1_tgt_to_src_after": retrieval_p1(tgt, mapped),
-        })
+    rows = [{"layer": layer, **layer_metrics(X_src[i], intervention.apply(X_src[i], layer, alpha=alpha), X_tgt[i])}
+            for i, layer in enumerate(layers)]
     return {
         "source": intervention.source,
         "target": intervention.target,
@@ -80,21 +93,22 @@ def write_eval_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
     write_text_atomic(paths["json"], json.dumps(report, indent=2) + "\n")
     title = f"{report['source']} -> {report['target']}, {report['num_pairs']} held-out pairs, alpha {report['alpha']}"
     header = ["layer", "cos before", "cos after", "P@1 s->t before", "P@1 s->t after", "P@1 t->s before", "P@1 t->s after"]
-    keys = ["cosine_before", "cosine_after", "p1_before", "p1_after", "p1_tgt_to_src_before", "p1_tgt_to_src_after"]
-    table = markdown_table(header, [[r["layer"]] + [f"{r[k]:.3f}" for k in keys] for r in rows])
-    write_text_atomic(paths["markdown"], f"# Alignment evaluation: {title}\n\n{table}\n")
+    tables = [markdown_table(header, [[r["layer"]] + [f"{r[k + suffix]:.3f}" for k in METRICS] for r in rows])
+              for suffix in ("", "_centred")]
+    write_text_atomic(paths["markdown"], f"# Alignment evaluation: {title}\n\n## Raw states\n\n{tables[0]}\n\n"
+                                         f"## Mean-centred states (each side's mean removed)\n\n{tables[1]}\n")
     layers = [r["layer"] for r in rows]
     plot_layer_curves(
         paths["plot"],
         title,
         [
             ("mean cosine of pairs", {"before": [r["cosine_before"] for r in rows], "after": [r["cosine_after"] for r in rows]}),
-            ("retrieval P@1", {
-                "src->tgt before": [r["p1_before"] for r in rows],
-                "src->tgt after": [r["p1_after"] for r in rows],
-                "tgt->src before": [r["p1_tgt_to_src_before"] for r in rows],
-                "tgt->src after": [r["p1_tgt_to_src_after"] for r in rows],
-            }),
+            *[(f"retrieval P@1{label}", {
+                "src->tgt before": [r["p1_before" + suffix] for r in rows],
+                "src->tgt after": [r["p1_after" + suffix] for r in rows],
+                "tgt->src before": [r["p1_tgt_to_src_before" + suffix] for r in rows],
+                "tgt->src after": [r["p1_tgt_to_src_after" + suffix] for r in rows],
+            }) for suffix, label in (("", ""), ("_centred", " (mean-centred)"))],
         ],
         layers,
     )

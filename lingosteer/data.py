@@ -17,6 +17,7 @@ languages raise FileNotFoundError listing what is there.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -325,6 +326,7 @@ def load_xnli(path: Path | str) -> list[XnliItem]:
 # --- parallel-source specs (the CLI's --data) -----------------------------------
 
 PARALLEL_CORPORA = ("sib200", "ntrex", "xcopa", "tatoeba")
+LINE_RANGE_CORPORA = ("ntrex", "xcopa")  # `ntrex:0-299`: a slice of the pairs
 
 
 @dataclass(frozen=True)
@@ -334,9 +336,20 @@ class ParallelSource:
     corpus: str
     splits: tuple[str, ...]  # SIB-200 only; () for the others
     data_dir: Path
+    lines: tuple[int, int] | None = None  # NTREX / XCOPA: pairs first..last (0-based, inclusive)
 
     def pairs(self, src_lang: str, tgt_lang: str) -> list[tuple[str, str]]:
         """(src_text, tgt_text) pairs between two languages."""
+        pairs = self._all_pairs(src_lang, tgt_lang)
+        if self.lines is None:
+            return pairs
+        first, last = self.lines
+        if last >= len(pairs):
+            raise ValueError(f"{self.corpus} has {len(pairs)} {src_lang}-{tgt_lang} pairs; "
+                             f"the range {first}-{last} asks for more")
+        return pairs[first : last + 1]
+
+    def _all_pairs(self, src_lang: str, tgt_lang: str) -> list[tuple[str, str]]:
         if self.corpus == "sib200":
             return parallel_sib200(src_lang, tgt_lang, self.splits, self.data_dir)
         if self.corpus == "ntrex":
@@ -354,7 +367,8 @@ class ParallelSource:
 
     def describe(self) -> dict:
         """What the pairs came from, for manifests."""
-        return {"corpus": self.corpus, "splits": list(self.splits), "data_dir": str(self.data_dir)}
+        described = {"corpus": self.corpus, "splits": list(self.splits), "data_dir": str(self.data_dir)}
+        return described if self.lines is None else {**described, "lines": list(self.lines)}
 
 
 def _is_english(lang: str) -> bool:
@@ -369,7 +383,8 @@ def parse_parallel_source(spec: str, default_data_dir: Path | str | None = None)
 
     CORPUS is sib200, ntrex, xcopa (validation items against their English
     translations: short everyday sentences) or tatoeba; SPLITS (SIB-200 only, comma-separated,
-    default train,dev) picks SIB-200 splits; DIR is the data root or the corpus
+    default train,dev) picks SIB-200 splits, and for ntrex and xcopa `:FIRST-LAST`
+    keeps pairs FIRST..LAST (0-based, inclusive); DIR is the data root or the corpus
     folder (default: `default_data_dir`, else lingosteer.DEFAULT_DATA_DIR).
     Examples: `sib200`, `sib200:train,dev`, `sib200:test@/data/flores`,
     `ntrex@/data/ntrex128`, `tatoeba@/data/LASER/tatoeba/v1`.
@@ -382,9 +397,15 @@ def parse_parallel_source(spec: str, default_data_dir: Path | str | None = None)
             f"unknown parallel corpus {corpus!r} in {spec!r}; expected CORPUS[:SPLITS][@DIR] "
             f"with CORPUS one of {', '.join(PARALLEL_CORPORA)}"
         )
-    splits = tuple(s.strip() for s in split_list.split(",") if s.strip())
+    splits, lines = tuple(s.strip() for s in split_list.split(",") if s.strip()), None
     if corpus == "sib200":
         splits = _check_sib_splits(splits or ("train", "dev"))
+    elif colon and corpus in LINE_RANGE_CORPORA:
+        match = re.fullmatch(r"\s*(\d+)-(\d+)\s*", split_list)
+        if not match or int(match[2]) < int(match[1]):
+            raise ValueError(f"{corpus} takes a pair range FIRST-LAST (0-based, inclusive) after ':', "
+                             f"e.g. {corpus}:0-299; got {split_list!r} in {spec!r}")
+        splits, lines = (), (int(match[1]), int(match[2]))
     elif colon:
         raise ValueError(f"{corpus} has no splits; drop ':{split_list}' from {spec!r}")
     if at and not folder.strip():
@@ -392,4 +413,4 @@ def parse_parallel_source(spec: str, default_data_dir: Path | str | None = None)
     data_dir = Path(folder.strip()).expanduser() if at else _root(default_data_dir)
     if not data_dir.is_dir():
         raise FileNotFoundError(f"data directory {data_dir} (from {spec!r}) does not exist")
-    return ParallelSource(corpus, splits, data_dir)
+    return ParallelSource(corpus, splits, data_dir, lines)

@@ -205,9 +205,9 @@ def run_sweep(
     progress: bool = True,
     gpus_per_run: float = 0,
 ) -> SweepOutcome:
-    import ray
     from tqdm import tqdm
 
+    from lingosteer.ray_runtime import ray_session
     from training.corpus import build_corpus
 
     started = time.perf_counter()
@@ -225,27 +225,17 @@ def run_sweep(
     corpus = build_corpus(
         config.languages, config.training.max_length, config.training.vocab_limit, config.tokenizer, config.data_dir
     )
-    env = {"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}}
-    if address:
-        # Cluster workers import the project's packages from what the driver ships.
-        import lingosteer
-        import matrix
-        import training
+    import lingosteer
+    import matrix
+    import training
 
-        env["py_modules"] = [Path(m.__file__).parent for m in (lingosteer, matrix, training)]
-        ray.init(address=address, runtime_env=env, log_to_driver=False)
-    else:
-        # Ray renices its workers to 15; on a machine shared with other work that
-        # starves the sweep, so local workers run at normal priority.
-        os.environ.setdefault("RAY_worker_niceness", "0")
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env, log_to_driver=False)
-    try:
+    with ray_session(address, num_cpus, (lingosteer, matrix, training)) as ray:
         task = ray.remote(num_cpus=1, max_calls=1)(_train_task)
         corpus_ref = ray.put(corpus)
-        training = config.training.to_dict()
+        training_settings = config.training.to_dict()
         futures = {
             task.options(max_retries=max_retries, retry_exceptions=True, num_gpus=gpus_per_run).remote(
-                run, training, corpus_ref, config.seed
+                run, training_settings, corpus_ref, config.seed
             ): run
             for run in pending
         }
@@ -263,8 +253,6 @@ def run_sweep(
                     write_json_atomic(results / RUNS_SUBDIR / f"{name}.json", record)
                     outcome.completed.append(name)
                 bar.update(1)
-    finally:
-        ray.shutdown()
     outcome.wall_seconds = time.perf_counter() - started
     with open(results / "invocations.jsonl", "a") as log:
         log.write(

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from alignment.artifact import load_intervention
@@ -91,11 +92,48 @@ def test_diagnose_writes_table_and_plot(tiny_model_dir, data_dir, tmp_path, caps
         (["--source", "swh_Latn", "--layers", "two"], "bad layer list"),
         (["--source", "eng_Latn"], "same language"),
         (["--source", "swh_Latn", "--rank", "0"], "rank"),
+        (["--source", "swh_Latn", "--solver", "meanshift", "--rank", "4"], "rank applies to the ridge and lstsq"),
+        (["--source", "swh_Latn", "--solver", "meanshift", "--no-bias"], "bias=False does not apply"),
+        (["--source", "quy_Latn", "--data", "ntrex"], "no NTREX-128 file for language 'quy_Latn'"),
     ],
 )
 def test_bad_fit_input_is_one_clear_line(tiny_model_dir, data_dir, tmp_path, capsys, extra, message):
-    code = main(["align", "fit", "--model", str(tiny_model_dir("llama")), "--data", f"sib200:dev@{data_dir}",
+    data = [] if "--data" in extra else ["--data", f"sib200:dev@{data_dir}"]
+    code = main(["align", "fit", "--model", str(tiny_model_dir("llama")), *data,
                  "--max-pairs", "10", "--out", str(tmp_path / "x"), *extra])
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1] and not (tmp_path / "x").exists()
+
+
+def test_fit_mixes_sources_and_a_ray_fit_equals_the_single_process_fit(tiny_model_dir, data_dir, tmp_path):
+    """Two sources (SIB-200 dev + NTREX lines 0-9), 30 pairs, fitted once in this process and
+    once as two local Ray shards: the statistics merge exactly, so the maps agree."""
+    from safetensors.numpy import load_file
+
+    model_dir = tiny_model_dir("llama")
+    common = ["align", "fit", "--model", str(model_dir), "--source", "sw", "--data", f"sib200:dev@{data_dir}",
+              "--data", f"ntrex:0-9@{data_dir}", "--max-pairs", "30", "--layers", "0-1", "--chunk-size", "8"]
+    assert main([*common, "--out", str(tmp_path / "local")]) == 0
+    assert main([*common, "--ray", "--ray-workers", "2", "--out", str(tmp_path / "ray")]) == 0
+    local, ray = (load_intervention(tmp_path / name) for name in ("local", "ray"))
+    sources = local.manifest["fit_data"]["sources"]
+    assert [s["corpus"] for s in sources] == ["sib200", "ntrex"] and sources[1]["lines"] == [0, 9]
+    assert local.manifest["fit_data"]["num_pairs"] == 30 and local.manifest["fit_data"]["recipe"] == "custom"
+    assert ray.manifest["lambdas"] == pytest.approx(local.manifest["lambdas"], rel=1e-9)
+    local_tensors, ray_tensors = (load_file(str(tmp_path / name / "matrices.safetensors")) for name in ("local", "ray"))
+    assert local_tensors.keys() == ray_tensors.keys()
+    for name in local_tensors:
+        np.testing.assert_allclose(ray_tensors[name], local_tensors[name], atol=1e-5)
+
+
+def test_fit_without_solver_or_data_options_uses_the_recommended_recipe(tiny_model_dir, tmp_path):
+    from alignment.recipe import RECOMMENDED
+
+    out = tmp_path / "default"
+    assert main(["align", "fit", "--model", str(tiny_model_dir("llama")), "--source", "sw", "--max-pairs", "20",
+                 "--out", str(out)]) == 0
+    manifest = load_intervention(out).manifest
+    assert [s["spec"] for s in manifest["fit_data"]["sources"]] == list(RECOMMENDED.data)
+    assert manifest["fit_data"]["recipe"] == "recommended"
+    assert (manifest["solver"], manifest["pooling"]) == (RECOMMENDED.solver, RECOMMENDED.pooling)

@@ -82,9 +82,17 @@ def test_merged_shards_equal_whole():
     np.testing.assert_allclose(merged.b_, whole.b_, atol=1e-9)
 
 
-def test_merge_refuses_different_settings():
-    with pytest.raises(ValueError, match="different settings"):
-        LinearAligner(solver="ridge").merge(LinearAligner(solver="lstsq"))
+def test_merge_refuses_different_routing_and_solves_shared_statistics_any_way():
+    with pytest.raises(ValueError, match="different holdout fractions"):
+        LinearAligner(holdout_fraction=0.2).merge(LinearAligner(holdout_fraction=0.5))
+    X, Y, _, _ = planted(n=120)
+    statistics = LinearAligner(solver="ridge").partial_fit(X, Y)
+    for solver in ("lstsq", "meanshift", "procrustes"):
+        merged = LinearAligner(solver=solver).merge(statistics).solve()
+        direct = LinearAligner(solver=solver).fit(X, Y)
+        assert merged.solver == solver
+        np.testing.assert_allclose(merged.W_, direct.W_, atol=1e-9)
+        np.testing.assert_allclose(merged.b_, direct.b_, atol=1e-9)
 
 
 def test_heldout_error_from_statistics_matches_direct_computation():

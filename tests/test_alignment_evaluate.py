@@ -58,6 +58,7 @@ def test_evaluation_shows_the_planted_alignment(planted_intervention, tmp_path):
         assert row["p1_before"] == numpy_p1(X[i], Y[i]) and row["p1_before"] < 0.2
         assert row["p1_after"] == numpy_p1(intervention.apply(X[i], row["layer"], 1.0), Y[i]) and row["p1_after"] > 0.95
         assert row["p1_tgt_to_src_after"] > 0.95 and row["cosine_after"] > row["cosine_before"] + 0.1
+        assert row["p1_after_centred"] > 0.95 and row["cosine_after_centred"] > row["cosine_before_centred"]
     # alpha = 0 is no intervention at all
     unchanged = evaluate_intervention(intervention, X, Y, alpha=0.0)["layers"][0]
     assert unchanged["p1_after"] == unchanged["p1_before"]
@@ -67,6 +68,28 @@ def test_evaluation_shows_the_planted_alignment(planted_intervention, tmp_path):
     assert json.loads(paths["json"].read_text()) == report
     assert "| 2 |" in paths["markdown"].read_text()
     assert paths["plot"].read_bytes()[:8] == PNG_MAGIC
+
+
+def test_centred_metrics_remove_a_shared_component():
+    # Translations differ by small noise, but every state also carries a large shared
+    # direction whose size varies by sentence: raw cosine retrieval finds the hubs,
+    # centred retrieval finds the translations.
+    from alignment.evaluate import layer_metrics
+
+    rng = np.random.default_rng(3)
+    n, d = 80, 32
+    meaning = rng.normal(size=(n, d))
+    shared = np.zeros(d)
+    shared[0] = 1.0
+    src = meaning + 0.5 * rng.normal(size=(n, d)) + 40 * rng.uniform(1, 2, size=(n, 1)) * shared + 30.0
+    tgt = meaning + 0.5 * rng.normal(size=(n, d)) + 40 * rng.uniform(1, 2, size=(n, 1)) * shared
+    metrics = layer_metrics(src.astype(np.float32), src.astype(np.float32), tgt.astype(np.float32))
+    assert metrics["p1_before"] == metrics["p1_after"] < 0.3
+    centred = lambda x: x - x.mean(axis=0)  # noqa: E731
+    assert metrics["p1_before_centred"] == numpy_p1(centred(src), centred(tgt))
+    assert metrics["p1_before_centred"] < 0.5  # the shared direction's spread still hides the meaning ...
+    without_spread = layer_metrics(meaning + 30.0, meaning + 30.0, meaning + 0.1 * rng.normal(size=(n, d)))
+    assert without_spread["p1_before"] < 0.6 < without_spread["p1_before_centred"] == 1.0  # ... the offset alone does not
 
 
 def test_evaluation_refuses_mismatched_states(planted_intervention):

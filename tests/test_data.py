@@ -240,6 +240,26 @@ def test_parse_parallel_source(data_dir, tatoeba_dir):
     assert tatoeba.pairs("en", "sw")[0] == ("Hello.", "Habari.")
     with pytest.raises(ValueError, match="English only"):
         tatoeba.pairs("sw", "zh")
+    news = parse_parallel_source(f"ntrex:10-19@{data_dir}")
+    assert news.describe()["lines"] == [10, 19] and news.pairs("sw", "en") == parallel_ntrex("sw", "en", data_dir)[10:20]
+    with pytest.raises(ValueError, match="1997 swh_Latn-eng_Latn pairs; the range 0-1999"):
+        parse_parallel_source(f"ntrex:0-1999@{data_dir}").pairs("swh_Latn", "eng_Latn")
+    xcopa = parse_parallel_source(f"xcopa@{data_dir}").pairs("sw", "en")
+    items, english = load_xcopa(data_dir / "xcopa" / "val.sw.jsonl"), load_xcopa(data_dir / "xcopa" / "translated-en" / "val.sw.jsonl")
+    assert len(xcopa) == 300 and xcopa[3:6] == list(zip(*[(i.premise, i.choice1, i.choice2) for i in (items[1], english[1])]))
+    with pytest.raises(FileNotFoundError, match="no English translation .*val.qu.jsonl"):
+        parse_parallel_source(f"xcopa@{data_dir}").pairs("qu", "en")
+
+
+def test_parallel_files_with_empty_lines_or_duplicate_pairs_are_refused(tmp_path):
+    (tmp_path / "newstest2019-src.eng.txt").write_text("a\nb\nc\n")
+    (tmp_path / "newstest2019-ref.swa.txt").write_text("x\n \nz\n")
+    with pytest.raises(ValueError, match=r"newstest2019-ref.swa.txt:2: empty line"):
+        parallel_ntrex("en", "sw", tmp_path)
+    (tmp_path / "newstest2019-src.eng.txt").write_text("a\nb\na\n")
+    (tmp_path / "newstest2019-ref.swa.txt").write_text("x\ny\nx\n")
+    with pytest.raises(ValueError, match="pair 3 duplicates pair 1"):
+        parallel_ntrex("en", "sw", tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -247,7 +267,9 @@ def test_parse_parallel_source(data_dir, tatoeba_dir):
     [
         ("flores", ValueError, "unknown parallel corpus 'flores'"),
         ("sib200:valid", ValueError, "splits must be some of"),
-        ("ntrex:train", ValueError, "ntrex has no splits"),
+        ("ntrex:train", ValueError, "pair range FIRST-LAST"),
+        ("xcopa:9-3", ValueError, "pair range FIRST-LAST"),
+        ("tatoeba:0-3", ValueError, "tatoeba has no splits"),
         ("sib200@", ValueError, "empty directory"),
         ("tatoeba@/no/such/dir", FileNotFoundError, "/no/such/dir"),
     ],
