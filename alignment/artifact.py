@@ -11,6 +11,12 @@ vectors; see docs/design.md). Two forms of W are recorded in `form`:
 - "incline": INCLINE's additive form h' = h + s * (h W_incline) with row
   vectors; stored as W = I + W_incline^T, b = 0, so that alpha = s.
 
+`serving` holds what a request that names only its language gets: alpha, layers
+and positions. `lingosteer align build` chooses them on labelled calibration data and
+records the `evidence`; alpha 0 means "off" (the calibration found no clear gain).
+Format version 2 added both; a version-1 manifest still loads, with serving
+{default_alpha, every layer, "last"} and no evidence (what version 1 served).
+
 Loading trusts nothing: every check below has its own `InterventionError`
 subclass so callers (and ops teams reading logs) can tell what was wrong.
 Tensors are read with safetensors only; nothing is ever unpickled.
@@ -32,7 +38,9 @@ import numpy as np
 from lingosteer.fingerprint import FingerprintMismatch, check_fingerprint
 
 FORMAT = "lingosteer.intervention"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+SERVING_POSITIONS = ("last", "prompt", "all")
 MANIFEST_NAME = "manifest.json"
 MATRICES_NAME = "matrices.safetensors"
 FORMULA = "h' = h + alpha * (W h + b - h)"
@@ -115,6 +123,8 @@ def save_intervention(
     dtype: str = "float32",
     form: str = "map",
     default_alpha: float = 1.0,
+    serving: dict | None = None,
+    evidence: dict | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write a solved `LinearAligner` as an artifact directory, atomically.
@@ -169,6 +179,8 @@ def save_intervention(
         "bias": bool(aligner.bias),
         "lambdas": [None if np.isnan(lam) else float(lam) for lam in aligner.lambdas_],
         "default_alpha": float(default_alpha),
+        "serving": serving or {"alpha": float(default_alpha), "layers": [int(l) for l in layers], "positions": "last"},
+        "evidence": evidence,
         "dtype": dtype,
         "fit_data": fit_data,
         "metrics": metrics or {},
@@ -184,14 +196,14 @@ def save_intervention(
         os.chmod(staging, 0o755)
         for name in (MATRICES_NAME, MANIFEST_NAME):
             os.chmod(staging / name, 0o644)
-        _replace_dir(staging, out_dir)
+        replace_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
 
 
-def _replace_dir(new: Path, target: Path) -> None:
+def replace_dir(new: Path, target: Path) -> None:
     """Move `new` to `target`; an existing target is swapped out first and removed after."""
     if not target.exists():
         os.replace(new, target)
@@ -228,6 +240,16 @@ class Intervention:
     @property
     def default_alpha(self) -> float:
         return float(self.manifest["default_alpha"])
+
+    @property
+    def serving(self) -> dict:
+        """What a request naming only its language gets: {"alpha", "layers", "positions"}."""
+        return dict(self.manifest["serving"])
+
+    @property
+    def evidence(self) -> dict | None:
+        """How the serving defaults were chosen (None: not calibrated)."""
+        return self.manifest.get("evidence")
 
     @property
     def hidden_size(self) -> int:
@@ -293,11 +315,15 @@ def _read_manifest(manifest_path: Path) -> dict:
         raise ManifestError(f"{manifest_path} is not valid JSON: {error}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ManifestError(f"{manifest_path} is not a lingosteer intervention manifest (format != {FORMAT!r})")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise FormatVersionError(
             f"{manifest_path}: format_version {manifest.get('format_version')!r} is not supported "
-            f"(this lingosteer reads version {FORMAT_VERSION})"
+            f"(this lingosteer reads versions {', '.join(map(str, READABLE_VERSIONS))})"
         )
+    if manifest["format_version"] == 1 and "serving" not in manifest:  # version 1 served every layer at 'last'
+        manifest["serving"] = {"alpha": manifest.get("default_alpha"), "layers": manifest.get("layers"),
+                               "positions": "last"}
+        manifest["evidence"] = None
     for key, kind in _REQUIRED_KEYS.items():
         if key not in manifest:
             raise ManifestError(f"{manifest_path}: missing field {key!r}")
@@ -317,11 +343,48 @@ def _read_manifest(manifest_path: Path) -> dict:
     num_layers = manifest["model"].get("num_hidden_layers")
     if isinstance(num_layers, int) and not all(0 <= l < num_layers for l in layers):
         raise ManifestError(f"{manifest_path}: layers {layers} do not exist in a {num_layers}-layer model")
+    _check_serving(manifest, manifest_path)
     model_hidden = manifest["model"].get("hidden_size")
     if model_hidden is not None and model_hidden != manifest["hidden_size"]:
         raise ShapeMismatchError(
             f"{manifest_path}: hidden_size {manifest['hidden_size']} but the model's is {model_hidden}"
         )
+    return manifest
+
+
+def _check_serving(manifest: dict, manifest_path: Path) -> None:
+    """`serving` must be something a request could ask for: alpha, layers of this artifact, a position mode."""
+    serving = manifest.get("serving")
+    if not isinstance(serving, dict) or set(serving) != {"alpha", "layers", "positions"}:
+        raise ManifestError(f"{manifest_path}: 'serving' must be an object with alpha, layers and positions")
+    alpha, layers = serving["alpha"], serving["layers"]
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not -10.0 <= alpha <= 10.0:
+        raise ManifestError(f"{manifest_path}: serving alpha must be a number in [-10, 10], got {alpha!r}")
+    if not isinstance(layers, list) or not layers or not set(layers) <= set(manifest["layers"]):
+        raise ManifestError(f"{manifest_path}: serving layers {layers!r} are not a non-empty subset of the "
+                            f"artifact's layers {manifest['layers']}")
+    if serving["positions"] not in SERVING_POSITIONS:
+        raise ManifestError(f"{manifest_path}: serving positions must be one of {SERVING_POSITIONS}, "
+                            f"got {serving['positions']!r}")
+    if manifest.get("evidence") is not None and not isinstance(manifest["evidence"], dict):
+        raise ManifestError(f"{manifest_path}: 'evidence' must be an object or null")
+
+
+def set_serving_defaults(path: str | Path, serving: dict, evidence: dict) -> dict:
+    """Record calibrated serving defaults and their evidence in an artifact's manifest (atomically).
+
+    `default_alpha` follows the serving alpha, so that readers of version 1 fields agree.
+    Returns the new manifest; refuses serving defaults the artifact cannot serve.
+    """
+    path = Path(path)
+    manifest = _read_manifest(path / MANIFEST_NAME)
+    manifest.update(format_version=FORMAT_VERSION, serving=serving, evidence=evidence,
+                    default_alpha=float(serving["alpha"]))
+    _check_serving(manifest, path / MANIFEST_NAME)
+    tmp = path / f".{MANIFEST_NAME}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.chmod(tmp, 0o644)
+    tmp.replace(path / MANIFEST_NAME)
     return manifest
 
 

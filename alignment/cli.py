@@ -33,33 +33,20 @@ def register(subparsers) -> None:
     commands = align.add_subparsers(dest="align_command", required=True)
 
     fit = commands.add_parser("fit", help="fit per-layer maps source -> target and write an intervention artifact")
-    _add_model_and_data(fit, several=True)
-    fit.add_argument("--source", required=True, help="source language code (e.g. swh_Latn, sw)")
-    fit.add_argument("--target", default="eng_Latn", help="target language code (default eng_Latn)")
-    fit.add_argument("--out", required=True, type=Path, help="artifact directory to write")
-    fit.add_argument("--layers", default="all", help="'all' or a list like 0,4,6-9 (0-based decoder layers)")
-    fit.add_argument("--pooling", choices=POOLINGS, default=RECOMMENDED.pooling,
-                     help=f"sentence representation (default {RECOMMENDED.pooling})")
-    fit.add_argument("--solver", choices=SOLVERS, default=RECOMMENDED.solver,
-                     help="ridge (toward identity, lambda per layer on held-out pairs), lstsq (INCLINE: min-norm "
-                          "least squares), meanshift (DiffMean: b only) or procrustes (rotation + mean shift); "
-                          f"default {RECOMMENDED.solver}")
-    fit.add_argument("--bias", action=argparse.BooleanOptionalAction, default=None,
-                     help="fit an affine map (default: the solver's own, on for meanshift and procrustes)")
-    fit.add_argument("--rank", type=int, default=None, help="store W - I as rank-r factors (ridge and lstsq)")
-    fit.add_argument("--holdout-fraction", type=float, default=0.2,
-                     help="share of fitting pairs held out to choose lambda (default 0.2)")
-    fit.add_argument("--dtype", choices=DTYPES, default="float32", help="tensor dtype in the artifact")
-    fit.add_argument("--form", choices=FORMS, default="map",
-                     help="map: W maps source to target states; incline: W = I + W_incline^T (alpha = INCLINE's s)")
-    fit.add_argument("--alpha", type=float, default=1.0, help="default strength recorded in the manifest")
-    fit.add_argument("--chunk-size", type=int, default=256,
-                     help="pairs per extraction chunk; statistics stream, so memory does not grow with the data")
-    fit.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
-    fit.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
-                     help="extract states on Ray workers (local Ray without ADDRESS; one shard per worker)")
-    fit.add_argument("--ray-workers", type=int, default=2, help="shards (Ray tasks) with --ray (default 2)")
+    _add_fit_arguments(fit)
     fit.set_defaults(func=run_fit)
+
+    build = commands.add_parser(
+        "build", help="fit with the recommended recipe, then choose the serving defaults on labelled calibration "
+                      "data (steering stays off unless its gain clears the gate)")
+    _add_fit_arguments(build)
+    build.add_argument("--calibrate", nargs="+", required=True, type=Path, metavar="FILE_OR_DIR",
+                       help="XCOPA/XNLI-style files (language from the file name, as bench reads them)")
+    build.add_argument("--task", choices=("xcopa", "xnli"), default=None,
+                       help="the calibration task (default: from the paths' names)")
+    build.add_argument("--calibration-max-items", type=int, default=None, help="only the first N calibration items")
+    build.add_argument("--engine-dtype", default="float32", help="dtype of the scoring engine (default float32)")
+    build.set_defaults(func=run_build)
 
     evaluate = commands.add_parser("eval", help="evaluate an intervention on held-out parallel data")
     _add_model_and_data(evaluate)
@@ -78,6 +65,35 @@ def register(subparsers) -> None:
     diagnose.add_argument("--pooling", choices=POOLINGS, default="mean")
     diagnose.add_argument("--out", type=Path, default=Path("diagnose"), help="report directory (default ./diagnose)")
     diagnose.set_defaults(func=run_diagnose)
+
+
+def _add_fit_arguments(parser) -> None:
+    _add_model_and_data(parser, several=True)
+    parser.add_argument("--source", required=True, help="source language code (e.g. swh_Latn, sw)")
+    parser.add_argument("--target", default="eng_Latn", help="target language code (default eng_Latn)")
+    parser.add_argument("--out", required=True, type=Path, help="artifact directory to write")
+    parser.add_argument("--layers", default="all", help="'all' or a list like 0,4,6-9 (0-based decoder layers)")
+    parser.add_argument("--pooling", choices=POOLINGS, default=RECOMMENDED.pooling,
+                     help=f"sentence representation (default {RECOMMENDED.pooling})")
+    parser.add_argument("--solver", choices=SOLVERS, default=RECOMMENDED.solver,
+                     help="ridge (toward identity, lambda per layer on held-out pairs), lstsq (INCLINE: min-norm "
+                          "least squares), meanshift (DiffMean: b only) or procrustes (rotation + mean shift); "
+                          f"default {RECOMMENDED.solver}")
+    parser.add_argument("--bias", action=argparse.BooleanOptionalAction, default=None,
+                     help="fit an affine map (default: the solver's own, on for meanshift and procrustes)")
+    parser.add_argument("--rank", type=int, default=None, help="store W - I as rank-r factors (ridge and lstsq)")
+    parser.add_argument("--holdout-fraction", type=float, default=0.2,
+                     help="share of fitting pairs held out to choose lambda (default 0.2)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="tensor dtype in the artifact")
+    parser.add_argument("--form", choices=FORMS, default="map",
+                     help="map: W maps source to target states; incline: W = I + W_incline^T (alpha = INCLINE's s)")
+    parser.add_argument("--alpha", type=float, default=1.0, help="default strength recorded in the manifest")
+    parser.add_argument("--chunk-size", type=int, default=256,
+                     help="pairs per extraction chunk; statistics stream, so memory does not grow with the data")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
+    parser.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                     help="extract states on Ray workers (local Ray without ADDRESS; one shard per worker)")
+    parser.add_argument("--ray-workers", type=int, default=2, help="shards (Ray tasks) with --ray (default 2)")
 
 
 def _add_model_and_data(parser, several: bool = False) -> None:
@@ -213,6 +229,38 @@ def run_fit(args) -> int:
     size = sum(p.stat().st_size for p in args.out.iterdir())
     print(f"wrote {args.out} ({source} -> {target}, {len(layers)} layers, {len(pairs)} pairs, {args.solver}, "
           f"{size:,} bytes)", file=sys.stderr)
+    return 0
+
+
+def run_build(args) -> int:
+    """Fit into a staging directory, calibrate there, then move it into place: an interrupted
+    build never leaves an artifact that would serve uncalibrated defaults."""
+    import shutil
+    import tempfile
+
+    from alignment.artifact import replace_dir
+    from evaluation.serving_defaults import calibrate_serving, load_calibration_items
+
+    if args.out.exists() and not args.overwrite:
+        raise ValueError(f"{args.out} exists; pass --overwrite to replace it")
+    if args.calibration_max_items is not None and args.calibration_max_items < 1:
+        raise ValueError("--calibration-max-items must be positive")
+    missing = [str(path) for path in args.calibrate if not path.exists()]
+    if missing:
+        raise FileNotFoundError(f"calibration path(s) not found: {', '.join(missing)}")
+    task, items = load_calibration_items(args.model, args.calibrate, language_code(args.source), args.task,
+                                         args.calibration_max_items)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.build.", dir=args.out.parent))
+    try:
+        final_out, args.out, args.overwrite = args.out, staging / "artifact", False
+        run_fit(args)
+        print("calibrating the serving defaults (fit done; scoring every candidate through vLLM)", file=sys.stderr)
+        evidence = calibrate_serving(args.out, args.model, task, items, dtype=args.engine_dtype)
+        replace_dir(args.out, final_out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"{final_out}: {evidence['summary']}", file=sys.stderr)
     return 0
 
 

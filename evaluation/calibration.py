@@ -8,6 +8,8 @@ alpha 0 = no intervention wins any tie it is part of), then to the negative one.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 DEFAULT_GRID = (-1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0)  # INCLINE swept -1..1
@@ -39,3 +41,94 @@ def contiguous_folds(n: int, k: int) -> list[np.ndarray]:
     if k < 2 or k > n:
         raise ValueError(f"cannot split {n} items into {k} folds (need 2 <= folds <= items)")
     return [block for block in np.array_split(np.arange(n), k)]
+
+
+# ---- serving defaults: the search and the gate of `lingosteer align build` ---------------
+
+MIN_CALIBRATION_ITEMS = 40
+CALIBRATION_FOLDS = 5
+SEARCH_ALPHAS = (-1.0, -0.5, 0.5, 1.0)
+SEARCH_POSITIONS = ("last", "prompt")
+# Serving position mode -> the benchmark's steering mode that steers the same prompt tokens of
+# a scoring request ("prompt": every prompt token; the benchmark leaves BOS alone, serving steers it too).
+STEER_OF_POSITIONS = {"last": "last", "prompt": "context", "all": "all"}
+# Written before any calibration was run; docs/benchmarks.md quotes it.
+GATE_RULE = (
+    f"Candidates: alpha in {SEARCH_ALPHAS} x layers in (all, the middle third, the middle layer) x positions in "
+    f"{SEARCH_POSITIONS}. Cross-validation over {CALIBRATION_FOLDS} contiguous folds of the calibration items: "
+    "for each fold, the candidate with the highest accuracy on the other folds is chosen (ties: smaller |alpha|, "
+    "then fewer layers, then 'last'), and the fold's items are scored under it. The steered configuration is "
+    "adopted only if the lower end of the 95% paired bootstrap CI of (cross-validated accuracy - plain accuracy) "
+    "is above 0; the adopted configuration is the one chosen on all calibration items. Otherwise serving is off "
+    "(alpha 0)."
+)
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """A candidate serving default: what a request naming only its language would get."""
+
+    alpha: float
+    layers: tuple[int, ...]
+    positions: str
+
+    def as_serving(self) -> dict:
+        return {"alpha": float(self.alpha), "layers": list(self.layers), "positions": self.positions}
+
+    def describe(self) -> str:
+        layers = f"{self.layers[0]}-{self.layers[-1]}" if len(self.layers) > 1 else str(self.layers[0])
+        return f"alpha {self.alpha:+g}, layers {layers}, positions {self.positions}"
+
+
+def search_space(layers: list[int]) -> list[ServingConfig]:
+    """GATE_RULE's candidates for an artifact with these layers."""
+    layers = sorted(layers)
+    third = max(1, len(layers) // 3)
+    layer_sets = dict.fromkeys([tuple(layers), tuple(layers[third : len(layers) - third] or layers),
+                                (layers[len(layers) // 2],)])
+    return [ServingConfig(alpha, layer_set, positions)
+            for layer_set in layer_sets for positions in SEARCH_POSITIONS for alpha in SEARCH_ALPHAS]
+
+
+@dataclass
+class ServingChoice:
+    """The outcome of the gate: the serving defaults and the evidence for them."""
+
+    adopted: bool
+    config: ServingConfig | None  # chosen on all calibration items (None: serving is off)
+    plain_accuracy: float
+    cross_validated_accuracy: float
+    delta_ci95: tuple[float, float]
+    fold_choices: list[str]
+    candidate_accuracy: dict[str, float]
+
+
+def choose_serving(correct: dict[ServingConfig, np.ndarray], plain: np.ndarray,
+                   folds: int = CALIBRATION_FOLDS, seed: int = 0) -> ServingChoice:
+    """GATE_RULE, applied to each candidate's per-item correctness and the plain run's."""
+    from evaluation.stats import bootstrap_delta_ci
+
+    plain = np.asarray(plain, dtype=bool)
+    n = plain.size
+    if n < MIN_CALIBRATION_ITEMS:
+        raise ValueError(f"{n} calibration items are too few for the gate: at least {MIN_CALIBRATION_ITEMS} needed")
+    candidates = list(correct)
+
+    def best(items: np.ndarray) -> ServingConfig:
+        return min(candidates, key=lambda c: (-correct[c][items].mean(), abs(c.alpha), len(c.layers),
+                                              c.positions != "last", c.alpha))
+
+    cross_validated = np.empty(n, dtype=bool)
+    fold_choices = []
+    for fold in contiguous_folds(n, folds):
+        chosen = best(np.setdiff1d(np.arange(n), fold))
+        cross_validated[fold] = correct[chosen][fold]
+        fold_choices.append(chosen.describe())
+    low, high = bootstrap_delta_ci([(plain, cross_validated)], seed=seed)
+    adopted = low > 0
+    return ServingChoice(
+        adopted=adopted, config=best(np.arange(n)) if adopted else None,
+        plain_accuracy=float(plain.mean()), cross_validated_accuracy=float(cross_validated.mean()),
+        delta_ci95=(low, high), fold_choices=fold_choices,
+        candidate_accuracy={c.describe(): float(correct[c].mean()) for c in candidates},
+    )

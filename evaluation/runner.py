@@ -126,8 +126,8 @@ def run_benchmark(config: BenchmarkConfig, llm=None) -> tuple[dict, list[dict]]:
     model_dir = resolve_model(config.model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompts = load_prompts(config.task, config.prompts_path)
-    eval_sets = _load_sets(config, config.eval_paths, tokenizer, prompts)
-    cal_sets = _load_sets(config, config.calibrate_paths, tokenizer, prompts) if config.calibrate_paths else {}
+    eval_sets = load_language_sets(config, config.eval_paths, tokenizer, prompts)
+    cal_sets = load_language_sets(config, config.calibrate_paths, tokenizer, prompts) if config.calibrate_paths else {}
     targets = [s for s in eval_sets.values() if not s.english]
     missing = [s.code for s in targets if config.calibrate_paths and s.code not in cal_sets]
     if missing:
@@ -153,7 +153,7 @@ def run_benchmark(config: BenchmarkConfig, llm=None) -> tuple[dict, list[dict]]:
 
     from evaluation.report import build_report
 
-    report = build_report(config, model_dir, eval_sets, outcomes, map_sets, timing, reference, _engine_facts(llm))
+    report = build_report(config, model_dir, eval_sets, outcomes, map_sets, timing, reference, engine_facts(llm))
     return report, _item_records(eval_sets, outcomes)
 
 
@@ -188,7 +188,7 @@ def _check_config(config: BenchmarkConfig) -> None:
         raise ValueError("--reference-sample must be positive")
 
 
-def _load_sets(config, paths, tokenizer, prompts) -> dict[str, LanguageSet]:
+def load_language_sets(config, paths, tokenizer, prompts) -> dict[str, LanguageSet]:
     from lingosteer.languages import normalize_code
 
     sets = {}
@@ -288,7 +288,7 @@ def start_scoring_engine(model_dir: Path, dtype: str, **overrides):
                                        **overrides))
 
 
-def _engine_facts(llm) -> dict:
+def engine_facts(llm) -> dict:
     """What the numbers depend on besides the model and the items: dtype, CPU, vLLM."""
     import vllm
 
@@ -349,7 +349,7 @@ class Scorer:
             table[items] = scored.scores[start : start + len(items) * width].reshape(len(items), width)
 
 
-def _correct(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+def correct_choices(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return scores.argmax(axis=1) == labels
 
 
@@ -360,7 +360,7 @@ def _condition(lang_set: LanguageSet, alpha: float, steer: str) -> Condition:
 
 def _calibrate(scorer: Scorer, s: LanguageSet, items: np.ndarray, grid, steer, maps: int) -> tuple[float, list[float]]:
     """The alpha chosen on `items` of `s` (already scored under the grid) and the grid's accuracies."""
-    correct = np.stack([_correct(scorer.scores(s, _condition(s, a, steer), maps)[items], s.labels[items])
+    correct = np.stack([correct_choices(scorer.scores(s, _condition(s, a, steer), maps)[items], s.labels[items])
                         for a in grid])
     return choose_alpha(grid, correct)
 
@@ -375,7 +375,7 @@ def _score_all(config, scorer: Scorer, eval_sets, cal_sets) -> dict[str, Outcome
     if config.plain_only:
         for s in targets:
             base = scorer.scores(s, PLAIN, 0)
-            correct = _correct(base, s.labels)
+            correct = correct_choices(base, s.labels)
             outcomes[s.code] = Outcome(correct, correct, base, base, np.zeros(s.n), None,
                                        {"source": "no interventions: plain baseline"})
     elif config.cross_fit:
@@ -418,13 +418,13 @@ def _score_all(config, scorer: Scorer, eval_sets, cal_sets) -> dict[str, Outcome
         for s in targets:
             base = scorer.scores(s, PLAIN, 0)
             inter = scorer.scores(s, _condition(s, alphas[s.code], steer), 0)
-            outcomes[s.code] = Outcome(_correct(base, s.labels), _correct(inter, s.labels), base, inter,
+            outcomes[s.code] = Outcome(correct_choices(base, s.labels), correct_choices(inter, s.labels), base, inter,
                                        np.full(s.n, alphas[s.code]), alphas[s.code], calibration[s.code],
                                        maps_of_item=np.zeros(s.n, dtype=int))
     for s in eval_sets.values():
         if s.english:
             base = scorer.scores(s, PLAIN, 0)
-            correct = _correct(base, s.labels)
+            correct = correct_choices(base, s.labels)
             outcomes[s.code] = Outcome(correct, correct, base, base, np.zeros(s.n), None)
     return outcomes
 
@@ -440,7 +440,7 @@ def _cross_fit_outcome(scorer: Scorer, s: LanguageSet, folds, choices, maps_of_f
         alpha_per_item[held_out], fold_of_item[held_out], maps_of_item[held_out] = alpha, k, maps_of_fold[k]
     calibration = {"cross_fit": len(folds), "folds": [[int(f[0]), int(f[-1]) + 1] for f in folds],
                    "grid_accuracy_by_fold": [choices[(s.code, k)][1] for k in range(len(folds))]}
-    return Outcome(_correct(base, s.labels), _correct(inter, s.labels), base, inter, alpha_per_item,
+    return Outcome(correct_choices(base, s.labels), correct_choices(inter, s.labels), base, inter, alpha_per_item,
                    [choices[(s.code, k)][0] for k in range(len(folds))], calibration, fold_of_item, maps_of_item)
 
 

@@ -21,6 +21,8 @@ class LoadedIntervention:
     version: str
     path: str
     default_alpha: float
+    serving: dict  # what a request naming only its language gets: {"alpha", "layers", "positions"}
+    evidence: dict | None  # how `serving` was chosen (None: not calibrated)
     # Per layer: D^T (d x d) and b (d) in fp32, so that W h + b - h = h @ D^T + b for row vectors.
     delta_t: dict[int, torch.Tensor]
     bias: dict[int, torch.Tensor]
@@ -42,6 +44,8 @@ class LoadedIntervention:
             "path": self.path,
             "layers": list(self.layers),
             "default_alpha": self.default_alpha,
+            "serving": self.serving,
+            "evidence": self.evidence,
             "memory_bytes": self.memory_bytes,
         }
 
@@ -78,6 +82,8 @@ def read_intervention(
         version=artifact_version(path),
         path=str(path),
         default_alpha=artifact.default_alpha,
+        serving=artifact.serving,
+        evidence=artifact.evidence,
         delta_t=delta_t,
         bias=bias,
     )

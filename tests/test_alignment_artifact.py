@@ -40,7 +40,7 @@ def test_round_trip_full(tmp_path, dtype, tol):
     loaded = load_intervention(tmp_path / "a", expected_fingerprint=FINGERPRINT)
     assert (loaded.source, loaded.target, loaded.layers, loaded.default_alpha) == ("swh_Latn", "eng_Latn", LAYERS, 0.5)
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
-    assert manifest["format_version"] == 1 and manifest["dtype"] == dtype and manifest["parametrization"] == "full"
+    assert manifest["format_version"] == 2 and manifest["dtype"] == dtype and manifest["parametrization"] == "full"
     assert manifest["lambdas"] == pytest.approx(list(aligner.lambdas_))
     for i, layer in enumerate(LAYERS):
         D_, b = loaded.delta(layer)
@@ -129,7 +129,11 @@ CASES = {
     "missing field": (lambda p: _edit_manifest(p, pooling=None), artifact.ManifestError),
     "mistyped field": (lambda p: _edit_manifest(p, layers="1,3"), artifact.ManifestError),
     "layer beyond model": (lambda p: _edit_manifest(p, layers=[1, 9]), artifact.ManifestError),
-    "format version": (lambda p: _edit_manifest(p, format_version=2), artifact.FormatVersionError),
+    "format version": (lambda p: _edit_manifest(p, format_version=3), artifact.FormatVersionError),
+    "serving layers not in artifact": (lambda p: _edit_manifest(p, serving={"alpha": 0.5, "layers": [0], "positions": "last"}),
+                                       artifact.ManifestError),
+    "serving positions": (lambda p: _edit_manifest(p, serving={"alpha": 0.5, "layers": [1], "positions": "first"}),
+                          artifact.ManifestError),
     "parametrization": (lambda p: _edit_manifest(p, parametrization="kronecker"), artifact.ParametrizationError),
     "form": (lambda p: _edit_manifest(p, form="replace"), artifact.ParametrizationError),
     "hidden size vs model": (lambda p: _edit_manifest(p, hidden_size=32), artifact.ShapeMismatchError),
@@ -179,3 +183,24 @@ def test_file_over_size_limit_is_refused(tmp_path):
     load_intervention(path, max_bytes=size)
     with pytest.raises(artifact.NotSafetensorsError, match="over the limit"):
         load_intervention(path, max_bytes=size - 1)
+
+
+def test_serving_defaults_are_recorded_with_their_evidence_and_version_1_still_loads(tmp_path):
+    save(tmp_path / "a", default_alpha=0.5)
+    loaded = load_intervention(tmp_path / "a")
+    assert loaded.serving == {"alpha": 0.5, "layers": LAYERS, "positions": "last"} and loaded.evidence is None
+    evidence = {"task": "xcopa", "items": 100, "plain": 0.55, "steered": 0.6, "rule": "..."}
+    artifact.set_serving_defaults(tmp_path / "a", {"alpha": -0.5, "layers": [3], "positions": "prompt"}, evidence)
+    loaded = load_intervention(tmp_path / "a")
+    assert loaded.serving == {"alpha": -0.5, "layers": [3], "positions": "prompt"} and loaded.evidence == evidence
+    assert loaded.default_alpha == -0.5
+    with pytest.raises(artifact.ManifestError, match="not a non-empty subset"):
+        artifact.set_serving_defaults(tmp_path / "a", {"alpha": 1.0, "layers": [2], "positions": "last"}, evidence)
+    assert load_intervention(tmp_path / "a").serving["layers"] == [3]  # the refused update changed nothing
+    # A version-1 manifest (no serving, no evidence) serves what version 1 served.
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    for key in ("serving", "evidence"):
+        del manifest[key]
+    (tmp_path / "a" / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    old = load_intervention(tmp_path / "a")
+    assert old.serving == {"alpha": -0.5, "layers": LAYERS, "positions": "last"} and old.evidence is None

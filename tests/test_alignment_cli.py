@@ -137,3 +137,40 @@ def test_fit_without_solver_or_data_options_uses_the_recommended_recipe(tiny_mod
     assert [s["spec"] for s in manifest["fit_data"]["sources"]] == list(RECOMMENDED.data)
     assert manifest["fit_data"]["recipe"] == "recommended"
     assert (manifest["solver"], manifest["pooling"]) == (RECOMMENDED.solver, RECOMMENDED.pooling)
+
+
+def test_build_fits_calibrates_and_records_the_gate(tiny_model_dir, data_dir, tmp_path, capsys):
+    """The whole build on a tiny random model: it cannot help XCOPA, so the gate keeps steering off."""
+    out = tmp_path / "swh_Latn"
+    assert main(["align", "build", "--model", str(tiny_model_dir("llama")), "--source", "sw",
+                 "--data", f"sib200:dev@{data_dir}", "--max-pairs", "24", "--layers", "0-1",
+                 "--calibrate", str(data_dir / "xcopa" / "val.sw.jsonl"), "--calibration-max-items", "40",
+                 "--out", str(out)]) == 0
+    manifest = load_intervention(out).manifest
+    evidence = manifest["evidence"]
+    assert evidence["task"] == "xcopa" and evidence["items"] == 40 and not evidence["adopted"]
+    assert manifest["serving"] == {"alpha": 0.0, "layers": [0, 1], "positions": "last"}
+    assert manifest["default_alpha"] == 0.0 and manifest["format_version"] == 2
+    assert "gate not cleared" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["swh_Latn"]  # no staging left behind
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--calibration-max-items", "10"], "too few for the gate (at least 40)"),
+        (["--source", "ita_Latn"], "no xcopa calibration file for ita_Latn"),
+        (["--calibrate", "/no/such/file.jsonl"], "calibration path(s) not found"),
+    ],
+)
+def test_bad_build_input_is_refused_before_anything_slow(tiny_model_dir, data_dir, tmp_path, capsys, extra, message):
+    args = {"--source": "sw", "--calibrate": str(data_dir / "xcopa" / "val.sw.jsonl")}
+    for flag in ("--source", "--calibrate"):
+        if flag in extra:
+            args[flag] = extra[extra.index(flag) + 1]
+    rest = [item for i, item in enumerate(extra) if item not in args and (i == 0 or extra[i - 1] not in args)]
+    code = main(["align", "build", "--model", str(tiny_model_dir("llama")), "--data", f"sib200:dev@{data_dir}",
+                 "--max-pairs", "10", "--out", str(tmp_path / "x"), *[v for kv in args.items() for v in kv], *rest])
+    assert code == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not any(tmp_path.iterdir())

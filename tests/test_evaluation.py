@@ -467,3 +467,69 @@ def test_bootstrap_ci_brackets_the_delta_and_collapses_without_discordance():
     se = math.sqrt(np.var(inter.astype(float) - base) / 200)
     assert high - low == pytest.approx(2 * 1.96 * se, rel=0.2)
     assert bootstrap_delta_ci([(base, base)], resamples=500) == (0.0, 0.0)
+
+
+# ---- calibrated serving defaults (align build) ------------------------------------------
+
+
+def test_search_space_covers_alpha_signs_layer_bands_and_positions():
+    from evaluation.calibration import search_space
+
+    space = search_space(list(range(18)))
+    assert {c.layers for c in space} == {tuple(range(18)), tuple(range(6, 12)), (9,)}
+    assert {c.alpha for c in space} == {-1.0, -0.5, 0.5, 1.0} and {c.positions for c in space} == {"last", "prompt"}
+    assert len(space) == 24
+
+
+def test_gate_adopts_only_a_gain_whose_ci_clears_zero():
+    from evaluation.calibration import ServingConfig, choose_serving
+
+    rng = np.random.default_rng(0)
+    n = 100
+    plain = rng.random(n) < 0.5
+    helpful, useless = ServingConfig(0.5, (1, 2), "last"), ServingConfig(-1.0, (1,), "prompt")
+    correct = {helpful: plain | (rng.random(n) < 0.5), useless: rng.random(n) < 0.5}
+    choice = choose_serving(correct, plain)
+    assert choice.adopted and choice.config == helpful and choice.delta_ci95[0] > 0
+    assert choice.cross_validated_accuracy > choice.plain_accuracy and len(choice.fold_choices) == 5
+    # Noise around plain: whatever wins on a fold, the cross-validated gain does not clear zero.
+    noise = {ServingConfig(a, (1,), "last"): plain ^ (rng.random(n) < 0.1) for a in (-1.0, 1.0)}
+    off = choose_serving(noise, plain)
+    assert not off.adopted and off.config is None and off.delta_ci95[0] <= 0
+    with pytest.raises(ValueError, match="at least 40"):
+        choose_serving({helpful: correct[helpful][:39]}, plain[:39])
+
+
+def test_calibration_adopts_a_planted_gain_and_stays_off_without_one(llm, model_dir, data_dir, tmp_path):
+    """Labels written to be what the steered model picks (a gain) or what the plain model picks
+    (no gain possible): the same artifact comes out adopted in one case and off in the other."""
+    import shutil
+
+    from alignment.artifact import load_intervention
+    from evaluation.serving_defaults import calibrate_serving, load_calibration_items
+
+    # Options of four words each: close enough in length that steering can flip the choice.
+    sentences = [" ".join(text.split()[:4]) for text in _sentences("swh_Latn", data_dir, 62)]
+    write_xcopa(tmp_path / "val.sw.jsonl", sentences)
+    _, items = load_calibration_items(str(model_dir), [tmp_path / "val.sw.jsonl"], "swh_Latn", "xcopa")
+    strong = write_planted_intervention(tmp_path / "strong", model_dir, [0, 1], "swh_Latn", seed=5, strength=30.0)
+    scorer = Scorer(llm, [{"swh_Latn": strong}], Timing(), progress=False)
+    steered = Condition("swh_Latn", 1.0, "context", (0, 1))  # = serving alpha 1, every layer, positions "prompt"
+    scorer.score([(items, c, np.arange(items.n)) for c in (PLAIN, steered)], maps=0)
+    picks = {name: scorer.scores(items, c, 0).argmax(axis=1) for name, c in (("plain", PLAIN), ("steered", steered))}
+    assert (picks["plain"] != picks["steered"]).sum() >= 3  # the planted map changes some choices
+
+    for name, expect_adopted in (("steered", True), ("plain", False)):
+        (tmp_path / name).mkdir()
+        write_xcopa(tmp_path / name / "val.sw.jsonl", sentences)
+        lines = (tmp_path / name / "val.sw.jsonl").read_text().splitlines()
+        records = [{**json.loads(line), "label": int(label)} for line, label in zip(lines, picks[name])]
+        (tmp_path / name / "val.sw.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        artifact = shutil.copytree(strong, tmp_path / name / "artifact")
+        _, items = load_calibration_items(str(model_dir), [tmp_path / name], "swh_Latn", "xcopa")
+        evidence = calibrate_serving(artifact, str(model_dir), "xcopa", items, progress=False, llm=llm)
+        serving = load_intervention(artifact).serving
+        assert evidence["adopted"] is expect_adopted and evidence["items"] == 60, evidence["summary"]
+        assert (serving["alpha"] != 0) is expect_adopted
+        assert ("gate not cleared" in evidence["summary"]) is not expect_adopted
+        assert evidence["rule"].startswith("Candidates:") and len(evidence["candidate_accuracy"]) == 16  # 2 layer sets

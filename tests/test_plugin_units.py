@@ -63,6 +63,7 @@ def test_cache_salt_differs_whenever_the_intervention_differs():
 def _intervention(version="v1", layers=(0, 1), dim=4, alpha=1.0):
     return LoadedIntervention(
         language="swh_Latn", target="eng_Latn", version=version, path="/x", default_alpha=alpha,
+        serving={"alpha": alpha, "layers": list(layers), "positions": "last"}, evidence=None,
         delta_t={layer: torch.eye(dim) * (layer + 1) for layer in layers},
         bias={layer: torch.zeros(dim) for layer in layers},
     )

@@ -27,7 +27,15 @@ def router(tokenizer, tmp_path):
         registry.loaded[language] = InterventionInfo(
             language=language, target="eng_Latn", version=f"v-{language}", path=language,
             layers=layers, default_alpha=alpha, memory_bytes=0,
+            serving={"alpha": alpha, "layers": layers, "positions": "last"},
         )
+    # Calibrated: Estonian on layer 1 only, every prompt token; Turkish off (no clear gain).
+    evidence = {"summary": "XCOPA calibration: +0.0 points, 95% CI [-3.0, +3.0], gate not cleared"}
+    for language, serving in (("est_Latn", {"alpha": -0.5, "layers": [1], "positions": "prompt"}),
+                              ("tur_Latn", {"alpha": 0.0, "layers": [0, 1], "positions": "last"})):
+        registry.loaded[language] = InterventionInfo(
+            language=language, target="eng_Latn", version=f"v-{language}", path=language, layers=[0, 1],
+            default_alpha=serving["alpha"], memory_bytes=0, serving=serving, evidence=evidence)
     return LanguageRouter(registry, LanguageDetector(0.5), PromptTokenizer(tokenizer, CHAT_TEMPLATE))
 
 
@@ -54,8 +62,34 @@ def test_explicit_iso_codes_are_normalised(router):
     assert payload["vllm_xargs"] == {"language": "swh_Latn", "alpha": 0.5}
 
 
+def test_requests_naming_only_their_language_get_the_serving_defaults(router):
+    payload = {"prompt": "x", "vllm_xargs": {"language": "et"}}
+    applied = router.route(payload, "completion")
+    assert applied.applied and applied.defaults == "calibrated"
+    assert (applied.alpha, applied.layers, applied.positions) == (-0.5, [1], "prompt")
+    assert payload["vllm_xargs"] == {"language": "est_Latn", "layers": [1], "positions": "prompt"}
+    # What the request names wins over the defaults.
+    payload = {"prompt": "x", "vllm_xargs": {"language": "et", "alpha": 0.25, "positions": "all"}}
+    applied = router.route(payload, "completion")
+    assert (applied.alpha, applied.layers, applied.positions) == (0.25, [1], "all")
+    # Uncalibrated artifacts serve their manifest's values, and say so.
+    applied = router.route({"prompt": "x", "vllm_xargs": {"language": "sw"}}, "completion")
+    assert applied.applied and applied.defaults == "uncalibrated" and applied.alpha == 1.0
+
+
+def test_a_language_whose_calibration_found_no_gain_runs_plain_unless_alpha_is_asked(router):
+    payload = {"prompt": "x", "vllm_xargs": {"language": "tr"}}
+    applied = router.route(payload, "completion")
+    assert not applied.applied and applied.language == "tur_Latn" and applied.defaults == "calibrated"
+    assert "off by default" in applied.reason and "gate not cleared" in applied.reason
+    assert "vllm_xargs" not in payload  # a plain request: nothing reaches the engine
+    payload = {"prompt": "x", "vllm_xargs": {"language": "tr", "alpha": 0.5}}
+    applied = router.route(payload, "completion")
+    assert applied.applied and applied.alpha == 0.5 and payload["vllm_xargs"]["language"] == "tur_Latn"
+
+
 def test_unloaded_language_is_400_listing_loaded_unless_passthrough(router):
-    with pytest.raises(RoutingError, match="loaded: ita_Latn, swh_Latn"):
+    with pytest.raises(RoutingError, match="loaded: est_Latn, ita_Latn, swh_Latn, tur_Latn"):
         router.route({"prompt": "x", "vllm_xargs": {"language": "fra_Latn"}}, "completion")
     payload = {"prompt": "x", "vllm_xargs": {"language": "fr", "on_missing": "passthrough", "alpha": 2}}
     applied = router.route(payload, "completion")
@@ -250,7 +284,7 @@ def test_admin_routes_exist_only_with_a_token(router, tmp_path, token):
     mount(app, router.registry, router, ServerOptions(interventions=tmp_path, admin_token=token))
     client = TestClient(app)
     listing = client.get("/v1/interventions").json()["interventions"]
-    assert [item["language"] for item in listing] == ["ita_Latn", "swh_Latn"]
+    assert [item["language"] for item in listing] == ["est_Latn", "ita_Latn", "swh_Latn", "tur_Latn"]
     paths = set(client.get("/openapi.json").json()["paths"])
     if token is None:
         assert not any(p.startswith("/admin") for p in paths)

@@ -65,6 +65,8 @@ class LanguageRouter:
             applied = self._explicit(requested, xargs, on_missing)
 
         if applied.applied:
+            applied = self._serving_defaults(applied, xargs)
+        if applied.applied:
             xargs[LANGUAGE_KEY] = applied.language
             self._complete(applied, xargs)
             if isinstance(applied.positions, list):
@@ -161,6 +163,25 @@ class LanguageRouter:
             confidence=min(r.confidence for r in reports if r.steered),
             reason=f"one intervention per request: segments in {', '.join(skipped)} not steered" if skipped else None,
         )
+
+    def _serving_defaults(self, applied: AppliedIntervention, xargs: dict) -> AppliedIntervention:
+        """Fill what the request left out from the artifact's serving defaults. A calibrated
+        alpha of 0 means steering is off for this language unless the request asks for it."""
+        info = self.registry.loaded[applied.language]
+        serving = info.serving
+        if "alpha" not in xargs and serving.alpha == 0:
+            summary = (info.evidence or {}).get("summary", "its serving alpha is 0")
+            return _plain(f"steering {applied.language} is off by default ({summary}); pass 'alpha' to steer anyway",
+                          source=applied.source, language=applied.language, confidence=applied.confidence,
+                          spans=applied.spans, defaults="calibrated" if info.evidence else "uncalibrated")
+        # Only what differs from the engine's own defaults travels: the engine already takes
+        # alpha from the bound version, every layer of it, and the last prompt token.
+        if "layers" not in xargs and sorted(serving.layers) != sorted(info.layers):
+            xargs["layers"] = serving.layers
+        if "positions" not in xargs and serving.positions != "last":
+            xargs["positions"] = serving.positions
+        applied.defaults = "calibrated" if info.evidence else "uncalibrated"
+        return applied
 
     def _complete(self, applied: AppliedIntervention, xargs: dict) -> None:
         """Validate the overrides now (400, not a silent plain run) and report their effective values."""

@@ -32,7 +32,16 @@ class AppliedIntervention(BaseModel):
     layers: list[int] | None = None
     positions: Positions | None = None
     spans: list[SpanReport] | None = None
+    defaults: Literal["calibrated", "uncalibrated"] | None = Field(
+        None, description="where the values the request left out came from: the artifact's calibrated serving "
+                          "defaults, or an artifact without calibration evidence")
     reason: str | None = Field(None, description="why nothing (or only part) was applied")
+
+
+class ServingDefaults(BaseModel):
+    alpha: float = Field(description="0 means off: the calibration found no clear gain")
+    layers: list[int]
+    positions: Literal["last", "prompt", "all"]
 
 
 class InterventionInfo(BaseModel):
@@ -42,6 +51,8 @@ class InterventionInfo(BaseModel):
     path: str = Field(description="artifact directory, relative to the interventions root when inside it")
     layers: list[int]
     default_alpha: float
+    serving: ServingDefaults = Field(description="what a request naming only its language gets")
+    evidence: dict | None = Field(None, description="how the serving defaults were chosen (null: not calibrated)")
     memory_bytes: int
 
 
