@@ -168,7 +168,7 @@ def save_intervention(
         "model": fingerprint,
         "source": source,
         "target": target,
-        "layers": [int(l) for l in layers],
+        "layers": [int(layer_index) for layer_index in layers],
         "hidden_size": int(W.shape[1]),
         "parametrization": parametrization,
         "rank": int(aligner.U_.shape[2]) if parametrization == "lowrank" else None,
@@ -179,7 +179,8 @@ def save_intervention(
         "bias": bool(aligner.bias),
         "lambdas": [None if np.isnan(lam) else float(lam) for lam in aligner.lambdas_],
         "default_alpha": float(default_alpha),
-        "serving": serving or {"alpha": float(default_alpha), "layers": [int(l) for l in layers], "positions": "last"},
+        "serving": serving or {"alpha": float(default_alpha), "layers": [int(layer_index) for layer_index in layers],
+                               "positions": "last"},
         "evidence": evidence,
         "dtype": dtype,
         "fit_data": fit_data,
@@ -338,10 +339,11 @@ def _read_manifest(manifest_path: Path) -> dict:
     if manifest["dtype"] not in DTYPES:
         raise TensorDtypeError(f"{manifest_path}: dtype {manifest['dtype']!r} is not one of {DTYPES}")
     layers = manifest["layers"]
-    if not layers or not all(isinstance(l, int) and not isinstance(l, bool) for l in layers) or len(set(layers)) != len(layers):
+    if (not layers or not all(isinstance(layer, int) and not isinstance(layer, bool) for layer in layers)
+            or len(set(layers)) != len(layers)):
         raise ManifestError(f"{manifest_path}: layers must be a non-empty list of distinct integers, got {layers!r}")
     num_layers = manifest["model"].get("num_hidden_layers")
-    if isinstance(num_layers, int) and not all(0 <= l < num_layers for l in layers):
+    if isinstance(num_layers, int) and not all(0 <= layer < num_layers for layer in layers):
         raise ManifestError(f"{manifest_path}: layers {layers} do not exist in a {num_layers}-layer model")
     _check_serving(manifest, manifest_path)
     model_hidden = manifest["model"].get("hidden_size")

@@ -124,7 +124,7 @@ def parse_layers(text: str, num_layers: int) -> list[int]:
         if last < first:
             raise ValueError(f"bad layer range {part!r} in {text!r}")
         layers.update(range(first, last + 1))
-    bad = sorted(l for l in layers if l >= num_layers)
+    bad = sorted(layer for layer in layers if layer >= num_layers)
     if bad:
         raise ValueError(f"layers {bad} do not exist: the model has {num_layers} layers (0..{num_layers - 1})")
     return sorted(layers)
@@ -212,7 +212,8 @@ def run_fit(args) -> int:
 
     bytes_per_value = 4 if args.dtype == "float32" else 2
     metrics = {
-        "heldout_error_ratio": {str(l): _finite_or_none(r) for l, r in zip(layers, aligner.heldout_error_ratio_)},
+        "heldout_error_ratio": {str(layer): _finite_or_none(r)
+                                for layer, r in zip(layers, aligner.heldout_error_ratio_)},
         "heldout_error_ratio_meaning": "held-out squared distance left by the map fitted without the held-out "
                                        "pairs, over that left by no intervention (lower is better)",
         "parameter_bytes": aligner.parameter_bytes(bytes_per_value),

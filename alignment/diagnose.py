@@ -39,7 +39,8 @@ def write_diagnosis_report(report: dict, out_dir: str | Path) -> dict[str, Path]
     write_text_atomic(paths["json"], json.dumps(report, indent=2) + "\n")
     languages = list(report["languages"])
     sections = []
-    for measure, label in (("cosine", "Mean cosine of translation pairs"), ("p1", "Retrieval P@1 (language -> target)")):
+    for measure, label in (("cosine", "Mean cosine of translation pairs"),
+                           ("p1", "Retrieval P@1 (language -> target)")):
         rows = [[layer] + [f"{report['languages'][lang][measure][i]:.3f}" for lang in languages]
                 for i, layer in enumerate(report["layers"])]
         sections.append(f"## {label}\n\n" + markdown_table(["layer"] + languages, rows))

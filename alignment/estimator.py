@@ -144,7 +144,8 @@ class LinearAligner:
         if rank is not None and solver not in RANK_SOLVERS:
             raise ValueError(f"rank applies to the {' and '.join(RANK_SOLVERS)} solvers, not {solver}")
         if solver == "meanshift" and bias is False:
-            raise ValueError("meanshift is a bias alone (W = I, b = mean(target) - mean(source)); bias=False does not apply")
+            raise ValueError("meanshift is a bias alone (W = I, b = mean(target) - mean(source)); "
+                             "bias=False does not apply")
         bias = solver in BIASED_SOLVERS if bias is None else bool(bias)
         if not 0.0 <= holdout_fraction < 1.0:
             raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
@@ -386,7 +387,8 @@ class LinearAligner:
         """Memory of the stored map per layer (tensors only): W or its factors, and b."""
         self._check_solved()
         dim = self.W_.shape[1]
-        matrix_values = {"shift": 0, "full": dim * dim, "lowrank": 2 * dim * (0 if self.U_ is None else self.U_.shape[2])}
+        matrix_values = {"shift": 0, "full": dim * dim,
+                         "lowrank": 2 * dim * (0 if self.U_ is None else self.U_.shape[2])}
         stored = (matrix_values[self.parametrization_] + dim) * bytes_per_value
         full = (dim * dim + dim) * bytes_per_value
         layers = self.W_.shape[0]

@@ -92,7 +92,8 @@ def write_eval_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
     paths = {"json": out_dir / "eval.json", "markdown": out_dir / "eval.md", "plot": out_dir / "eval.png"}
     write_text_atomic(paths["json"], json.dumps(report, indent=2) + "\n")
     title = f"{report['source']} -> {report['target']}, {report['num_pairs']} held-out pairs, alpha {report['alpha']}"
-    header = ["layer", "cos before", "cos after", "P@1 s->t before", "P@1 s->t after", "P@1 t->s before", "P@1 t->s after"]
+    header = ["layer", "cos before", "cos after", "P@1 s->t before", "P@1 s->t after", "P@1 t->s before",
+              "P@1 t->s after"]
     tables = [markdown_table(header, [[r["layer"]] + [f"{r[k + suffix]:.3f}" for k in METRICS] for r in rows])
               for suffix in ("", "_centred")]
     write_text_atomic(paths["markdown"], f"# Alignment evaluation: {title}\n\n## Raw states\n\n{tables[0]}\n\n"
@@ -102,7 +103,8 @@ def write_eval_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
         paths["plot"],
         title,
         [
-            ("mean cosine of pairs", {"before": [r["cosine_before"] for r in rows], "after": [r["cosine_after"] for r in rows]}),
+            ("mean cosine of pairs", {"before": [r["cosine_before"] for r in rows],
+                                      "after": [r["cosine_after"] for r in rows]}),
             *[(f"retrieval P@1{label}", {
                 "src->tgt before": [r["p1_before" + suffix] for r in rows],
                 "src->tgt after": [r["p1_after" + suffix] for r in rows],
@@ -121,7 +123,8 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def plot_layer_curves(path: Path, title: str, panels: list[tuple[str, dict[str, list[float]]]], layers: list[int]) -> None:
+def plot_layer_curves(path: Path, title: str, panels: list[tuple[str, dict[str, list[float]]]],
+                      layers: list[int]) -> None:
     """One panel per (y label, {curve label: value per layer}), layers on the x axis, saved as PNG."""
     import matplotlib
 

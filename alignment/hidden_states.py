@@ -108,10 +108,11 @@ def extract_pooled_states(
 
     decoder, modules = decoder_layers(model)
     num_layers = len(modules)
-    layers = list(range(num_layers)) if layers is None else [int(l) for l in layers]
-    bad = [l for l in layers if not 0 <= l < num_layers]
+    layers = list(range(num_layers)) if layers is None else [int(layer_index) for layer_index in layers]
+    bad = [layer_index for layer_index in layers if not 0 <= layer_index < num_layers]
     if bad or not layers:
-        raise ValueError(f"layers {bad or layers} out of range: the model has {num_layers} layers (0..{num_layers - 1})")
+        raise ValueError(f"layers {bad or layers} out of range: "
+                         f"the model has {num_layers} layers (0..{num_layers - 1})")
     hidden_size = model.config.get_text_config().hidden_size
     out = {p: np.empty((len(layers), len(sentences), hidden_size), dtype=np.float32) for p in poolings}
     if not sentences:
@@ -131,7 +132,8 @@ def extract_pooled_states(
 
         return hook
 
-    handles = [modules[l].register_forward_hook(make_hook(l)) for l in sorted(set(layers))]
+    handles = [modules[layer_index].register_forward_hook(make_hook(layer_index))
+               for layer_index in sorted(set(layers))]
     try:
         # Batch sentences of similar length together: less padding, less wasted compute.
         encoded_all = [tokenizer(s, return_special_tokens_mask=True) for s in sentences]

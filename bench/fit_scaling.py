@@ -39,7 +39,8 @@ def parse_args(argv=None):
     parser.add_argument("--chunk-size", type=int, default=100, help="pairs per extraction chunk and partial_fit call")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--states-cache", default=None,
-                        help="npz file: reuse extracted states (and their extraction times) if it exists, else write it")
+                        help="npz file: reuse extracted states (and their extraction times) if it exists, "
+                             "else write it")
     return parser.parse_args(argv)
 
 
@@ -153,7 +154,8 @@ def main(argv=None) -> int:
         print(f"| {n} | {extract_seconds[n]:.1f} | {med(n, 'streaming', 'accumulate'):.2f} | "
               f"{med(n, 'streaming', 'solve'):.2f} | {med(n, 'streaming', 'total'):.2f} | "
               f"{med(n, 'streaming', 'peak') / mib:.1f} | {min(n, args.chunk_size) * pair_bytes / mib:.1f} | "
-              f"{med(n, 'incline', 'total'):.2f} | {med(n, 'incline', 'peak') / mib:.1f} | {n * pair_bytes / mib:.1f} |")
+              f"{med(n, 'incline', 'total'):.2f} | {med(n, 'incline', 'peak') / mib:.1f} | "
+              f"{n * pair_bytes / mib:.1f} |")
     base = sizes[0]
     print(f"\nRatios vs {base} pairs (1.00 = flat):")
     print("| pairs | extract | stream fit time | stream peak memory | INCLINE time | INCLINE peak memory |")

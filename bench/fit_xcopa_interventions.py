@@ -111,14 +111,16 @@ def main(argv=None) -> int:
             sources.append({"corpus": "ntrex128", "pairs": len(ntrex_english)})
         shared = LinearAligner(solver="ridge").partial_fit(states(shared_src), shared_tgt)
 
-        items = xcopa_pairs(code, (args.data_dir or DEFAULT_DATA_DIR) / "xcopa", args.xcopa_items) if args.xcopa_folds else None
+        items = (xcopa_pairs(code, (args.data_dir or DEFAULT_DATA_DIR) / "xcopa", args.xcopa_items)
+                 if args.xcopa_folds else None)
         if items is None:
             shared.solve()  # one map, written once per output directory
             fits = [(out_dir, shared, None) for out_dir in out_dirs]
         else:
             X = states([s for src, _ in items for s in src]).reshape(len(layers), len(items), 3, -1)
             Y = states([s for _, tgt in items for s in tgt]).reshape(len(layers), len(items), 3, -1)
-            keep_sets = [np.setdiff1d(np.arange(len(items)), fold) for fold in folds] if folds else [np.arange(len(items))]
+            keep_sets = ([np.setdiff1d(np.arange(len(items)), fold) for fold in folds] if folds
+                         else [np.arange(len(items))])
             fits = []
             for out_dir, keep in zip(out_dirs, keep_sets):
                 # Global sample ids continue after the shared pairs, so the held-out split is that of one corpus.
@@ -133,7 +135,8 @@ def main(argv=None) -> int:
                 fit_data["sources"] = sources + [{"corpus": "xcopa translated-en", "file": f"val.{code}.jsonl",
                                                   "pairs": 3 * sum(b - a for a, b in item_ranges)}]
                 fit_data["task_items"] = {"file": f"val.{code}.jsonl", "ranges": item_ranges}
-            metrics = {"heldout_error_ratio": {str(l): float(r) for l, r in zip(layers, aligner.heldout_error_ratio_)}}
+            metrics = {"heldout_error_ratio": {str(layer): float(r)
+                                               for layer, r in zip(layers, aligner.heldout_error_ratio_)}}
             save_intervention(out_dir / lang, aligner, fingerprint=fingerprint, source=lang, target="eng_Latn",
                               layers=layers, pooling="mean", fit_data=fit_data, metrics=metrics, overwrite=True)
         log(f"{code} ({lang}): {aligner.n_samples_} pairs, {len(fits)} fit(s) in {time.perf_counter() - start:.0f} s")

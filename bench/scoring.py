@@ -96,7 +96,9 @@ def run_lmeval(model_dir: Path, data_dir: Path, languages: list[str], items: int
     start = time.perf_counter()
     try:
         results = lm_eval.simple_evaluate(
-            model="vllm", model_args=f"pretrained={model_dir},dtype={dtype},max_model_len=1024,seed=0,enforce_eager={enforce_eager}",
+            model="vllm",
+            model_args=f"pretrained={model_dir},dtype={dtype},max_model_len=1024,seed=0,"
+                       f"enforce_eager={enforce_eager}",
             tasks=[f"xcopa_{lang}" for lang in languages], task_manager=manager, batch_size="auto",
             log_samples=True)
     finally:
@@ -136,7 +138,8 @@ def main(argv=None) -> int:
 
     model_dir = resolve_model(args.model)
     languages, grid_languages = args.languages.split(","), args.grid_languages.split(",")
-    result = {"model": str(args.model), "dtype": args.dtype, "enforce_eager": args.enforce_eager, "cpu": cpu_model_name(), "load_average": os.getloadavg()}
+    result = {"model": str(args.model), "dtype": args.dtype, "enforce_eager": args.enforce_eager,
+              "cpu": cpu_model_name(), "load_average": os.getloadavg()}
 
     lmeval = None
     if not args.skip_lmeval:

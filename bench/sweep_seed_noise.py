@@ -28,7 +28,8 @@ def main() -> None:
     torch.set_num_threads(1)
     config = load_sweep_config(args.config)
     training = config.training
-    corpus = build_corpus(config.languages, training.max_length, training.vocab_limit, config.tokenizer, config.data_dir)
+    corpus = build_corpus(config.languages, training.max_length, training.vocab_limit, config.tokenizer,
+                          config.data_dir)
     a, b = args.pair
     values = []
     for seed in args.seeds:

@@ -112,7 +112,8 @@ def _selection(config) -> str:
     if config.plain_only:
         return "none: no interventions, every language scored plain (a baseline)"
     if config.cross_fit:
-        return f"cross-fit: {config.cross_fit} contiguous folds of each evaluation file; each fold's alpha chosen on the other folds"
+        return (f"cross-fit: {config.cross_fit} contiguous folds of each evaluation file; "
+                "each fold's alpha chosen on the other folds")
     if config.calibrate_paths:
         return "calibration files: alpha chosen per language on the calibration split only"
     return "manifest default_alpha (no calibration)"
@@ -181,7 +182,8 @@ def markdown(report: dict) -> str:
               "McNemar p (b/c)", "transfer (base / int)", "alpha"]
     rows = []
     for code, r in report["languages"].items():
-        transfer = "" if r["transfer"] is None else f"{r['transfer']['baseline']:.2f} / {r['transfer']['intervened']:.2f}"
+        transfer = ("" if r["transfer"] is None
+                    else f"{r['transfer']['baseline']:.2f} / {r['transfer']['intervened']:.2f}")
         rows.append(_row(code, r, r["n"], r["alpha"], transfer))
     for name, r in report["groups"].items():
         rows.append(_row(f"group {name} ({len(r['languages'])})", r, "", None, ""))
@@ -210,7 +212,8 @@ def markdown(report: dict) -> str:
     if perf["vllm_items_per_s"]:
         lines.append(f"vLLM: {perf['vllm_item_conditions']} item-conditions ({perf['vllm_sequences']} sequences) "
                      f"in {perf['vllm_seconds']:.1f} s = {perf['vllm_items_per_s']:.1f} items/s; "
-                     f"{perf['vllm_cached_tokens']} of {perf['vllm_prompt_tokens']} prompt tokens from the prefix cache")
+                     f"{perf['vllm_cached_tokens']} of {perf['vllm_prompt_tokens']} prompt tokens "
+                     "from the prefix cache")
     ref = perf["reference"]
     if ref:
         lines.append(

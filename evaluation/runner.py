@@ -132,12 +132,14 @@ def run_benchmark(config: BenchmarkConfig, llm=None) -> tuple[dict, list[dict]]:
     missing = [s.code for s in targets if config.calibrate_paths and s.code not in cal_sets]
     if missing:
         raise ValueError(f"no calibration file for language(s) {', '.join(missing)}")
-    map_sets = ([find_interventions(root, [s.flores for s in targets], model_dir) for root in _intervention_dirs(config)]
+    map_sets = ([find_interventions(root, [s.flores for s in targets], model_dir)
+                 for root in _intervention_dirs(config)]
                 if targets and not config.plain_only else [{}])
 
     own_engine = llm is None
     if own_engine:
-        llm = start_scoring_engine(model_dir, config.dtype, enforce_eager=not compile_pays_back(config, eval_sets, cal_sets))
+        llm = start_scoring_engine(model_dir, config.dtype,
+                                   enforce_eager=not compile_pays_back(config, eval_sets, cal_sets))
     try:
         timing = Timing()
         scorer = Scorer(llm, map_sets, timing, config.progress)
@@ -210,7 +212,8 @@ def find_interventions(root: Path, languages: list[str] | None, model_dir: Path)
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"interventions directory {root} does not exist")
-    candidates = [root] if (root / "manifest.json").is_file() else sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    candidates = ([root] if (root / "manifest.json").is_file()
+                  else sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")))
     by_source: dict[str, Path] = {}
     for path in candidates:
         manifest = path / "manifest.json"

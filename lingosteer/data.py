@@ -128,7 +128,8 @@ def _sib_language_dir(sib: Path, lang: str) -> Path:
 
 def _check_sib_splits(splits: tuple[str, ...]) -> tuple[str, ...]:
     if not splits or any(s not in SIB200_SPLITS for s in splits):
-        raise ValueError(f"SIB-200 splits must be some of {', '.join(SIB200_SPLITS)}; got {', '.join(splits) or 'none'}")
+        raise ValueError(f"SIB-200 splits must be some of {', '.join(SIB200_SPLITS)}; "
+                         f"got {', '.join(splits) or 'none'}")
     return splits
 
 

@@ -43,7 +43,8 @@ def planted_intervention(tmp_path):
         return X, Y.astype(np.float32)
 
     aligner = LinearAligner(bias=True).fit(*pairs(400))
-    fingerprint = {"architecture": "T", "hidden_size": d, "num_hidden_layers": 3, "config_sha256": "a", "tokenizer_sha256": "b"}
+    fingerprint = {"architecture": "T", "hidden_size": d, "num_hidden_layers": 3, "config_sha256": "a",
+                   "tokenizer_sha256": "b"}
     path = save_intervention(tmp_path / "art", aligner, fingerprint=fingerprint, source="swh_Latn", target="eng_Latn",
                              layers=layers, pooling="mean", fit_data={})
     return load_intervention(path), pairs(100)
@@ -89,7 +90,8 @@ def test_centred_metrics_remove_a_shared_component():
     assert metrics["p1_before_centred"] == numpy_p1(centred(src), centred(tgt))
     assert metrics["p1_before_centred"] < 0.5  # the shared direction's spread still hides the meaning ...
     without_spread = layer_metrics(meaning + 30.0, meaning + 30.0, meaning + 0.1 * rng.normal(size=(n, d)))
-    assert without_spread["p1_before"] < 0.6 < without_spread["p1_before_centred"] == 1.0  # ... the offset alone does not
+    assert (without_spread["p1_before"] < 0.6
+            < without_spread["p1_before_centred"] == 1.0)  # ... the offset alone does not
 
 
 def test_evaluation_refuses_mismatched_states(planted_intervention):

@@ -241,12 +241,15 @@ def test_parse_parallel_source(data_dir, tatoeba_dir):
     with pytest.raises(ValueError, match="English only"):
         tatoeba.pairs("sw", "zh")
     news = parse_parallel_source(f"ntrex:10-19@{data_dir}")
-    assert news.describe()["lines"] == [10, 19] and news.pairs("sw", "en") == parallel_ntrex("sw", "en", data_dir)[10:20]
+    assert (news.describe()["lines"] == [10, 19]
+            and news.pairs("sw", "en") == parallel_ntrex("sw", "en", data_dir)[10:20])
     with pytest.raises(ValueError, match="1997 swh_Latn-eng_Latn pairs; the range 0-1999"):
         parse_parallel_source(f"ntrex:0-1999@{data_dir}").pairs("swh_Latn", "eng_Latn")
     xcopa = parse_parallel_source(f"xcopa@{data_dir}").pairs("sw", "en")
-    items, english = load_xcopa(data_dir / "xcopa" / "val.sw.jsonl"), load_xcopa(data_dir / "xcopa" / "translated-en" / "val.sw.jsonl")
-    assert len(xcopa) == 300 and xcopa[3:6] == list(zip(*[(i.premise, i.choice1, i.choice2) for i in (items[1], english[1])]))
+    items = load_xcopa(data_dir / "xcopa" / "val.sw.jsonl")
+    english = load_xcopa(data_dir / "xcopa" / "translated-en" / "val.sw.jsonl")
+    assert len(xcopa) == 300 and xcopa[3:6] == list(zip(*[(i.premise, i.choice1, i.choice2)
+                                                          for i in (items[1], english[1])]))
     with pytest.raises(FileNotFoundError, match="no English translation .*val.qu.jsonl"):
         parse_parallel_source(f"xcopa@{data_dir}").pairs("qu", "en")
 
