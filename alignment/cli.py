@@ -57,6 +57,13 @@ def register(subparsers) -> None:
     evaluate.add_argument("--json", action="store_true", help="print one JSON object to stdout")
     evaluate.set_defaults(func=run_eval)
 
+    compare = commands.add_parser("compare", help="evaluate several interventions on the same parallel data")
+    _add_model_and_data(compare)
+    compare.add_argument("--interventions", required=True, nargs="+", type=Path, help="artifact directories")
+    compare.add_argument("--out", type=Path, default=Path("compare"), help="report directory (default ./compare)")
+    compare.add_argument("--json", action="store_true", help="print one JSON object to stdout")
+    compare.set_defaults(func=run_compare)
+
     diagnose = commands.add_parser("diagnose", help="per-layer similarity of translations to a target language")
     _add_model_and_data(diagnose)
     diagnose.add_argument("--langs", required=True, help="comma-separated language codes")
@@ -293,6 +300,36 @@ def run_eval(args) -> int:
         rows = [[r["layer"], f"{r['cosine_before']:.3f}", f"{r['cosine_after']:.3f}",
                  f"{r['p1_before']:.3f}", f"{r['p1_after']:.3f}"] for r in report["layers"]]
         print(markdown_table(["layer", "cos before", "cos after", "P@1 before", "P@1 after"], rows))
+    print(f"report: {paths['markdown']} {paths['plot']}", file=sys.stderr)
+    return 0
+
+
+def run_compare(args) -> int:
+    """Each artifact at its best layer on the same data (states extracted once per language and pooling)."""
+    from alignment.artifact import load_intervention
+    from alignment.evaluate import evaluate_intervention, write_compare_report
+    from lingosteer.data import parse_parallel_source
+
+    _, model, tokenizer, fingerprint = _load_model(args.model)
+    eval_data = parse_parallel_source(args.data).describe()
+    states, rows = {}, []
+    for path in args.interventions:
+        intervention = load_intervention(path, expected_fingerprint=fingerprint)
+        _warn_if_overlapping(intervention.manifest["fit_data"], eval_data)
+        key = (intervention.source, intervention.target, intervention.manifest["pooling"])
+        if key not in states:
+            _, pairs = _load_pairs(args.data, intervention.source, intervention.target, args.max_pairs)
+            states[key] = [_states(model, tokenizer, [pair[side] for pair in pairs], list(range(
+                fingerprint["num_hidden_layers"])), key[2], args.batch_size) for side in (0, 1)]
+        X_src, X_tgt = (s[intervention.layers] for s in states[key])
+        report = evaluate_intervention(intervention, X_src, X_tgt, alpha=1.0)
+        rows.append({"intervention": str(path), "solver": intervention.manifest["solver"],
+                     "pooling": key[2], "source": intervention.source, "num_pairs": report["num_pairs"],
+                     "bytes": sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file()),
+                     "layers": report["layers"]})
+    comparison = {"data": args.data, "interventions": rows}
+    paths = write_compare_report(comparison, args.out)
+    print(json.dumps(comparison) if args.json else paths["markdown"].read_text())
     print(f"report: {paths['markdown']} {paths['plot']}", file=sys.stderr)
     return 0
 

@@ -117,6 +117,49 @@ def write_eval_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
     return paths
 
 
+def best_layer_row(rows: list[dict], suffix: str = "") -> dict:
+    """The layer whose P@1 after mapping is highest (raw, or centred with suffix "_centred")."""
+    return max(rows, key=lambda r: r["p1_after" + suffix])
+
+
+def write_compare_report(comparison: dict, out_dir: str | Path) -> dict[str, Path]:
+    """compare.json, compare.md (best layer of each intervention) and compare.png (P@1 per layer)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "compare.json", "markdown": out_dir / "compare.md", "plot": out_dir / "compare.png"}
+    write_text_atomic(paths["json"], json.dumps(comparison, indent=2) + "\n")
+    rows = []
+    for item in comparison["interventions"]:
+        raw, centred = best_layer_row(item["layers"]), best_layer_row(item["layers"], "_centred")
+        rows.append([item["intervention"], item["solver"], item["pooling"], f"{item['bytes']:,}", raw["layer"],
+                     f"{raw['p1_before']:.3f}", f"{raw['p1_after']:.3f}", f"{raw['p1_after'] - raw['p1_before']:+.3f}",
+                     f"{centred['p1_before_centred']:.3f}", f"{centred['p1_after_centred']:.3f}"])
+    header = ["intervention", "solver", "pooling", "bytes", "best layer", "P@1 before", "P@1 after", "gain",
+              "centred before", "centred after"]
+    write_text_atomic(paths["markdown"], f"# Interventions compared on {comparison['data']}\n\n"
+                                         f"{markdown_table(header, rows)}\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for item in comparison["interventions"]:
+        ax.plot([r["layer"] for r in item["layers"]], [r["p1_after"] for r in item["layers"]], marker="o",
+                markersize=3, label=Path(item["intervention"]).name)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("P@1 source->target after mapping")
+    ax.set_title(f"on {comparison['data']}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = paths["plot"].with_name(f".{paths['plot'].name}.tmp")
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    tmp.replace(paths["plot"])
+    return paths
+
+
 def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]

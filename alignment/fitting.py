@@ -40,7 +40,8 @@ def accumulate_statistics(model_dir: str | Path, pairs: list[tuple[str, str]], s
     for start in tqdm(chunks, desc="fit chunks", unit="chunk", disable=not progress or len(chunks) == 1):
         chunk = pairs[start : start + settings.chunk_size]
         states = [extract_hidden_states(model, tokenizer, [pair[side] for pair in chunk], layers=settings.layers,
-                                        pooling=settings.pooling, batch_size=settings.batch_size, progress=progress)
+                                        pooling=settings.pooling, batch_size=settings.batch_size,
+                                        progress=progress and len(chunks) == 1)
                   for side in (0, 1)]
         aligner.partial_fit(*states, sample_ids=sample_ids[start : start + len(chunk)])
     return aligner

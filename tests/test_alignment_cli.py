@@ -174,3 +174,23 @@ def test_bad_build_input_is_refused_before_anything_slow(tiny_model_dir, data_di
     assert code == 2
     assert message in capsys.readouterr().err.strip().splitlines()[-1]
     assert not any(tmp_path.iterdir())
+
+
+def test_compare_reports_each_intervention_at_its_best_layer(fitted, data_dir, tmp_path, capsys):
+    model_dir, ridge = fitted
+    shift = tmp_path / "shift"
+    assert main(["align", "fit", "--model", str(model_dir), "--source", "sw", "--data", f"sib200:train@{data_dir}",
+                 "--max-pairs", "40", "--layers", "0-1", "--solver", "meanshift", "--out", str(shift)]) == 0
+    capsys.readouterr()
+    assert main(["align", "compare", "--model", str(model_dir), "--interventions", str(ridge), str(shift),
+                 "--data", f"sib200:test@{data_dir}", "--max-pairs", "30", "--out", str(tmp_path / "c"),
+                 "--json"]) == 0
+    comparison = json.loads(capsys.readouterr().out)
+    assert [row["solver"] for row in comparison["interventions"]] == ["ridge", "meanshift"]
+    ridge_row, shift_row = comparison["interventions"]
+    assert shift_row["bytes"] < ridge_row["bytes"]  # a bias per layer against a full matrix
+    for row in comparison["interventions"]:
+        assert [r["layer"] for r in row["layers"]] == [0, 1] and row["num_pairs"] == 30
+        assert all(r["p1_after_centred"] == r["p1_before_centred"] for r in row["layers"]) is (row is shift_row)
+    assert "| meanshift |" in (tmp_path / "c" / "compare.md").read_text()
+    assert (tmp_path / "c" / "compare.png").read_bytes()[:4] == b"\x89PNG"
