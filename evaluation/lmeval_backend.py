@@ -10,10 +10,12 @@ model_args (comma-separated, lm-eval's syntax):
   language       "auto" (default): from the task name's last part (xcopa_sw -> sw -> swh_Latn);
                  English tasks run plain, any other language needs a loaded intervention.
                  A language code: every task steered with it. "none": every task plain.
-  alpha          default: the intervention's manifest default_alpha (what a served request gets)
+  alpha          default: the artifact's serving alpha (what a served request naming only its
+                 language gets; 0 where `align build`'s gate kept steering off: plain)
   layers         a subset of the intervention's layers, colon-separated (3:5:7), since commas
-                 separate model_args
-  positions      tokens steered: "last" (default), "context" or "all" (`evaluation.scoring`)
+                 separate model_args (default: the serving layers)
+  positions      tokens steered: "last", "context" or "all" (`evaluation.scoring`; default: the
+                 serving positions, "prompt" read as "context")
   dtype          engine dtype (default float32, as the benchmarks); max_model_len; enforce_eager
   batch_size, max_batch_size, device: accepted and ignored (the engine batches by itself)
 
@@ -37,6 +39,7 @@ from lm_eval.models.utils import (
 )
 
 from alignment.artifact import load_intervention
+from evaluation.calibration import STEER_OF_POSITIONS
 from evaluation.runner import ENGLISH, find_interventions, start_scoring_engine
 from evaluation.scoring import PLAIN, STEER_MODES, Condition, Encoded, extra_args, leading_special, score_with_vllm
 from lingosteer.backend import DEFAULT_MAX_MODEL_LEN, shutdown_engine
@@ -107,7 +110,7 @@ def check_request(request: Instance) -> str:
 @register_model("lingosteer")
 class LingosteerLM(TemplateLM):
     def __init__(self, pretrained: str, interventions: str | None = None, language: str = AUTO,
-                 alpha: float | None = None, layers: str | int | None = None, positions: str = "last",
+                 alpha: float | None = None, layers: str | int | None = None, positions: str | None = None,
                  dtype: str = "float32", max_model_len: int = DEFAULT_MAX_MODEL_LEN, enforce_eager: bool = False,
                  batch_size=None, max_batch_size=None, device=None) -> None:
         from transformers import AutoTokenizer
@@ -115,7 +118,7 @@ class LingosteerLM(TemplateLM):
         from lingosteer.models import resolve_model
 
         super().__init__()
-        if positions not in STEER_MODES:
+        if positions is not None and positions not in STEER_MODES:
             raise ValueError(f"positions must be one of {STEER_MODES}, got {positions!r}")
         model_dir = resolve_model(pretrained)
         self.interventions = find_interventions(Path(interventions), None, model_dir) if interventions else {}
@@ -169,10 +172,14 @@ class LingosteerLM(TemplateLM):
             if language is None:
                 self._conditions[task_name] = PLAIN
             else:
-                alpha = self.alpha
-                if alpha is None:
-                    alpha = load_intervention(self.interventions[language]).default_alpha
-                self._conditions[task_name] = Condition(language, float(alpha), self.positions, self.layers)
+                # What the model_args leave out comes from the artifact's serving defaults: what a
+                # served request naming only its language gets (alpha 0 where calibration kept it off).
+                serving = load_intervention(self.interventions[language]).serving
+                alpha = serving["alpha"] if self.alpha is None else self.alpha
+                layers = tuple(serving["layers"]) if self.layers is None else self.layers
+                positions = STEER_OF_POSITIONS[serving["positions"]] if self.positions is None else self.positions
+                self._conditions[task_name] = (PLAIN if alpha == 0 else
+                                               Condition(language, float(alpha), positions, layers))
         return self._conditions[task_name]
 
     def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:

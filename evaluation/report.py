@@ -116,7 +116,7 @@ def _selection(config) -> str:
                 "each fold's alpha chosen on the other folds")
     if config.calibrate_paths:
         return "calibration files: alpha chosen per language on the calibration split only"
-    return "manifest default_alpha (no calibration)"
+    return "the artifacts' serving defaults (what a served request naming only its language gets)"
 
 
 # ---- files --------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluation.calibration import DEFAULT_GRID, choose_alpha, contiguous_folds
+from evaluation.calibration import DEFAULT_GRID, STEER_OF_POSITIONS, choose_alpha, contiguous_folds
 from evaluation.scoring import (
     PLAIN, STEER_MODES, Condition, Encoded, VllmScores, encode_examples, score_with_hf, score_with_vllm,
 )
@@ -401,26 +401,33 @@ def _score_all(config, scorer: Scorer, eval_sets, cal_sets) -> dict[str, Outcome
         for s in targets:
             outcomes[s.code] = _cross_fit_outcome(scorer, s, folds[s.code], choices, maps_of_fold, steer)
     else:
-        alphas, calibration = {}, {}
+        alphas, conditions, calibration = {}, {}, {}
         if config.calibrate_paths:
             cal_targets = [cal_sets[s.code] for s in targets]
             scorer.score([(c, _condition(c, a, steer), everything(c)) for c in cal_targets for a in grid], maps=0)
             for s, c in zip(targets, cal_targets):
                 alpha, accuracy = _calibrate(scorer, c, everything(c), grid, steer, maps=0)
-                alphas[s.code] = alpha
+                alphas[s.code], conditions[s.code] = alpha, _condition(s, alpha, steer)
                 calibration[s.code] = {"file": str(c.path), "n": c.n, "grid_accuracy": accuracy}
         else:
             from alignment.artifact import load_intervention
 
             for s in targets:
-                alphas[s.code] = load_intervention(scorer.map_sets[0][s.flores]).default_alpha
-                calibration[s.code] = {"source": "manifest default_alpha"}
+                # The artifact's serving defaults: what a served request naming only its language gets.
+                artifact = load_intervention(scorer.map_sets[0][s.flores])
+                serving = artifact.serving
+                alphas[s.code] = serving["alpha"]
+                conditions[s.code] = PLAIN if serving["alpha"] == 0 else Condition(
+                    s.flores, float(serving["alpha"]), STEER_OF_POSITIONS[serving["positions"]],
+                    tuple(serving["layers"]))
+                calibration[s.code] = {"source": "the artifact's serving defaults", "serving": serving,
+                                       "evidence": (artifact.evidence or {}).get("summary", "not calibrated")}
         for s in targets:
             check_not_fitted_on(scorer.map_sets[0][s.flores], s, everything(s))
-        scorer.score([(s, _condition(s, alphas[s.code], steer), everything(s)) for s in targets], maps=0)
+        scorer.score([(s, conditions[s.code], everything(s)) for s in targets], maps=0)
         for s in targets:
             base = scorer.scores(s, PLAIN, 0)
-            inter = scorer.scores(s, _condition(s, alphas[s.code], steer), 0)
+            inter = scorer.scores(s, conditions[s.code], 0)
             outcomes[s.code] = Outcome(correct_choices(base, s.labels), correct_choices(inter, s.labels), base, inter,
                                        np.full(s.n, alphas[s.code]), alphas[s.code], calibration[s.code],
                                        maps_of_item=np.zeros(s.n, dtype=int))

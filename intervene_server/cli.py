@@ -175,8 +175,11 @@ def list_command(args) -> int:
     if not rows:
         print("no interventions loaded")
     for item in rows:
-        print(f"{item['language']:<10} {item['version']}  alpha={item['default_alpha']:g}  "
-              f"layers={item['layers']}  {item['memory_bytes'] / 2**20:.1f} MiB  {item['path']}")
+        serving = item["serving"]
+        calibrated = "calibrated" if item.get("evidence") else "uncalibrated"
+        default = "off" if serving["alpha"] == 0 else f"alpha={serving['alpha']:g} {serving['positions']}"
+        print(f"{item['language']:<10} {item['version']}  default {default} ({calibrated})  "
+              f"layers={serving['layers']}  {item['memory_bytes'] / 2**20:.1f} MiB  {item['path']}")
     return 0
 
 

@@ -28,7 +28,10 @@ from dataclasses import dataclass
 from typing import Callable
 from pathlib import Path
 
+from lingosteer import CONFIGS_DIR
+
 MANIFEST_NAME = "lingosteer-model.json"
+CHAT_TEMPLATE_NAME = "chat_template.jinja"
 MANIFEST_FORMAT = "lingosteer.model"
 MANIFEST_FORMAT_VERSION = 1
 CACHE_ENV_VAR = "LINGOSTEER_CACHE_DIR"
@@ -47,6 +50,9 @@ class GGUFSource:
     locate: Callable[[Path], tuple[Path, str]]
     no_deps: bool = False  # install without dependencies (the GGUF is all we need)
     add_bos: bool = False  # make the tokenizer prepend <bos> (transformers' GGUF conversion drops it)
+    # The model's published chat template (configs/chat_templates/), for a GGUF that carries none:
+    # without one, vLLM answers /v1/chat/completions with 400.
+    chat_template: str | None = None
 
 
 def _assemble_gemma_gguf(work_dir: Path) -> tuple[Path, str]:
@@ -78,6 +84,7 @@ KNOWN_MODELS = {
             ),
             gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
             add_bos=True,  # Gemma without <bos> produces garbage
+            chat_template="gemma3.jinja",  # the GGUF's metadata has no tokenizer.chat_template
             locate=_assemble_gemma_gguf,
         ),
         GGUFSource(
@@ -259,6 +266,20 @@ def _make_tokenizer_add_bos(tokenizer) -> None:
         raise RuntimeError(f"tokenizer does not add {bos} (id {bos_id}) exactly once: {ids[:5]}...")
 
 
+def _ensure_chat_template(model_dir: Path, source: GGUFSource) -> None:
+    """Give the tokenizer its chat template, as `chat_template.jinja` (which transformers reads),
+    unless it has one. tokenizer.json is untouched, so the model's fingerprint stays the same."""
+    if source.chat_template is None or (model_dir / CHAT_TEMPLATE_NAME).is_file():
+        return
+    config = model_dir / "tokenizer_config.json"
+    if config.is_file() and json.loads(config.read_text()).get("chat_template"):
+        return
+    template = (CONFIGS_DIR / "chat_templates" / source.chat_template).read_text(encoding="utf-8")
+    tmp = model_dir / f".{CHAT_TEMPLATE_NAME}.tmp"
+    tmp.write_text(template, encoding="utf-8")
+    tmp.replace(model_dir / CHAT_TEMPLATE_NAME)
+
+
 def _write_manifest(out_dir: Path, source: GGUFSource, gguf_path: Path, gguf_sha256: str) -> None:
     import transformers
 
@@ -288,6 +309,7 @@ def prepare_model(name: str, cache_dir: str | Path | None = None) -> Path:
     root = cache_dir_or_default(cache_dir)
     target = root / name
     if (target / MANIFEST_NAME).is_file():
+        _ensure_chat_template(target, source)  # models prepared before the template was kept
         return target
 
     started = time.monotonic()
@@ -304,6 +326,7 @@ def prepare_model(name: str, cache_dir: str | Path | None = None) -> Path:
         model_dir = staging / "model"
         model_dir.mkdir()
         _convert(gguf_path, model_dir, add_bos=source.add_bos)
+        _ensure_chat_template(model_dir, source)
         _write_manifest(model_dir, source, gguf_path, gguf_sha256)
         _step(4, 4, f"moving into {target}")
         if target.exists():

@@ -329,7 +329,7 @@ def test_manifest_alpha_without_calibration_and_xnli(llm, model_dir, interventio
         (tmp_path / f"dev.{code}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     report, items = run_benchmark(config(model_dir, interventions, [tmp_path], task="xnli"), llm=llm)
     row = report["languages"]["sw"]
-    assert row["alpha"] == 1.0 and row["n"] == 9  # the manifest's default_alpha
+    assert row["alpha"] == 1.0 and row["n"] == 9  # the artifact's serving alpha
     assert all(len(r["baseline_scores"]) == 3 for r in items)
     assert report["english"]["n"] == 9
 

@@ -220,6 +220,12 @@ def test_prepared_gemma_tokenizer_adds_bos(gemma_model_dir):
     assert tokenizer.decode(ids, skip_special_tokens=True) == "The capital of France is"
 
 
+def gemma_decode(model_dir, token_ids):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir).decode(token_ids)
+
+
 @pytest.mark.e2e
 def test_vllm_generates_sensible_text_with_prepared_gemma(gemma_model_dir):
     from vllm import LLM, SamplingParams
@@ -232,8 +238,15 @@ def test_vllm_generates_sensible_text_with_prepared_gemma(gemma_model_dir):
         [output] = llm.generate(
             ["The capital of France is"], SamplingParams(temperature=0.0, max_tokens=12), use_tqdm=False
         )
+        # Chat needs the tokenizer's chat template (vLLM refuses a default one): Gemma's own.
+        [chat] = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                          SamplingParams(temperature=0.0, max_tokens=12), use_tqdm=False)
     finally:
         shutdown_engine(llm)
+    prompt = chat.prompt_token_ids
+    assert prompt[0] == 2 and prompt.count(2) == 1  # one <bos>: the template's, not a second one
+    assert gemma_decode(gemma_model_dir, prompt).startswith("<bos><start_of_turn>user\nWhat is the capital")
+    assert chat.outputs[0].text.strip()
     text = output.outputs[0].text
     assert output.prompt_token_ids[0] == 2
     assert "France" in text or "Paris" in text, text

@@ -559,7 +559,11 @@ def test_interventions_cli_drives_the_api(server, capsys):
 
     common = ["--server", server["base"]]
     assert main(["interventions", "list", *common]) == 0
-    assert "swh_Latn" in capsys.readouterr().out
+    listed = capsys.readouterr().out
+    assert "swh_Latn" in listed and "default alpha=0.7 last (uncalibrated)" in listed  # ita's manifest alpha
+    listing = httpx.get(server["base"] + "/v1/interventions").json()["interventions"]
+    ita = next(item for item in listing if item["language"] == "ita_Latn")
+    assert ita["serving"] == {"alpha": 0.7, "layers": [1], "positions": "last"} and ita["evidence"] is None
     admin = [*common, "--token-file", str(server["token_file"])]
     assert main(["interventions", "rm", "ita_Latn", *admin]) == 0
     assert "unloaded ita_Latn" in capsys.readouterr().out
