@@ -79,7 +79,7 @@ def run_bench(args) -> int:
         calibrate_paths=args.calibrate, cross_fit=args.cross_fit, alpha_grid=args.alpha_grid, steer=args.steer,
         prompt_style=args.prompt, prompts_path=args.prompts, groups_path=args.groups, max_items=args.max_items,
         reference=args.reference, reference_sample=args.reference_sample, bootstrap=args.bootstrap, seed=args.seed,
-        dtype=args.dtype,
+        dtype=args.dtype, scores_dir=args.out / "scores",
     )
     report, items = run_benchmark(config)
     paths = write_report(report, items, args.out)

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from evaluation.calibration import DEFAULT_GRID, STEER_OF_POSITIONS, choose_alpha, contiguous_folds
+from evaluation.score_store import ScoreStore
 from evaluation.scoring import (
     PLAIN, STEER_MODES, Condition, Encoded, VllmScores, encode_examples, score_with_hf, score_with_vllm,
 )
@@ -58,6 +59,7 @@ class BenchmarkConfig:
     # Pinned, not chosen from the CPU: a CPU with native bfloat16 moved 4 of 11 XCOPA
     # languages by 1-2 points against float32, so reports compare only at one dtype.
     dtype: str = "float32"
+    scores_dir: Path | None = None  # where scores are written as they complete; a rerun resumes from it
 
     @property
     def plain_only(self) -> bool:
@@ -142,7 +144,8 @@ def run_benchmark(config: BenchmarkConfig, llm=None) -> tuple[dict, list[dict]]:
                                    enforce_eager=not compile_pays_back(config, eval_sets, cal_sets))
     try:
         timing = Timing()
-        scorer = Scorer(llm, map_sets, timing, config.progress)
+        store = ScoreStore(config.scores_dir, _store_key(config, model_dir, map_sets)) if config.scores_dir else None
+        scorer = Scorer(llm, map_sets, timing, config.progress, store)
         outcomes = _score_all(config, scorer, eval_sets, cal_sets)
         reference = None
         if config.reference == "hf":
@@ -157,6 +160,17 @@ def run_benchmark(config: BenchmarkConfig, llm=None) -> tuple[dict, list[dict]]:
 
     report = build_report(config, model_dir, eval_sets, outcomes, map_sets, timing, reference, engine_facts(llm))
     return report, _item_records(eval_sets, outcomes)
+
+
+def _store_key(config: BenchmarkConfig, model_dir: Path, map_sets: list[dict[str, Path]]) -> dict:
+    """What stored scores depend on: model, dtype, prompts, and each intervention set's versions."""
+    from intervene_server.store import artifact_version
+    from lingosteer.fingerprint import model_fingerprint
+
+    return {"model": model_fingerprint(model_dir), "dtype": config.dtype, "prompt_style": config.prompt_style,
+            "prompts": load_prompts(config.task, config.prompts_path),
+            "interventions": [{lang: artifact_version(path) for lang, path in sorted(maps.items())}
+                              for maps in map_sets]}
 
 
 # ---- inputs -------------------------------------------------------------------------
@@ -268,6 +282,9 @@ SCORING_STEP_TOKENS = 1024
 # torch.compile made Gemma 3 270M's engine start 85 s later and scored XCOPA 24 s faster
 # per 48,765 prompt tokens (bench/scoring.py, 2 cores): it pays back past ~170k tokens.
 COMPILE_PAYS_BACK_TOKENS = 200_000
+# Items (of any condition) per `generate` between writes of the score store: big enough
+# to keep the engine's batches full, small enough that an interruption loses little.
+SCORING_CHUNK_ITEMS = 2000
 
 
 def compile_pays_back(config: BenchmarkConfig, eval_sets: dict, cal_sets: dict) -> bool:
@@ -313,15 +330,18 @@ class Scorer:
     scored twice under one condition and set. Plain scores do not depend on the set.
     """
 
-    def __init__(self, llm, map_sets: list[dict[str, Path]], timing: Timing, progress: bool):
+    def __init__(self, llm, map_sets: list[dict[str, Path]], timing: Timing, progress: bool,
+                 store: ScoreStore | None = None, chunk_items: int = SCORING_CHUNK_ITEMS):
         self.llm, self.map_sets, self.timing, self.progress = llm, map_sets, timing, progress
+        self.store, self.chunk_items = store, chunk_items
         self.loaded: int | None = None
         self._scores: dict[tuple, np.ndarray] = {}
 
     def scores(self, s: LanguageSet, condition: Condition, maps: int) -> np.ndarray:
         key = (s.path, condition, None if condition.plain else maps)
         if key not in self._scores:
-            self._scores[key] = np.full((s.n, len(s.examples[0].options)), np.nan)
+            shape = (s.n, len(s.examples[0].options))
+            self._scores[key] = self.store.load(_table_name(key), shape) if self.store else np.full(shape, np.nan)
         return self._scores[key]
 
     def load(self, maps: int) -> None:
@@ -336,20 +356,32 @@ class Scorer:
         for s, condition, items in wanted:
             entry = todo.setdefault((s.path, condition), (s, condition, set()))
             entry[2].update(int(i) for i in items)
-        requests, slots = [], []
-        for s, condition, items in todo.values():
-            table = self.scores(s, condition, maps)
-            items = [i for i in sorted(items) if np.isnan(table[i, 0])]
-            slots.append((table, items, len(requests)))
-            requests += [(enc, condition) for i in items for enc in s.encoded[i]]
-        if not requests:
+        pending = [(s, condition, i) for s, condition, items in todo.values()
+                   for i in sorted(items) if np.isnan(self.scores(s, condition, maps)[i, 0])]
+        if not pending:
             return
         self.load(maps)
-        scored = score_with_vllm(self.llm, requests, self.progress)
-        self.timing.add(scored, sum(len(items) for _, items, _ in slots), len(requests))
-        for table, items, start in slots:
-            width = table.shape[1]
-            table[items] = scored.scores[start : start + len(items) * width].reshape(len(items), width)
+        # In chunks, each written to the store as soon as it is scored: an interrupted run
+        # loses at most one chunk.
+        for start in range(0, len(pending), self.chunk_items):
+            chunk = pending[start : start + self.chunk_items]
+            requests = [(enc, condition) for s, condition, i in chunk for enc in s.encoded[i]]
+            scored = score_with_vllm(self.llm, requests, self.progress)
+            self.timing.add(scored, len(chunk), len(requests))
+            offset, touched = 0, {}
+            for s, condition, i in chunk:
+                table = self.scores(s, condition, maps)
+                table[i] = scored.scores[offset : offset + table.shape[1]]
+                offset += table.shape[1]
+                touched[(s.path, condition, None if condition.plain else maps)] = table
+            if self.store:
+                for key, table in touched.items():
+                    self.store.save(_table_name(key), table)
+
+
+def _table_name(key: tuple) -> str:
+    path, condition, maps = key
+    return f"{path}|{condition}|maps={maps}"
 
 
 def correct_choices(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -533,3 +533,32 @@ def test_calibration_adopts_a_planted_gain_and_stays_off_without_one(llm, model_
         assert (serving["alpha"] != 0) is expect_adopted
         assert ("gate not cleared" in evidence["summary"]) is not expect_adopted
         assert evidence["rule"].startswith("Candidates:") and len(evidence["candidate_accuracy"]) == 16  # 2 layer sets
+
+
+def test_an_interrupted_benchmark_resumes_from_its_stored_scores(llm, model_dir, interventions, xcopa_dir, tmp_path):
+    """Scores are written as they complete: a rerun scores only what is missing, with the same
+    result; a store made with other interventions is set aside, not mixed in."""
+    import shutil
+
+    paths = [xcopa_dir / "val.sw.jsonl", xcopa_dir / "val.it.jsonl"]
+    cfg = config(model_dir, interventions, paths, cross_fit=2, scores_dir=tmp_path / "scores")
+    first, _ = run_benchmark(cfg, llm=llm)
+    assert first["performance"]["vllm_sequences"] > 0
+    again, _ = run_benchmark(cfg, llm=llm)  # everything stored: nothing to score
+    assert again["performance"]["vllm_sequences"] == 0
+    assert again["languages"] == first["languages"]
+    # An interruption that lost Italian's plain scores: only those 12 items x 2 options come back.
+    index = json.loads((tmp_path / "scores" / "index.json").read_text())
+    [plain_it] = [name for name in index["tables"] if "val.it.jsonl" in name and "language=None" in name]
+    table = np.load(tmp_path / "scores" / index["tables"][plain_it])
+    table[:] = np.nan
+    np.save(tmp_path / "scores" / index["tables"][plain_it], table)
+    resumed, _ = run_benchmark(cfg, llm=llm)
+    assert resumed["performance"]["vllm_sequences"] == 2 * N_ITEMS and resumed["languages"] == first["languages"]
+    # Other interventions: the old store is moved aside and everything is scored afresh.
+    other = tmp_path / "other"
+    shutil.copytree(interventions, other)
+    write_planted_intervention(other / "swh", model_dir, [0, 1], "swh_Latn", seed=9, strength=3.0)
+    fresh, _ = run_benchmark(config(model_dir, other, paths, cross_fit=2, scores_dir=tmp_path / "scores"), llm=llm)
+    assert fresh["performance"]["vllm_sequences"] == first["performance"]["vllm_sequences"]
+    assert any(p.name.startswith("scores.stale-") for p in tmp_path.iterdir())
