@@ -25,6 +25,7 @@ Tensors are read with safetensors only; nothing is ever unpickled.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import struct
@@ -43,6 +44,7 @@ READABLE_VERSIONS = (1, 2)
 SERVING_POSITIONS = ("last", "prompt", "all")
 MANIFEST_NAME = "manifest.json"
 MATRICES_NAME = "matrices.safetensors"
+ARTIFACT_FILES = (MANIFEST_NAME, MATRICES_NAME)
 FORMULA = "h' = h + alpha * (W h + b - h)"
 PARAMETRIZATIONS = ("full", "lowrank", "shift")
 FORMS = ("map", "incline")
@@ -56,6 +58,8 @@ _REQUIRED_KEYS = {
     "lambdas": list, "default_alpha": (int, float), "dtype": str, "fit_data": dict,
     "metrics": dict, "created": str,
 }
+
+logger = logging.getLogger("lingosteer.artifact")
 
 
 class InterventionError(ValueError):
@@ -195,7 +199,7 @@ def save_intervention(
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
         # mkdtemp makes a private directory; an artifact is meant to be shared like any file.
         os.chmod(staging, 0o755)
-        for name in (MATRICES_NAME, MANIFEST_NAME):
+        for name in ARTIFACT_FILES:
             os.chmod(staging / name, 0o644)
         replace_dir(staging, out_dir)
     except BaseException:
@@ -213,6 +217,80 @@ def replace_dir(new: Path, target: Path) -> None:
     os.replace(target, old / "previous")
     os.replace(new, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+# ---- finding ------------------------------------------------------------------------
+
+
+def find_artifact_dirs(root: str | Path) -> list[Path]:
+    """Every artifact directory under `root`, sorted: each directory holding a manifest, `root`
+    itself included, at any depth.
+
+    Hidden directories and everything under them are skipped: a writer's staging area (such as
+    `save_intervention`'s `.<name>.xyz`, or an upload in progress) holds a manifest before its
+    artifact is complete. Links to directories are not followed, so a link cycle cannot trap the walk.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"interventions directory {root} does not exist")
+    found = []
+    for directory, subdirectories, files in os.walk(root):
+        subdirectories[:] = [name for name in subdirectories if not name.startswith(".")]
+        if MANIFEST_NAME in files:
+            found.append(Path(directory))
+    return sorted(found)
+
+
+def files_outside(directory: str | Path, root: str | Path) -> list[str]:
+    """The artifact files of `directory` that resolve, through links, to somewhere outside `root`."""
+    root = Path(root).resolve()
+    return [name for name in ARTIFACT_FILES if not (Path(directory) / name).resolve().is_relative_to(root)]
+
+
+def discover_interventions(
+    root: str | Path,
+    languages: list[str] | None = None,
+    fingerprint: dict | None = None,
+    *,
+    within_root: bool = False,
+) -> dict[str, Path]:
+    """Source language (FLORES code) -> artifact directory, for the artifacts `find_artifact_dirs` finds.
+
+    With `fingerprint`, artifacts fitted on another model are skipped (one root may hold several
+    models' artifacts); with `within_root`, so are artifacts whose files link outside `root` (the
+    server loads nothing from outside its root). Two artifacts for one language are an error, and so
+    is a language of `languages` (None: every language found) without one. Manifests are validated;
+    the tensors are read only by `load_intervention`.
+    """
+    root = Path(root)
+    by_language: dict[str, Path] = {}
+    other_models = 0
+    for directory in find_artifact_dirs(root):
+        outside = files_outside(directory, root) if within_root else []
+        if outside:
+            logger.warning("lingosteer: skipping %s: %s link outside %s", directory, ", ".join(outside), root)
+            continue
+        manifest = _read_manifest(directory / MANIFEST_NAME)
+        if fingerprint is not None:
+            try:
+                check_fingerprint(fingerprint, manifest["model"])
+            except FingerprintMismatch:
+                logger.info("lingosteer: skipping %s (fitted on another model)", directory)
+                other_models += 1
+                continue
+        source = manifest["source"]
+        if source in by_language:
+            raise InterventionError(f"two interventions for {source} under {root}: {by_language[source]} "
+                                    f"and {directory}; keep one")
+        by_language[source] = directory
+    if languages is None:
+        return dict(sorted(by_language.items()))
+    missing = [language for language in languages if language not in by_language]
+    if missing:
+        skipped = f"; {other_models} fitted on another model skipped" if other_models else ""
+        raise FileNotFoundError(f"no intervention for {', '.join(missing)} under {root} "
+                                f"(found: {', '.join(sorted(by_language)) or 'none'}{skipped})")
+    return {language: by_language[language] for language in languages}
 
 
 # ---- reading ------------------------------------------------------------------------

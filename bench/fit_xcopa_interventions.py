@@ -65,7 +65,7 @@ def xcopa_pairs(code: str, xcopa: Path, max_items: int) -> list[tuple[list[str],
 def main(argv=None) -> int:
     import numpy as np
 
-    from alignment.artifact import save_intervention
+    from alignment.artifact import MANIFEST_NAME, save_intervention
     from alignment.estimator import LinearAligner
     from alignment.hidden_states import extract_hidden_states, load_model_and_tokenizer
     from evaluation.calibration import contiguous_folds
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     codes = [code.strip() for code in args.langs.split(",") if code.strip()]
     folds = contiguous_folds(args.xcopa_items, args.xcopa_folds) if args.xcopa_folds >= 2 else None
     out_dirs = [args.out / f"fold{k}" for k in range(len(folds))] if folds else [args.out]
-    todo = [c for c in codes if not all((d / normalize_code(c) / "manifest.json").is_file() for d in out_dirs)]
+    todo = [c for c in codes if not all((d / normalize_code(c) / MANIFEST_NAME).is_file() for d in out_dirs)]
     if not todo:
         print("all interventions exist", file=sys.stderr)
         return 0

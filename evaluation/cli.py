@@ -28,7 +28,7 @@ def register(subparsers) -> None:
         parser = tasks.add_parser(task, help=f"{task.upper()} benchmark (files <split>.<lang>.jsonl|tsv)")
         parser.add_argument("--model", required=True, help="prepared model name or Hugging Face model directory")
         parser.add_argument("--interventions", type=Path, nargs="+", default=None, metavar="DIR",
-                            help="directory of intervention artifacts (one subdirectory per language); under "
+                            help="directory of intervention artifacts (one per language, at any depth); under "
                                  "--cross-fit K also K directories, the k-th used for fold k (fitted without it); "
                                  "without it every language is scored plain (a baseline)")
         parser.add_argument("--eval", nargs="+", required=True, metavar="PATH",

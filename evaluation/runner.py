@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from alignment.artifact import MANIFEST_NAME
 from evaluation.calibration import DEFAULT_GRID, STEER_OF_POSITIONS, choose_alpha, contiguous_folds
 from evaluation.score_store import ScoreStore
 from evaluation.scoring import (
@@ -217,43 +218,23 @@ def load_language_sets(config, paths, tokenizer, prompts) -> dict[str, LanguageS
 
 
 def find_interventions(root: Path, languages: list[str] | None, model_dir: Path) -> dict[str, Path]:
-    """FLORES code -> artifact directory, for each language (None: every language found), from a
-    directory of artifacts (its subdirectories, or itself; hidden ones are a writer's staging area
-    and skipped). Checked against the model's fingerprint."""
-    from alignment.artifact import load_intervention
+    """FLORES code -> artifact directory under `root` fitted on the model, for each language (None:
+    every language found; see `alignment.artifact.discover_interventions`), each validated in full
+    now rather than when the engine first loads it."""
+    from alignment.artifact import discover_interventions, load_intervention
     from lingosteer.fingerprint import model_fingerprint
 
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"interventions directory {root} does not exist")
-    candidates = ([root] if (root / "manifest.json").is_file()
-                  else sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")))
-    by_source: dict[str, Path] = {}
-    for path in candidates:
-        manifest = path / "manifest.json"
-        if manifest.is_file():
-            source = json.loads(manifest.read_text()).get("source")
-            if source in by_source:
-                raise ValueError(f"two interventions for {source} in {root}: {by_source[source]} and {path}")
-            by_source[source] = path
-    if languages is None:
-        languages = sorted(by_source)
-    missing = [lang for lang in languages if lang not in by_source]
-    if missing:
-        raise FileNotFoundError(
-            f"no intervention for {', '.join(missing)} in {root} (found: {', '.join(sorted(by_source)) or 'none'})"
-        )
-    fingerprint = model_fingerprint(model_dir)
-    for lang in languages:
-        load_intervention(by_source[lang], expected_fingerprint=fingerprint)
-    return {lang: by_source[lang] for lang in languages}
+    found = discover_interventions(root, languages, model_fingerprint(model_dir))
+    for path in found.values():
+        load_intervention(path)
+    return found
 
 
 def fitted_items(artifact_dir: Path) -> tuple[str, list[list[int]]] | None:
     """(file name, [start, end) item ranges) of benchmark items an intervention was fitted on, if any.
 
     Fitting scripts record them as fit_data["task_items"] = {"file": ..., "ranges": [[a, b], ...]}."""
-    fit_data = json.loads((Path(artifact_dir) / "manifest.json").read_text()).get("fit_data", {})
+    fit_data = json.loads((Path(artifact_dir) / MANIFEST_NAME).read_text()).get("fit_data", {})
     task_items = fit_data.get("task_items")
     return None if not task_items else (task_items["file"], task_items["ranges"])
 

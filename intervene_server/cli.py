@@ -186,10 +186,12 @@ def list_command(args) -> int:
 def push_command(args) -> int:
     from pathlib import Path
 
+    from alignment.artifact import MANIFEST_NAME, MATRICES_NAME
+
     if args.upload:
         local = Path(args.path)
         files = {name: (name, (local / filename).read_bytes())
-                 for name, filename in (("manifest", "manifest.json"), ("matrices", "matrices.safetensors"))}
+                 for name, filename in (("manifest", MANIFEST_NAME), ("matrices", MATRICES_NAME))}
         result = _request(args, "POST", "/admin/interventions/upload", files=files)
     else:
         result = _request(args, "POST", "/admin/interventions", json={"path": args.path})

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from alignment.artifact import ARTIFACT_FILES
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ class LoadedIntervention:
 def artifact_version(path: Path) -> str:
     """Content hash of the artifact files: equal files give the same version everywhere."""
     digest = hashlib.sha256()
-    for name in ("manifest.json", "matrices.safetensors"):
+    for name in ARTIFACT_FILES:
         with open(path / name, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)

@@ -118,7 +118,7 @@ def attach_to_model(model: torch.nn.Module, model_dir: str, device: torch.device
         return state
     for index, layer in decoder_layers(model):
         _route_through_op(layer, index)
-    for path in _preload_paths():
+    for path in _preload_paths(state):
         state.load(path)
     return state
 
@@ -134,14 +134,26 @@ def _route_through_op(layer: torch.nn.Module, index: int) -> None:
     layer.forward = steered_forward
 
 
-def _preload_paths() -> list[Path]:
-    paths = []
-    for entry in filter(None, os.environ.get(PRELOAD_ENV, "").split(",")):
-        root = Path(entry)
-        if (root / "manifest.json").exists():
-            paths.append(root)
-        else:
-            paths.extend(sorted(p.parent for p in root.glob("*/manifest.json")))
-            if not paths:
-                raise FileNotFoundError(f"{PRELOAD_ENV}: no intervention artifacts under {root}")
-    return paths
+def _preload_paths(state: WorkerState) -> list[Path]:
+    """The artifacts `PRELOAD_ENV` names for this model: each entry is an artifact or a folder of them."""
+    from alignment.artifact import discover_interventions, find_artifact_dirs
+
+    value = os.environ.get(PRELOAD_ENV, "")
+    if not value:
+        return []
+    entries = value.split(",")
+    if not all(entry.strip() for entry in entries):
+        # "a,,b" or "a," is most likely a mistyped list; guessing what was meant could load the wrong thing.
+        raise ValueError(f"{PRELOAD_ENV}={value!r} has an empty entry: give comma-separated artifact directories")
+    chosen: dict[str, Path] = {}
+    for entry in entries:
+        found = discover_interventions(entry, fingerprint=state.fingerprint)
+        if not found:
+            others = len(find_artifact_dirs(entry))  # what discovery skipped: artifacts of other models
+            raise FileNotFoundError(f"{PRELOAD_ENV}: no intervention artifacts for this model under {entry}"
+                                    + (f" ({others} fitted on another model)" if others else ""))
+        for language, path in found.items():
+            if language in chosen:
+                raise ValueError(f"{PRELOAD_ENV}: two interventions for {language}: {chosen[language]} and {path}")
+            chosen[language] = path
+    return list(chosen.values())

@@ -205,3 +205,49 @@ def test_serving_defaults_are_recorded_with_their_evidence_and_version_1_still_l
     (tmp_path / "a" / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
     old = load_intervention(tmp_path / "a")
     assert old.serving == {"alpha": -0.5, "layers": LAYERS, "positions": "last"} and old.evidence is None
+
+
+def test_discovery_finds_artifacts_at_any_depth_and_skips_hidden_directories(tmp_path):
+    root = tmp_path / "root"
+    swahili = save(root / "model" / "swh")
+    italian = save(root / "ita", source="ita_Latn")
+    # A writer's staging area holds a complete-looking manifest before its rename; an upload area
+    # may hold anything. Neither is read.
+    save(root / "model" / ".fra_Latn.build.xyz", source="fra_Latn")
+    (root / ".uploads" / "abc").mkdir(parents=True)
+    (root / ".uploads" / "abc" / "manifest.json").write_text("{}")
+    (root / "linked").symlink_to(root / "model", target_is_directory=True)  # not followed: no duplicate
+
+    assert artifact.find_artifact_dirs(root) == [italian, swahili]
+    assert artifact.discover_interventions(root) == {"ita_Latn": italian, "swh_Latn": swahili}
+    assert artifact.discover_interventions(swahili) == {"swh_Latn": swahili}  # an artifact is its own root
+    assert artifact.discover_interventions(root, ["swh_Latn"]) == {"swh_Latn": swahili}
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        artifact.discover_interventions(tmp_path / "missing")
+
+
+def test_discovery_keeps_this_models_artifacts_one_per_language(tmp_path):
+    root = tmp_path / "root"
+    swahili = save(root / "test" / "swh")
+    save(root / "other" / "fra", source="fra_Latn", fingerprint={**FINGERPRINT, "tokenizer_sha256": "u" * 64})
+
+    assert artifact.discover_interventions(root, fingerprint=FINGERPRINT) == {"swh_Latn": swahili}
+    with pytest.raises(FileNotFoundError, match="no intervention for fra_Latn .*1 fitted on another model skipped"):
+        artifact.discover_interventions(root, ["fra_Latn"], FINGERPRINT)
+    # Only the fingerprint's fields count: a manifest may record more about its model.
+    save(root / "test" / "swh", fingerprint={**FINGERPRINT, "note": "extra"}, overwrite=True)
+    assert artifact.discover_interventions(root, fingerprint=FINGERPRINT) == {"swh_Latn": swahili}
+    save(root / "again" / "swh")
+    with pytest.raises(artifact.InterventionError, match="two interventions for swh_Latn"):
+        artifact.discover_interventions(root)
+
+
+def test_discovery_within_root_skips_files_linking_outside(tmp_path):
+    root, outside = tmp_path / "root", save(tmp_path / "outside")
+    (root / "sneaky").mkdir(parents=True)
+    for name in artifact.ARTIFACT_FILES:
+        (root / "sneaky" / name).symlink_to(outside / name)
+
+    assert artifact.files_outside(root / "sneaky", root) == list(artifact.ARTIFACT_FILES)
+    assert artifact.discover_interventions(root) == {"swh_Latn": root / "sneaky"}
+    assert artifact.discover_interventions(root, within_root=True) == {}

@@ -201,3 +201,37 @@ class SimpleModel:
 
     def compute_logits(self, rows):
         return self._compute_logits(rows)
+
+
+def _save_shift(path, source, fingerprint):
+    from alignment.artifact import save_intervention
+    from alignment.estimator import LinearAligner
+
+    states = np.random.default_rng(0).normal(size=(1, 8, 4))
+    return save_intervention(path, LinearAligner(solver="meanshift").fit(states, states + 1.0), fingerprint=fingerprint,
+                             source=source, target="eng_Latn", layers=[0], pooling="mean", fit_data={})
+
+
+def test_preloading_finds_nested_artifacts_of_this_model_and_refuses_empty_entries(tmp_path, monkeypatch):
+    from intervene_server.worker_state import PRELOAD_ENV, WorkerState, _preload_paths
+
+    fingerprint = {"architecture": "LlamaForCausalLM", "hidden_size": 4, "num_hidden_layers": 2}
+    state = WorkerState("LlamaForCausalLM", "unused", 2, torch.device("cpu"), _fingerprint=fingerprint)
+    swahili = _save_shift(tmp_path / "root" / "llama" / "swh", "swh_Latn", fingerprint)
+    _save_shift(tmp_path / "root" / "llama" / ".ita_Latn.build.xyz", "ita_Latn", fingerprint)  # a writer's staging
+    other = _save_shift(tmp_path / "other" / "qwen2" / "swh", "swh_Latn", {**fingerprint, "architecture": "Qwen2"})
+
+    monkeypatch.setenv(PRELOAD_ENV, f"{tmp_path / 'root'},{other.parent.parent}")
+    with pytest.raises(FileNotFoundError, match="no intervention artifacts for this model .*1 fitted on another"):
+        _preload_paths(state)
+    monkeypatch.setenv(PRELOAD_ENV, str(tmp_path / "root"))
+    assert _preload_paths(state) == [swahili]
+    monkeypatch.setenv(PRELOAD_ENV, f"{swahili},{tmp_path / 'root'}")
+    with pytest.raises(ValueError, match="two interventions for swh_Latn"):
+        _preload_paths(state)
+    for value in (f"{swahili},", f",{swahili}", f"{swahili},,{swahili}", ","):
+        monkeypatch.setenv(PRELOAD_ENV, value)
+        with pytest.raises(ValueError, match="empty entry"):
+            _preload_paths(state)
+    monkeypatch.delenv(PRELOAD_ENV)
+    assert _preload_paths(state) == []

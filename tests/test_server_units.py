@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from intervene_server.server.artifacts import ArtifactPathError, find_artifacts, resolve_in_root, store_upload
+from alignment.artifact import discover_interventions
+from intervene_server.server.artifacts import ArtifactPathError, resolve_in_root, store_upload
 from intervene_server.server.detection import LanguageDetector, split_sentences
 from intervene_server.server.prompt_tokens import PromptTokenizer
 from intervene_server.request_spec import parse_request_spec
@@ -207,7 +208,6 @@ def test_paths_must_stay_inside_the_root(tmp_path):
     for bad in ("../outside", str(outside), "escape", "sneaky", "model/missing", "model/swh/../../../outside"):
         with pytest.raises(ArtifactPathError):
             resolve_in_root(root, bad)
-    assert find_artifacts(root) == [artifact.resolve()]
 
 
 def test_uploads_are_stored_by_content_hash(tmp_path):
@@ -217,7 +217,7 @@ def test_uploads_are_stored_by_content_hash(tmp_path):
     assert first == again != other
     assert (first / "matrices.safetensors").read_bytes() == b"abc"
     assert not [p for p in (tmp_path / ".uploads").iterdir() if p.name.startswith(".incoming")]
-    assert find_artifacts(tmp_path) == []  # hidden: not preloaded at startup
+    assert discover_interventions(tmp_path) == {}  # hidden: not preloaded at startup
 
 
 @pytest.fixture()

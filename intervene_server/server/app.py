@@ -7,14 +7,12 @@ the admin routes (if a token is configured), `/v1/interference*` (if a matrix is
 given) and the lingosteer metrics in vLLM's `/metrics`.
 """
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from intervene_server.server.artifacts import (
-    DEFAULT_MAX_UPLOAD_BYTES, MANIFEST_NAME, UPLOAD_DIR_NAME, find_artifacts,
-)
+from alignment.artifact import discover_interventions
+from intervene_server.server.artifacts import DEFAULT_MAX_UPLOAD_BYTES, UPLOAD_DIR_NAME
 from intervene_server.server.auth import configure_audit_log
 from intervene_server.server.detection import DEFAULT_MIN_CONFIDENCE, LanguageDetector
 from intervene_server.server.prompt_tokens import PromptTokenizer
@@ -78,21 +76,8 @@ async def preload(registry: InterventionRegistry, model_dir: Path) -> None:
     """Load every artifact under the root fitted on this model; others are skipped with a log line."""
     from lingosteer.fingerprint import model_fingerprint
 
-    fingerprint = model_fingerprint(model_dir)
-    chosen: dict[str, Path] = {}
-    for path in find_artifacts(registry.root):
-        manifest = json.loads((path / MANIFEST_NAME).read_text())
-        if manifest.get("model") != fingerprint:
-            logger.info("lingosteer: skipping %s (fitted on another model)", path)
-            continue
-        source = manifest.get("source")
-        if source in chosen:
-            raise ValueError(
-                f"two interventions for {source} under {registry.root}: {chosen[source]} and {path}; "
-                "keep one (or load the other later through the admin API)"
-            )
-        chosen[source] = path
-    for source, path in chosen.items():
+    chosen = discover_interventions(registry.root, fingerprint=model_fingerprint(model_dir), within_root=True)
+    for path in chosen.values():
         try:
             info, _ = await registry.load(path)
         except LoadError as error:

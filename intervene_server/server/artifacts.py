@@ -7,18 +7,15 @@ like any other artifact; the engine does all content validation.
 """
 
 import hashlib
-import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-MANIFEST_NAME = "manifest.json"
-MATRICES_NAME = "matrices.safetensors"
+from alignment.artifact import MANIFEST_NAME, MATRICES_NAME, files_outside
+
 DEFAULT_MAX_UPLOAD_BYTES = 512 * 1024 * 1024
 UPLOAD_DIR_NAME = ".uploads"  # inside the root; hidden, so startup preloading skips it
-
-logger = logging.getLogger("lingosteer.server")
 
 
 class ArtifactPathError(ValueError):
@@ -37,30 +34,14 @@ def resolve_in_root(root: Path, requested: str) -> Path:
             raise ArtifactPathError(f"{requested!r} is outside the interventions root")
         if not resolved.is_dir():
             raise ArtifactPathError(f"{requested!r} is not a directory in the interventions root")
-        for name in (MANIFEST_NAME, MATRICES_NAME):
-            if not (resolved / name).resolve().is_relative_to(root):
-                raise ArtifactPathError(f"{requested!r}: {name} links outside the interventions root")
+        outside = files_outside(resolved, root)
+        if outside:
+            raise ArtifactPathError(f"{requested!r}: {', '.join(outside)} link outside the interventions root")
     except OSError as error:  # name too long, permission denied, ...
         raise ArtifactPathError(f"{requested!r}: {error.strerror or error}") from None
     except UnicodeEncodeError:  # e.g. a lone surrogate from JSON "\ud800"
         raise ArtifactPathError(f"{requested!r} is not a valid file name") from None
     return resolved
-
-
-def find_artifacts(root: Path) -> list[Path]:
-    """Artifact directories under the root (any depth), skipping hidden directories and
-    anything that `resolve_in_root` would refuse."""
-    root = root.resolve()
-    found = []
-    for manifest in sorted(root.rglob(MANIFEST_NAME)):
-        relative = manifest.parent.relative_to(root)
-        if any(part.startswith(".") for part in relative.parts):
-            continue
-        try:
-            found.append(resolve_in_root(root, str(relative)))
-        except ArtifactPathError as error:
-            logger.warning("lingosteer: not preloading %s: %s", manifest.parent, error)
-    return found
 
 
 def store_upload(upload_dir: Path, manifest: bytes, matrices: bytes) -> Path:

@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, Request
 from starlette.datastructures import UploadFile
 
+from alignment.artifact import MANIFEST_NAME, MATRICES_NAME
 from intervene_server.server import metrics
 from intervene_server.server.artifacts import ArtifactPathError, resolve_in_root, store_upload
 from intervene_server.server.auth import audit, require_token
@@ -94,8 +95,8 @@ _UPLOAD_BODY = {
             "type": "object",
             "required": ["manifest", "matrices"],
             "properties": {
-                "manifest": {"type": "string", "format": "binary", "description": "manifest.json"},
-                "matrices": {"type": "string", "format": "binary", "description": "matrices.safetensors"},
+                "manifest": {"type": "string", "format": "binary", "description": MANIFEST_NAME},
+                "matrices": {"type": "string", "format": "binary", "description": MATRICES_NAME},
             },
         }}},
     }
