@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lingosteer.files import atomic_path
 from lingosteer.fingerprint import FingerprintMismatch, check_fingerprint
 
 FORMAT = "lingosteer.intervention"
@@ -461,10 +462,9 @@ def set_serving_defaults(path: str | Path, serving: dict, evidence: dict) -> dic
     manifest.update(format_version=FORMAT_VERSION, serving=serving, evidence=evidence,
                     default_alpha=float(serving["alpha"]))
     _check_serving(manifest, path / MANIFEST_NAME)
-    tmp = path / f".{MANIFEST_NAME}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.chmod(tmp, 0o644)
-    tmp.replace(path / MANIFEST_NAME)
+    with atomic_path(path / MANIFEST_NAME) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+        os.chmod(tmp, 0o644)  # shared like the rest of the artifact, whatever the umask
     return manifest
 
 

@@ -279,7 +279,8 @@ def _is_recommended(args) -> bool:
 
 def run_eval(args) -> int:
     from alignment.artifact import load_intervention
-    from alignment.evaluate import evaluate_intervention, markdown_table, write_eval_report
+    from alignment.evaluate import evaluate_intervention, write_eval_report
+    from lingosteer.markdown import markdown_table
     from lingosteer.data import parse_parallel_source
 
     _, model, tokenizer, fingerprint = _load_model(args.model)

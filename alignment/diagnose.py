@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from alignment.evaluate import markdown_table, mean_pair_cosine, plot_layer_curves, retrieval_p1, write_text_atomic
+from alignment.evaluate import mean_pair_cosine, plot_layer_curves, retrieval_p1
+from lingosteer.files import write_text_atomic
+from lingosteer.markdown import markdown_table
 
 
 def diagnose_languages(pair_states: dict[str, tuple[np.ndarray, np.ndarray]], target: str, layers: list[int]) -> dict:

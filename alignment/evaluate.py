@@ -23,6 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from lingosteer.files import atomic_path, write_text_atomic
+from lingosteer.markdown import markdown_table
+
 
 def mean_pair_cosine(a: np.ndarray, b: np.ndarray) -> float:
     """Mean cosine of row i of `a` with row i of `b`."""
@@ -153,17 +156,10 @@ def write_compare_report(comparison: dict, out_dir: str | Path) -> dict[str, Pat
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = paths["plot"].with_name(f".{paths['plot'].name}.tmp")
-    fig.savefig(tmp, dpi=110, format="png")
+    with atomic_path(paths["plot"], suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    tmp.replace(paths["plot"])
     return paths
-
-
-def markdown_table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def plot_layer_curves(path: Path, title: str, panels: list[tuple[str, dict[str, list[float]]]],
@@ -186,13 +182,6 @@ def plot_layer_curves(path: Path, title: str, panels: list[tuple[str, dict[str, 
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=110, format="png")
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    tmp.replace(path)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

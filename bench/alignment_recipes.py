@@ -66,6 +66,7 @@ def sentence_pairs(code: str, data_dir: Path | None, ntrex_pairs: int, codeswitc
 
 def extract(args) -> None:
     from alignment.hidden_states import extract_pooled_states, load_model_and_tokenizer
+    from lingosteer.files import atomic_path
     from lingosteer.models import resolve_model
 
     model, tokenizer = load_model_and_tokenizer(resolve_model(args.model))
@@ -84,9 +85,8 @@ def extract(args) -> None:
                 if not path.is_file():
                     start = time.perf_counter()
                     states = extract_pooled_states(model, tokenizer, sentences, batch_size=32, progress=False)
-                    tmp = path.with_name(f".{path.name}.tmp.npz")
-                    np.savez(tmp, **states)
-                    tmp.replace(path)
+                    with atomic_path(path, suffix=".npz") as tmp:
+                        np.savez(tmp, **states)
                     print(f"{code} {name} {side}: {len(sentences)} sentences in {time.perf_counter() - start:.0f} s",
                           file=sys.stderr, flush=True)
                 if side == "eng":
@@ -260,7 +260,8 @@ def select(summary: dict) -> dict:
 def write_reports(report: dict, out: Path, docs: Path | None) -> None:
     import json
 
-    from alignment.evaluate import markdown_table, write_text_atomic
+    from lingosteer.files import write_text_atomic
+    from lingosteer.markdown import markdown_table
 
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "recipes.json", json.dumps(report, indent=1) + "\n")

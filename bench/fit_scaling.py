@@ -78,6 +78,8 @@ def cached_extract(args, pairs):
     """`extract`, or its saved result when --states-cache names a file written for the same inputs."""
     from pathlib import Path
 
+    from lingosteer.files import atomic_path
+
     key = f"{args.model}|{args.source}|{args.target}|{len(pairs)}|{args.chunk_size}"
     cache = Path(args.states_cache) if args.states_cache else None
     if cache and cache.is_file():
@@ -87,9 +89,8 @@ def cached_extract(args, pairs):
                 return saved["X"], saved["Y"], dict(zip(saved["counts"].tolist(), saved["seconds"].tolist()))
     X, Y, seconds = extract(args.model, pairs, args.chunk_size, args.batch_size)
     if cache:
-        tmp = cache.with_name(cache.name + ".tmp.npz")
-        np.savez(tmp, key=key, X=X, Y=Y, counts=np.array(list(seconds)), seconds=np.array(list(seconds.values())))
-        tmp.replace(cache)
+        with atomic_path(cache, suffix=".npz") as tmp:
+            np.savez(tmp, key=key, X=X, Y=Y, counts=np.array(list(seconds)), seconds=np.array(list(seconds.values())))
     return X, Y, seconds
 
 
@@ -122,6 +123,8 @@ def fit_incline(X, Y, n):
 
 
 def main(argv=None) -> int:
+    from lingosteer.markdown import markdown_table
+
     args = parse_args(argv)
     sizes = sorted({int(s) for s in args.sizes.split(",")})
     if any(s % args.chunk_size for s in sizes):
@@ -146,26 +149,26 @@ def main(argv=None) -> int:
     mib = 2**20
     print(f"\nFit scaling: {args.model}, {args.source} -> {args.target}, {num_layers} layers, d={dim}, "
           f"chunk {args.chunk_size}, medians of {args.repeats} interleaved repeats")
-    print("| pairs | extract s | stream accumulate s | stream solve s | stream fit s | stream peak MiB "
-          "| stream states held MiB | INCLINE lstsq s | INCLINE peak MiB | INCLINE states held MiB |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     pair_bytes = 2 * num_layers * dim * X.itemsize  # source + target states of one pair
-    for n in sizes:
-        print(f"| {n} | {extract_seconds[n]:.1f} | {med(n, 'streaming', 'accumulate'):.2f} | "
-              f"{med(n, 'streaming', 'solve'):.2f} | {med(n, 'streaming', 'total'):.2f} | "
-              f"{med(n, 'streaming', 'peak') / mib:.1f} | {min(n, args.chunk_size) * pair_bytes / mib:.1f} | "
-              f"{med(n, 'incline', 'total'):.2f} | {med(n, 'incline', 'peak') / mib:.1f} | "
-              f"{n * pair_bytes / mib:.1f} |")
+    print(markdown_table(
+        ["pairs", "extract s", "stream accumulate s", "stream solve s", "stream fit s", "stream peak MiB",
+         "stream states held MiB", "INCLINE lstsq s", "INCLINE peak MiB", "INCLINE states held MiB"],
+        [[n, f"{extract_seconds[n]:.1f}", f"{med(n, 'streaming', 'accumulate'):.2f}",
+          f"{med(n, 'streaming', 'solve'):.2f}", f"{med(n, 'streaming', 'total'):.2f}",
+          f"{med(n, 'streaming', 'peak') / mib:.1f}", f"{min(n, args.chunk_size) * pair_bytes / mib:.1f}",
+          f"{med(n, 'incline', 'total'):.2f}", f"{med(n, 'incline', 'peak') / mib:.1f}", f"{n * pair_bytes / mib:.1f}"]
+         for n in sizes],
+        right_aligned=True))
     base = sizes[0]
     print(f"\nRatios vs {base} pairs (1.00 = flat):")
-    print("| pairs | extract | stream fit time | stream peak memory | INCLINE time | INCLINE peak memory |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    for n in sizes:
-        print(f"| {n} | {extract_seconds[n] / extract_seconds[base]:.2f} | "
-              f"{med(n, 'streaming', 'total') / med(base, 'streaming', 'total'):.2f} | "
-              f"{med(n, 'streaming', 'peak') / med(base, 'streaming', 'peak'):.2f} | "
-              f"{med(n, 'incline', 'total') / med(base, 'incline', 'total'):.2f} | "
-              f"{med(n, 'incline', 'peak') / med(base, 'incline', 'peak'):.2f} |")
+    print(markdown_table(
+        ["pairs", "extract", "stream fit time", "stream peak memory", "INCLINE time", "INCLINE peak memory"],
+        [[n, f"{extract_seconds[n] / extract_seconds[base]:.2f}",
+          f"{med(n, 'streaming', 'total') / med(base, 'streaming', 'total'):.2f}",
+          f"{med(n, 'streaming', 'peak') / med(base, 'streaming', 'peak'):.2f}",
+          f"{med(n, 'incline', 'total') / med(base, 'incline', 'total'):.2f}",
+          f"{med(n, 'incline', 'peak') / med(base, 'incline', 'peak'):.2f}"] for n in sizes],
+        right_aligned=True))
     return 0
 
 

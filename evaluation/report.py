@@ -10,14 +10,14 @@ equal weight; English is reported apart and is in no average.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 from evaluation.stats import bootstrap_delta_ci, mcnemar_exact
+from lingosteer.files import atomic_path, write_text_atomic
+from lingosteer.markdown import markdown_table
 
 REPORT_JSON, REPORT_MD, REPORT_PNG, ITEMS_JSONL = "report.json", "report.md", "report.png", "items.jsonl"
 FORMAT = "lingosteer.bench"
@@ -128,9 +128,9 @@ def write_report(report: dict, items: list[dict], out_dir: str | Path) -> dict[s
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / REPORT_JSON, "markdown": out_dir / REPORT_MD, "plot": out_dir / REPORT_PNG,
              "items": out_dir / ITEMS_JSONL}
-    _atomic_write(paths["json"], json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    _atomic_write(paths["markdown"], markdown(report))
-    _atomic_write(paths["items"], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in items))
+    write_text_atomic(paths["json"], json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(paths["markdown"], markdown(report))
+    write_text_atomic(paths["items"], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in items))
     _plot(report, paths["plot"])
     return paths
 
@@ -145,17 +145,6 @@ def read_report(path: str | Path) -> dict:
     if report.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: format_version {report.get('format_version')!r} is not {FORMAT_VERSION}")
     return report
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _pct(x) -> str:
@@ -203,9 +192,7 @@ def markdown(report: dict) -> str:
         "- delta CI: paired bootstrap over items (within each language); McNemar: exact binomial on "
         "discordant items, b = baseline-only right, c = intervened-only right",
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-        *("| " + " | ".join(row) + " |" for row in rows),
+        markdown_table(header, rows),
         "",
     ]
     perf = report["performance"]
@@ -249,8 +236,6 @@ def _plot(report: dict, path: Path) -> None:
     ax.set_title(f"{report['task']}: baseline vs intervened (steer {report['steer']}, {report['prompt_style']})")
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lingosteer.files import atomic_path, write_text_atomic
+
 INDEX_NAME = "index.json"
 
 
@@ -50,14 +52,12 @@ class ScoreStore:
 
     def save(self, name: str, table: np.ndarray) -> None:
         file_name = f"{_digest(name)}.npy"
-        tmp = self.directory / f".{file_name}.tmp.npy"
-        np.save(tmp, table)
-        os.replace(tmp, self.directory / file_name)
+        with atomic_path(self.directory / file_name, suffix=".npy") as tmp:
+            np.save(tmp, table)
         if self.index.get(name) != file_name:
             self.index[name] = file_name
-            tmp_index = self.directory / f".{INDEX_NAME}.tmp"
-            tmp_index.write_text(json.dumps({"key": self.key, "tables": self.index}, indent=1))
-            os.replace(tmp_index, self.directory / INDEX_NAME)
+            index = {"key": self.key, "tables": self.index}
+            write_text_atomic(self.directory / INDEX_NAME, json.dumps(index, indent=1))
 
 
 def _digest(value) -> str:

@@ -5,7 +5,6 @@ language to the version new requests get; older versions stay loaded while
 requests that started with them are still running, then are released.
 """
 
-import hashlib
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import torch
 
 from alignment.artifact import ARTIFACT_FILES
+from lingosteer.files import sha256_files
 
 
 @dataclass(frozen=True)
@@ -53,12 +53,7 @@ class LoadedIntervention:
 
 def artifact_version(path: Path) -> str:
     """Content hash of the artifact files: equal files give the same version everywhere."""
-    digest = hashlib.sha256()
-    for name in ARTIFACT_FILES:
-        with open(path / name, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()[:16]
+    return sha256_files(*(path / name for name in ARTIFACT_FILES))[:16]
 
 
 def read_intervention(

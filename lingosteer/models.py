@@ -14,7 +14,6 @@ minute or two, so `resolve_model` asks for `lingosteer models prepare NAME` inst
 from __future__ import annotations
 
 import base64
-import hashlib
 import importlib
 import importlib.metadata
 import json
@@ -29,6 +28,7 @@ from typing import Callable
 from pathlib import Path
 
 from lingosteer import CONFIGS_DIR
+from lingosteer.files import sha256_files, write_text_atomic
 
 MANIFEST_NAME = "lingosteer-model.json"
 CHAT_TEMPLATE_NAME = "chat_template.jinja"
@@ -191,14 +191,6 @@ def _install_packages(source: GGUFSource) -> None:
         raise RuntimeError(f"pip installed {source.requirement} but {', '.join(still_missing)} is still missing")
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _package_record_sha256(distribution: str, file: Path) -> str:
     """The sha256 (hex) the wheel's RECORD lists for `file`: the package's own checksum."""
     for entry in importlib.metadata.distribution(distribution).files or []:
@@ -210,7 +202,7 @@ def _package_record_sha256(distribution: str, file: Path) -> str:
 def _verified_gguf(source: GGUFSource, work_dir: Path) -> tuple[Path, str]:
     """The GGUF of `source`, its sha256 checked against our pin and the package's own record."""
     path, package_sha256 = source.locate(work_dir)
-    actual = sha256_file(path)
+    actual = sha256_files(path)
     for label, expected in (("lingosteer's pinned", source.gguf_sha256), (f"{source.requirement}'s", package_sha256)):
         if actual != expected:
             raise RuntimeError(f"{path}: sha256 {actual} does not match {label} checksum {expected}")
@@ -275,9 +267,7 @@ def _ensure_chat_template(model_dir: Path, source: GGUFSource) -> None:
     if config.is_file() and json.loads(config.read_text()).get("chat_template"):
         return
     template = (CONFIGS_DIR / "chat_templates" / source.chat_template).read_text(encoding="utf-8")
-    tmp = model_dir / f".{CHAT_TEMPLATE_NAME}.tmp"
-    tmp.write_text(template, encoding="utf-8")
-    tmp.replace(model_dir / CHAT_TEMPLATE_NAME)
+    write_text_atomic(model_dir / CHAT_TEMPLATE_NAME, template)
 
 
 def _write_manifest(out_dir: Path, source: GGUFSource, gguf_path: Path, gguf_sha256: str) -> None:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
+
+from lingosteer.files import write_text_atomic
 
 
 def json_safe(value):
@@ -26,7 +27,5 @@ def json_safe(value):
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    """`data` as JSON (NaN as null), written so that readers never see half a file."""
+    write_text_atomic(path, json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n")

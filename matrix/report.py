@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lingosteer.markdown import markdown_table
 from matrix import analysis
 from matrix.artifact import InterferenceMatrix, save_interference
 from matrix.completion import cosine_similarity_matrix, evaluate_completion
@@ -148,15 +149,14 @@ def _markdown(matrix: InterferenceMatrix, stats: dict, embedding_note: str) -> s
                if meta.get("sweep_wall_seconds") else "."),
             "",
         ]
-    lines += ["## Per language", "",
-              "| language | family | script | resource | mono loss | mean loss | robustness | friendliness | outlier |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    for row in stats["per_language"]:
-        lines.append(
-            f"| {row['code']} | {row['family']} | {row['script']} | {row['resource']} | "
-            f"{row['monolingual_loss']:.4f} | {row['mean_loss']:.4f} | {_fmt(row['robustness'])} | "
-            f"{_fmt(row['friendliness'])} | {'yes' if row['outlier'] else ''} |"
-        )
+    per_language = [
+        [row["code"], row["family"], row["script"], row["resource"], f"{row['monolingual_loss']:.4f}",
+         f"{row['mean_loss']:.4f}", _fmt(row["robustness"]), _fmt(row["friendliness"]), "yes" if row["outlier"] else ""]
+        for row in stats["per_language"]
+    ]
+    lines += ["## Per language", "", markdown_table(
+        ["language", "family", "script", "resource", "mono loss", "mean loss", "robustness", "friendliness", "outlier"],
+        per_language)]
     a, s, f = stats["asymmetry"], stats["same_script"], stats["same_family"]
     lines += [
         "",
@@ -188,11 +188,8 @@ def _markdown(matrix: InterferenceMatrix, stats: dict, embedding_note: str) -> s
     ]
     for name, data in stats["groups"].items():
         groups, block = data["groups"], data["mean_interference"]
-        lines += [f"### by {name}", "", "| | " + " | ".join(groups) + " |", "|---" * (len(groups) + 1) + "|"]
-        for g, row in zip(groups, block):
-            cells = ("" if v is None or math.isnan(v) else f"{v:+.4f}" for v in row)
-            lines.append(f"| {g} | " + " | ".join(cells) + " |")
-        lines.append("")
+        rows = [[g, *("" if v is None or math.isnan(v) else f"{v:+.4f}" for v in row)] for g, row in zip(groups, block)]
+        lines += [f"### by {name}", "", markdown_table(["", *groups], rows), ""]
     if "completion" in stats:
         c = stats["completion"]
         lines += [
@@ -201,14 +198,11 @@ def _markdown(matrix: InterferenceMatrix, stats: dict, embedding_note: str) -> s
             f"Hide {int(100 * c['holdout_fraction'])}% of the measured pairs (both directions), predict them; "
             f"{c['repeats']} random splits. {embedding_note}",
             "",
-            "| method | MAE | RMSE | corr |",
-            "|---|---|---|---|",
+            markdown_table(["method", "MAE", "RMSE", "corr"],
+                           [[score["method"], f"{score['mae']:.4f}", f"{score['rmse']:.4f}",
+                             f"{score['correlation']:.3f}"] for score in c["scores"]]),
+            "",
         ]
-        for score in c["scores"]:
-            lines.append(
-                f"| {score['method']} | {score['mae']:.4f} | {score['rmse']:.4f} | {score['correlation']:.3f} |"
-            )
-        lines.append("")
     lines += ["## Pictures", "", "![interference](interference_heatmap.png)", "",
               "![robustness vs friendliness](robustness_friendliness.png)", "", "![groups](group_means.png)", "",
               "![loss](loss_heatmap.png)", ""]

@@ -11,13 +11,14 @@ output space and comparable.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.resources
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from lingosteer.files import sha256_files
 
 # Names of the special tokens in XLM-R (SentencePiece) and BERT-style (WordPiece) vocabularies.
 _SPECIAL_NAMES = {
@@ -65,10 +66,6 @@ def _special_id(tokenizer, role: str) -> int:
         if token_id is not None:
             return token_id
     raise ValueError(f"the tokenizer has no {role} token (looked for {', '.join(_SPECIAL_NAMES[role])})")
-
-
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def read_language_sentences(language: str, data_dir: str | Path | None = None) -> tuple[list[str], list[str]]:
@@ -189,7 +186,7 @@ def build_corpus(
         num_special=len(specials),
         description={
             "tokenizer": str(tokenizer_file),
-            "tokenizer_sha256": _file_sha256(tokenizer_file),
+            "tokenizer_sha256": sha256_files(tokenizer_file),
             "tokenizer_vocab_size": tokenizer.get_vocab_size(),
             "compact_vocab_size": len(original_ids),
             "vocab_limit": vocab_limit,
