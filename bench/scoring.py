@@ -29,9 +29,6 @@ from pathlib import Path
 
 import numpy as np
 
-# vLLM logs to stdout unless told otherwise; stdout is for the result (one JSON object with --json).
-os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
-
 from throughput import synthetic_intervention  # bench/, this script's directory
 
 from lingosteer import DEFAULT_DATA_DIR

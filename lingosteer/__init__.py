@@ -1,6 +1,11 @@
 """lingosteer: cross-lingual alignment applied at serving time, guided by interference data."""
 
+import os
 from pathlib import Path
+
+# vLLM logs to stdout unless told otherwise; every lingosteer command and benchmark keeps
+# stdout for its result (exactly one JSON object with --json), so vLLM's lines go to stderr.
+os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
 
 __version__ = "0.1.0"
 

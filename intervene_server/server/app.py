@@ -8,6 +8,7 @@ given) and the lingosteer metrics in vLLM's `/metrics`.
 """
 
 import logging
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,6 +97,13 @@ async def run_server(args, options: ServerOptions) -> None:
     from vllm.entrypoints.launchers.launcher import serve_http, setup_server
     from vllm.entrypoints.launchers.utils.server_utils import get_uvicorn_log_config
 
+    # As vLLM's run_server: a SIGTERM during start-up (minutes on CPU) interrupts it, and
+    # the engine's context manager shuts its processes down; uvicorn takes the signal over
+    # once serving. setup_server imports --tool-parser-plugin / --reasoning-parser-plugin.
+    def _interrupt_start_up(*_) -> None:
+        raise KeyboardInterrupt("terminated")
+
+    signal.signal(signal.SIGTERM, _interrupt_start_up)
     listen_address, sock = setup_server(args, reuse_port=False)
     async with build_async_engine_client(args) as engine_client:
         supported_tasks = await engine_client.get_supported_tasks()

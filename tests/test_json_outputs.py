@@ -1,0 +1,35 @@
+"""Every `--json` output is exactly one JSON object on stdout, whatever vLLM logs on the way.
+
+Each command runs as a user runs it, in a subprocess, on a tiny model; `json.loads` of
+the whole of stdout must succeed. (`align eval --json` is checked in test_alignment_cli.)
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+from lingosteer import REPO_ROOT
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+ENV.pop("VLLM_LOGGING_STREAM", None)  # the default a user has: vLLM would log to stdout
+
+
+def run(args: list[str]) -> dict:
+    done = subprocess.run(args, capture_output=True, text=True, env=ENV, cwd=REPO_ROOT, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "INFO" in done.stderr  # vLLM did log, to stderr
+    return json.loads(done.stdout)
+
+
+def test_bench_throughput_json_is_one_object(tiny_model_dir):
+    result = run([sys.executable, "bench/throughput.py", "--model", str(tiny_model_dir("llama")), "--requests", "2",
+                  "--max-tokens", "2", "--repetitions", "1", "--enforce-eager", "--json"])
+    assert {"plain", "last"} <= set(result["median_tokens_per_s"])
+
+
+def test_lingosteer_bench_json_is_one_object(tiny_model_dir, data_dir, tmp_path):
+    result = run([sys.executable, "-m", "lingosteer.cli", "bench", "xcopa", "--model", str(tiny_model_dir("llama")),
+                  "--eval", str(data_dir / "xcopa" / "val.sw.jsonl"), "--max-items", "4", "--out", str(tmp_path),
+                  "--json"])
+    assert result["languages"]["sw"]["n"] == 4
