@@ -194,3 +194,11 @@ def test_compare_reports_each_intervention_at_its_best_layer(fitted, data_dir, t
         assert all(r["p1_after_centred"] == r["p1_before_centred"] for r in row["layers"]) is (row is shift_row)
     assert "| meanshift |" in (tmp_path / "c" / "compare.md").read_text()
     assert (tmp_path / "c" / "compare.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_recommended_recipe_leaves_out_a_corpus_that_lacks_the_language(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "hat_Latn"  # Haitian Creole: in SIB-200, not in NTREX-128
+    assert main(["align", "fit", "--model", str(tiny_model_dir("llama")), "--source", "ht", "--max-pairs", "12",
+                 "--layers", "0", "--out", str(out)]) == 0
+    assert "warning: ntrex:0-299 left out: no NTREX-128 file for language 'hat_Latn'" in capsys.readouterr().err
+    assert [s["corpus"] for s in load_intervention(out).manifest["fit_data"]["sources"]] == ["sib200"]
