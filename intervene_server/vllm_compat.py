@@ -9,7 +9,9 @@ not raise an AttributeError mid-request, nor leave a wrapper that is never calle
 The same holds for configurations of the right vLLM in which the steering op would
 not run on every step: the V2 model runner (vLLM's default on GPUs) never calls
 the wrapped `_model_forward`, and a replayed CUDA graph skips the op's Python.
-`check_runner` refuses both when the worker attaches.
+Nor does the plugin run one engine over several workers (tensor or pipeline
+parallel): interventions are loaded, listed and bound through one worker's answers.
+`check_runner` refuses all three when the worker attaches.
 
 vLLM is imported inside the functions: vLLM's plugin loader logs and skips a plugin
 whose module fails to import, and a skipped plugin is the silent no-op this module
@@ -92,6 +94,15 @@ def check_runner(runner: object, vllm_config) -> None:
     from vllm.config.compilation import CUDAGraphMode
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
+    parallel = vllm_config.parallel_config
+    if parallel.world_size > 1:
+        raise UnsupportedVllmError(
+            f"lingosteer steers engines with one worker, but this one has {parallel.world_size} "
+            f"(tensor_parallel_size={parallel.tensor_parallel_size}, "
+            f"pipeline_parallel_size={parallel.pipeline_parallel_size}): its interventions are loaded and listed "
+            "through one worker's answers. Start vLLM with --tensor-parallel-size 1 --pipeline-parallel-size 1 "
+            "(for more throughput, run several such servers), or VLLM_PLUGINS='' to run vLLM without lingosteer"
+        )
     if not isinstance(runner, GPUModelRunner):
         runner_class = type(runner)
         raise UnsupportedVllmError(

@@ -83,8 +83,10 @@ class V2Runner:
     """Stands for vllm.v1.worker.gpu.model_runner.GPUModelRunner: not a subclass of the V1 runner."""
 
 
-def config(cudagraph_mode: CUDAGraphMode) -> SimpleNamespace:
-    return SimpleNamespace(compilation_config=SimpleNamespace(cudagraph_mode=cudagraph_mode))
+def config(cudagraph_mode: CUDAGraphMode, tensor_parallel: int = 1, pipeline_parallel: int = 1) -> SimpleNamespace:
+    parallel = SimpleNamespace(tensor_parallel_size=tensor_parallel, pipeline_parallel_size=pipeline_parallel,
+                               world_size=tensor_parallel * pipeline_parallel)
+    return SimpleNamespace(compilation_config=SimpleNamespace(cudagraph_mode=cudagraph_mode), parallel_config=parallel)
 
 
 def test_v1_runner_without_cuda_graphs_is_accepted():
@@ -102,6 +104,14 @@ def test_v2_runner_is_refused_naming_the_setting():
 def test_cuda_graphs_are_refused_naming_enforce_eager(mode):
     with pytest.raises(UnsupportedVllmError, match=rf"cudagraph_mode={mode.name}\).*--enforce-eager"):
         check_runner(V1Runner(), config(mode))
+
+
+@pytest.mark.parametrize("tensor_parallel, pipeline_parallel", [(2, 1), (4, 1), (1, 2)])
+def test_several_workers_are_refused_naming_the_sizes(tensor_parallel, pipeline_parallel):
+    with pytest.raises(UnsupportedVllmError, match=rf"has {tensor_parallel * pipeline_parallel} "
+                       rf"\(tensor_parallel_size={tensor_parallel}, pipeline_parallel_size={pipeline_parallel}\).*"
+                       r"--tensor-parallel-size 1"):
+        check_runner(V1Runner(), config(CUDAGraphMode.NONE, tensor_parallel, pipeline_parallel))
 
 
 @pytest.mark.parametrize("missing, named", [
@@ -127,3 +137,6 @@ def test_cpu_engine_config_passes_the_runner_check(tiny_model_dir):
         vllm_config = engine_args.create_engine_config()
         assert not vllm_config.use_v2_model_runner
         check_runner(V1Runner(), vllm_config)
+    engine_args = EngineArgs(**engine_kwargs(tiny_model_dir("llama"), enforce_eager=True, tensor_parallel_size=2))
+    with pytest.raises(UnsupportedVllmError, match="tensor_parallel_size=2"):
+        check_runner(V1Runner(), engine_args.create_engine_config())
