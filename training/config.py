@@ -73,6 +73,36 @@ class TrainingConfig:
         return self.from_dict({**self.to_dict(), **changes})
 
 
+@dataclass(frozen=True)
+class CrossLingualAttentionConfig:
+    """Structured cross-lingual attention (Foroutan et al. 2023, arXiv 2310.15258), off by default.
+
+    A fine-tuning-time option of the encoder, kept out of `TrainingConfig` so that the
+    interference sweep's recipe (and the identity of its results directories) is unchanged.
+    See `training.model.cross_lingual_masks` for the masks these settings produce.
+    """
+
+    # A second query projection Q_cross whose scores serve the cross-language pairs (mask M2).
+    cross_query: bool = False
+    # Structured attention dropout p: while training, each cross-language pair leaves Q's mask M1
+    # with probability p; pairs with the first token never do.
+    cross_dropout: float = 0.0
+    # The interfering variant's other half: while training, each same-language pair of a
+    # code-switched sequence also joins M2 with this probability (the paper's cross_alpha).
+    cross_query_overlap: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("cross_dropout", "cross_query_overlap"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.cross_query_overlap and not self.cross_query:
+            raise ValueError("cross_query_overlap needs cross_query: the overlap is of Q_cross's mask")
+
+    @property
+    def enabled(self) -> bool:
+        return self.cross_query or self.cross_dropout > 0
+
+
 def load_training_config(path: str | Path) -> TrainingConfig:
     path = Path(path)
     if not path.is_file():
