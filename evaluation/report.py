@@ -97,9 +97,9 @@ def _summary(pairs, resamples: int, seed: int) -> dict:
 def _groups(config) -> dict[str, list[str]]:
     import yaml
 
-    from lingosteer import CONFIGS_DIR
+    from lingosteer import config_path
 
-    path = Path(config.groups_path) if config.groups_path else CONFIGS_DIR / "bench" / "groups.yaml"
+    path = Path(config.groups_path) if config.groups_path else config_path("bench", "groups.yaml")
     if not path.is_file():
         raise FileNotFoundError(f"groups file {path} not found")
     groups = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get(config.task, {})

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from lingosteer import CONFIGS_DIR
+from lingosteer import config_path
 
 TASKS = ("xcopa", "xnli")
 PROMPT_STYLES = ("lm-eval", "mc")
@@ -38,7 +38,7 @@ class Example:
 
 
 def prompts_path(task: str) -> Path:
-    return CONFIGS_DIR / "bench" / f"{task}.yaml"
+    return config_path("bench", f"{task}.yaml")
 
 
 def load_prompts(task: str, path: str | Path | None = None) -> dict:

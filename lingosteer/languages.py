@@ -28,9 +28,9 @@ import functools
 from dataclasses import dataclass
 from pathlib import Path
 
-from lingosteer import CONFIGS_DIR
+from lingosteer import config_path
 
-LANGUAGES_TSV = CONFIGS_DIR / "languages.tsv"
+LANGUAGES_TSV = config_path("languages.tsv")
 
 COLUMNS = (
     "flores", "iso639_1", "iso639_3", "name", "script", "family",

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Callable
 from pathlib import Path
 
-from lingosteer import CONFIGS_DIR
+from lingosteer import config_path
 from lingosteer.files import sha256_files, write_text_atomic
 
 MANIFEST_NAME = "lingosteer-model.json"
@@ -266,7 +266,7 @@ def _ensure_chat_template(model_dir: Path, source: GGUFSource) -> None:
     config = model_dir / "tokenizer_config.json"
     if config.is_file() and json.loads(config.read_text()).get("chat_template"):
         return
-    template = (CONFIGS_DIR / "chat_templates" / source.chat_template).read_text(encoding="utf-8")
+    template = config_path("chat_templates", source.chat_template).read_text(encoding="utf-8")
     write_text_atomic(model_dir / CHAT_TEMPLATE_NAME, template)
 
 

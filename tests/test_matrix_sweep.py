@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from lingosteer import CONFIGS_DIR
+from lingosteer import config_path
 from matrix.artifact import load_interference
 
 RUNS = {"eng_Latn", "swh_Latn", "eng_Latn+swh_Latn"}
@@ -22,7 +22,7 @@ def _sweep_config(tmp_path: Path, data_dir: Path, steps: int) -> Path:
     path = tmp_path / f"tiny-{steps}.yaml"
     path.write_text(
         "languages: [eng_Latn, swh_Latn]\n"
-        f"training: {CONFIGS_DIR / 'training' / 'cpu.yaml'}\n"
+        f"training: {config_path('training', 'cpu.yaml')}\n"
         f"training_overrides: {{steps: {steps}, warmup_steps: 2, hidden_size: 16, num_heads: 2, "
         "intermediate_size: 32, max_length: 24, vocab_limit: 512}\n"
         f"data_dir: {data_dir}\n"

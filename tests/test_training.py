@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lingosteer import CONFIGS_DIR
+from lingosteer import config_path
 from training.config import TrainingConfig, load_training_config
 from training.corpus import SPECIAL_ROLES, build_corpus, default_tokenizer_path, load_tokenizer
 from training.model import MaskedLMEncoder, reference_attention, sdpa_attention, xformers_attention, xformers_available
@@ -60,11 +60,11 @@ def test_encoder_backends_give_the_same_loss(corpus):
 
 
 def test_configs_load_with_paper_defaults():
-    paper = load_training_config(CONFIGS_DIR / "training" / "paper.yaml")
+    paper = load_training_config(config_path("training", "paper.yaml"))
     assert (paper.num_layers, paper.hidden_size, paper.max_length) == (2, 768, 256)
     assert (paper.learning_rate, paper.steps, paper.warmup_steps) == (1e-5, 10_000, 2_500)
     assert paper.mask_probability == 0.15 and paper.sentences_per_language == 1_000_000
-    cpu = load_training_config(CONFIGS_DIR / "training" / "cpu.yaml")
+    cpu = load_training_config(config_path("training", "cpu.yaml"))
     assert cpu.steps < paper.steps and cpu.hidden_size < paper.hidden_size
 
 
