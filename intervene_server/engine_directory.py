@@ -10,11 +10,12 @@ the prefix cache may share (`prefix_cache.BlockSalter`).
 """
 
 import logging
+from dataclasses import replace
 
 from vllm.v1.request import Request
 
 from intervene_server.prefix_cache import BlockSalter
-from intervene_server.request_spec import VERSION_KEY, RequestSpecError, parse_request_spec, parse_score_from
+from intervene_server.request_spec import VERSION_KEY, RequestSpecError, parse_request_args
 
 logger = logging.getLogger("lingosteer.plugin")
 
@@ -34,19 +35,19 @@ class EngineDirectory:
         if params is None:
             return
         try:
-            spec = parse_request_spec(params.extra_args)
-            score_from = parse_score_from(params.extra_args)
+            args = parse_request_args(params.extra_args)
         except RequestSpecError as error:  # the front end validates; never stop the engine
             logger.warning("request %s: malformed intervention ignored: %s", request.request_id, error)
             return
         salts = []
+        spec = args.intervention
         version = None if spec is None else spec.version or self.versions.get(spec.language)
         if version is not None:  # (None: the worker runs it plain and logs why)
             params.extra_args[VERSION_KEY] = version
-            bound = parse_request_spec(params.extra_args)
+            bound = replace(spec, version=version)
             salts.append((bound.first_position(request.num_prompt_tokens), bound.cache_salt()))
-        if score_from is not None:
-            salts.append((score_from - 1, f"score:{request.request_id}"))
+        if args.score_from is not None:
+            salts.append((args.score_from - 1, f"score:{request.request_id}"))
         if salts and self.salter is not None:
             self.salter.salt(request, salts)
 

@@ -9,6 +9,8 @@ worker   `Worker.load_model`: refuse a runner or CUDA-graph mode in which the op
          torch.compile traces it), route each decoder layer's output through the
          steering op.
          `GPUModelRunner._model_forward`: build the step's plan for the op.
+         `GPUModelRunner._on_request_state_removed`: drop a finished request's
+         parsed arguments (kept by request id from its first step on).
          `GPUModelRunner._get_prompt_logprobs_dict`: logits only for the prompt rows
          a scoring request reads (`prompt_logits`).
          `Worker.lingosteer_*`: RPC methods to load / unload / list interventions.
@@ -47,15 +49,13 @@ def register() -> None:
 def _patch_front_end() -> None:
     from vllm.v1.engine.input_processor import InputProcessor
 
-    from intervene_server.request_spec import parse_request_spec, parse_score_from
+    from intervene_server.request_spec import parse_request_args
 
     process_inputs = InputProcessor.process_inputs
 
     @functools.wraps(process_inputs)
     def process_validated_inputs(self, request_id, prompt, params, *args, **kwargs):
-        extra_args = getattr(params, "extra_args", None)
-        parse_request_spec(extra_args)  # RequestSpecError is a ValueError
-        parse_score_from(extra_args)
+        parse_request_args(getattr(params, "extra_args", None))  # RequestSpecError is a ValueError
         return process_inputs(self, request_id, prompt, params, *args, **kwargs)
 
     InputProcessor.process_inputs = process_validated_inputs
@@ -91,6 +91,15 @@ def _patch_worker() -> None:
         with active_plan(plan):
             return model_forward(self, *args, **kwargs)
 
+    on_request_state_removed = GPUModelRunner._on_request_state_removed
+
+    @functools.wraps(on_request_state_removed)
+    def forget_removed_request(self, req_id, req_state):
+        state = getattr(self, "lingosteer_state", None)
+        if state is not None:
+            state.forget(req_id)
+        return on_request_state_removed(self, req_id, req_state)
+
     get_prompt_logprobs_dict = GPUModelRunner._get_prompt_logprobs_dict
 
     @functools.wraps(get_prompt_logprobs_dict)
@@ -99,6 +108,7 @@ def _patch_worker() -> None:
 
     Worker.load_model = load_model_then_attach
     GPUModelRunner._model_forward = model_forward_with_plan
+    GPUModelRunner._on_request_state_removed = forget_removed_request
     GPUModelRunner._get_prompt_logprobs_dict = get_prompt_logprobs_of_scored_rows
     worker_rpc.add_methods(Worker)
 

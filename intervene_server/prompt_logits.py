@@ -22,8 +22,6 @@ slice by its first row.
 
 import torch
 
-from intervene_server.request_spec import RequestSpecError, parse_score_from
-
 
 def scored_slices(runner, num_scheduled_tokens: dict[str, int]) -> dict[int, tuple[int, int]]:
     """First row of each scoring request in this step -> (rows without logits, rows vLLM will slice).
@@ -34,12 +32,9 @@ def scored_slices(runner, num_scheduled_tokens: dict[str, int]) -> dict[int, tup
     for req_id in runner.num_prompt_logprobs:
         num_tokens = num_scheduled_tokens.get(req_id)
         state = runner.requests.get(req_id)
-        if num_tokens is None or state is None or state.sampling_params is None or state.prompt_token_ids is None:
+        if num_tokens is None or state is None or state.prompt_token_ids is None:
             continue
-        try:
-            score_from = parse_score_from(state.sampling_params.extra_args)
-        except RequestSpecError:  # validated by the front end; a bad value only costs speed
-            continue
+        score_from = runner.lingosteer_state.request(req_id, state.sampling_params).score_from
         remaining = len(state.prompt_token_ids) - (state.num_computed_tokens + 1)
         num_logits = min(num_tokens, remaining)
         if score_from is None or num_logits <= 0:

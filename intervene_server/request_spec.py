@@ -15,6 +15,10 @@ A scoring request (log-likelihood of a continuation) may also carry
                          the plugin computes full-vocabulary logits only from there
                          (`prompt_logprobs` rows before it are placeholders), and
                          never reads that row's KV from the prefix cache.
+
+`parse_request_args` reads both once per request in each process that needs them:
+the front end (validation), the engine core (binding) and the worker, which keeps
+the result by request id until the request finishes (`worker_state.WorkerState`).
 """
 
 from dataclasses import dataclass
@@ -52,6 +56,19 @@ class InterventionRequest:
         if self.positions in ("prompt", "all"):
             return 0
         return min(start for start, _ in self.positions)
+
+
+@dataclass(frozen=True)
+class RequestArgs:
+    """Everything the plugin reads from one request's extra_args."""
+
+    intervention: InterventionRequest | None
+    score_from: int | None
+
+
+def parse_request_args(extra_args: dict[str, Any] | None) -> RequestArgs:
+    """Raises RequestSpecError when either part is malformed."""
+    return RequestArgs(parse_request_spec(extra_args), parse_score_from(extra_args))
 
 
 def parse_score_from(extra_args: dict[str, Any] | None) -> int | None:

@@ -27,7 +27,9 @@ _SUPPORTED_MAJOR_MINOR = ["0", "32"]
 PRIVATE_NAMES: dict[str, tuple[str, ...]] = {
     "vllm.v1.engine.input_processor:InputProcessor": ("process_inputs",),
     "vllm.v1.worker.gpu_worker:Worker": ("load_model",),
-    "vllm.v1.worker.gpu_model_runner:GPUModelRunner": ("_model_forward", "_get_prompt_logprobs_dict", "get_model"),
+    "vllm.v1.worker.gpu_model_runner:GPUModelRunner": (
+        "_model_forward", "_on_request_state_removed", "_get_prompt_logprobs_dict", "get_model",
+    ),
     "vllm.v1.worker.gpu_input_batch:CachedRequestState": ("sampling_params", "prompt_token_ids", "num_computed_tokens"),
     "vllm.v1.engine.core:EngineCore": ("add_request", "collective_rpc"),
     "vllm.v1.request:Request": ("update_block_hashes",),

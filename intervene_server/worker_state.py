@@ -1,4 +1,10 @@
-"""The plugin's state inside one vLLM worker: the model's layers, the store, the step plan."""
+"""The plugin's state inside one vLLM worker: the model's layers, the store, the step plan.
+
+A request's arguments are parsed, and its intervention version looked up, once: when
+the worker first schedules it. The result is kept by request id until vLLM's runner
+drops the request's state (`GPUModelRunner._on_request_state_removed`, patched in
+plugin.py), so a step costs a dictionary lookup per scheduled request.
+"""
 
 import logging
 import os
@@ -7,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from intervene_server.request_spec import RequestSpecError, parse_request_spec
+from intervene_server.request_spec import InterventionRequest, RequestSpecError, parse_request_args
 from intervene_server.step_plan import ScheduledRequest, StepPlan, build_step_plan
-from intervene_server.store import InterventionStore, read_intervention
+from intervene_server.store import InterventionStore, LoadedIntervention, read_intervention
 
 logger = logging.getLogger("lingosteer.plugin")
 
@@ -26,6 +32,15 @@ class UnsupportedArchitectureError(ValueError):
     pass
 
 
+@dataclass(frozen=True)
+class WorkerRequest:
+    """What the worker needs of one request for its whole life."""
+
+    spec: InterventionRequest | None = None
+    intervention: LoadedIntervention | None = None  # None: the request runs plain
+    score_from: int | None = None  # see request_spec.SCORE_FROM_KEY
+
+
 @dataclass
 class WorkerState:
     architecture: str
@@ -33,6 +48,7 @@ class WorkerState:
     num_layers: int
     device: torch.device
     store: InterventionStore = field(default_factory=InterventionStore)
+    requests: dict[str, WorkerRequest] = field(default_factory=dict)  # by request id, until it finishes
     _fingerprint: dict | None = None
     _warned_languages: set[str] = field(default_factory=set)
 
@@ -60,7 +76,7 @@ class WorkerState:
 
     def plan_step(self, runner) -> StepPlan | None:
         """The rows to steer in the step the runner is about to run (None: nothing to do)."""
-        if not self.store.current:
+        if not self.store.versions:
             return None
         batch = runner.input_batch
         num_reqs = batch.num_reqs
@@ -68,39 +84,49 @@ class WorkerState:
         scheduled = []
         for i, req_id in enumerate(batch.req_ids[:num_reqs]):
             state = runner.requests[req_id]
-            params = state.sampling_params
-            request = self._resolve(params.extra_args if params is not None else None, req_id)
-            if request is None:
+            request = self.request(req_id, state.sampling_params)
+            if request.intervention is None:
                 continue
-            spec, intervention = request
             scheduled.append(
                 ScheduledRequest(
                     first_row=int(query_start[i]),
                     num_rows=int(query_start[i + 1] - query_start[i]),
                     num_computed=int(batch.num_computed_tokens_cpu[i]),
                     prompt_len=state.num_prompt_tokens,
-                    spec=spec,
-                    intervention=intervention,
+                    spec=request.spec,
+                    intervention=request.intervention,
                 )
             )
         return build_step_plan(scheduled, self.device) if scheduled else None
 
-    def _resolve(self, extra_args, req_id):
+    def request(self, req_id: str, sampling_params) -> WorkerRequest:
+        """The request's arguments and intervention, resolved when first seen and kept until `forget`."""
+        request = self.requests.get(req_id)
+        if request is None:
+            request = self.requests[req_id] = self._resolve(req_id, sampling_params)
+        return request
+
+    def forget(self, req_id: str) -> None:
+        """The request finished (or was aborted): vLLM's runner dropped its state."""
+        self.requests.pop(req_id, None)
+
+    def _resolve(self, req_id: str, sampling_params) -> WorkerRequest:
         try:
-            spec = parse_request_spec(extra_args)
+            args = parse_request_args(sampling_params.extra_args if sampling_params is not None else None)
         except RequestSpecError as error:  # validated in the front end; never crash a step
             logger.warning("request %s: ignoring malformed intervention: %s", req_id, error)
-            return None
+            return WorkerRequest()
+        spec = args.intervention
         if spec is None:
-            return None
-        version = spec.version or self.store.current.get(spec.language)
-        intervention = self.store.get(version) if version else None
-        if intervention is None:
-            if spec.language not in self._warned_languages:
-                self._warned_languages.add(spec.language)
-                logger.warning("no intervention loaded for %r; request runs plain", spec.language)
-            return None
-        return spec, intervention
+            return WorkerRequest(score_from=args.score_from)
+        # The engine core binds every request whose language is loaded when it arrives; one
+        # that arrived unbound runs plain even if its language is loaded later (its KV blocks
+        # were hashed as plain).
+        intervention = self.store.get(spec.version) if spec.version else None
+        if intervention is None and spec.language not in self._warned_languages:
+            self._warned_languages.add(spec.language)
+            logger.warning("no intervention loaded for %r; request runs plain", spec.language)
+        return WorkerRequest(spec, intervention, args.score_from)
 
 
 def decoder_layers(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:

@@ -144,6 +144,8 @@ def _runner_with(requests: dict[str, tuple[int | None, int, int]], scheduled: di
     """A stand-in for vLLM's model runner: request id -> (score_from, num_computed_tokens, prompt length)."""
     from types import SimpleNamespace
 
+    from intervene_server.worker_state import WorkerState
+
     states = {rid: SimpleNamespace(num_computed_tokens=done, prompt_token_ids=[7] * length,
                                    sampling_params=SimpleNamespace(
                                        extra_args=None if score_from is None else {SCORE_FROM_KEY: score_from}))
@@ -152,7 +154,8 @@ def _runner_with(requests: dict[str, tuple[int | None, int, int]], scheduled: di
     starts = np.cumsum([0] + [scheduled[rid] for rid in order])
     return SimpleNamespace(num_prompt_logprobs=dict.fromkeys(requests, 0), requests=states,
                            query_start_loc=SimpleNamespace(np=starts),
-                           input_batch=SimpleNamespace(req_id_to_index={rid: i for i, rid in enumerate(order)}))
+                           input_batch=SimpleNamespace(req_id_to_index={rid: i for i, rid in enumerate(order)}),
+                           lingosteer_state=WorkerState("LlamaForCausalLM", "unused", 2, torch.device("cpu")))
 
 
 def test_logits_are_computed_only_for_rows_scoring_requests_read_in_one_call():
@@ -235,3 +238,67 @@ def test_preloading_finds_nested_artifacts_of_this_model_and_refuses_empty_entri
             _preload_paths(state)
     monkeypatch.delenv(PRELOAD_ENV)
     assert _preload_paths(state) == []
+
+
+def _steering_runner(extra_args: dict[str, dict | None], rows: dict[str, int]):
+    """A stand-in for vLLM's runner mid-prefill: request id -> extra_args, scheduled rows (prompts of 8)."""
+    from types import SimpleNamespace
+
+    from intervene_server.worker_state import WorkerState
+
+    order = list(rows)
+    state = WorkerState("LlamaForCausalLM", "unused", 2, torch.device("cpu"))
+    return SimpleNamespace(
+        lingosteer_state=state,
+        requests={rid: SimpleNamespace(sampling_params=SimpleNamespace(extra_args=extra), num_prompt_tokens=8)
+                  for rid, extra in extra_args.items()},
+        input_batch=SimpleNamespace(num_reqs=len(order), req_ids=order,
+                                    num_computed_tokens_cpu=np.zeros(len(order), dtype=np.int64)),
+        query_start_loc=SimpleNamespace(np=np.cumsum([0] + [rows[rid] for rid in order])),
+    )
+
+
+def test_worker_parses_each_request_once_and_forgets_it_when_it_finishes(monkeypatch):
+    from intervene_server import worker_state
+
+    calls = []
+    parse = worker_state.parse_request_args
+    monkeypatch.setattr(worker_state, "parse_request_args", lambda extra: calls.append(extra) or parse(extra))
+    runner = _steering_runner({"steered": {"language": "swh_Latn", "positions": "all", "lingosteer_version": "v1"},
+                               "plain": None}, {"steered": 2, "plain": 3})
+    state = runner.lingosteer_state
+    state.store.install(_intervention("v1"))
+    for _ in range(3):
+        plan = state.plan_step(runner)
+        assert plan.by_layer[0][0].rows.tolist() == [0, 1]
+    assert len(calls) == 2  # one parse per request, not per step
+    state.forget("steered")
+    state.forget("plain")
+    assert state.requests == {}
+    state.plan_step(runner)
+    assert len(calls) == 4  # a request id seen again (aborted, resubmitted) is parsed afresh
+
+
+def test_worker_keeps_a_request_on_its_bound_version_and_runs_unbound_requests_plain():
+    runner = _steering_runner({"bound": {"language": "swh_Latn", "positions": "all", "lingosteer_version": "v1"},
+                               "unbound": {"language": "swh_Latn", "positions": "all"}}, {"bound": 2, "unbound": 2})
+    state = runner.lingosteer_state
+    state.store.install(_intervention("v1"))
+    state.store.remove("swh_Latn")  # unloaded while the bound request runs: it keeps v1
+    [group] = state.plan_step(runner).by_layer[0]
+    assert group.rows.tolist() == [0, 1]
+    state.store.install(_intervention("v2"))  # loaded after the unbound request arrived: it stays plain
+    [group] = state.plan_step(runner).by_layer[0]
+    assert group.rows.tolist() == [0, 1] and group.delta_t is state.store.get("v1").delta_t[0]
+
+
+def test_worker_forgets_requests_when_vllm_drops_their_state():
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from intervene_server.plugin import register
+
+    register()  # patches vLLM's runner, as in every vLLM process
+    runner = _steering_runner({"a": None}, {"a": 1})
+    runner.lingosteer_state.request("a", runner.requests["a"].sampling_params)
+    GPUModelRunner._on_request_state_removed(runner, "a", None)
+    assert runner.lingosteer_state.requests == {}
