@@ -169,14 +169,10 @@ def extract_pooled_states(
 def _right_pad(encoded, pad_id):
     """Stack tokenized sentences, padding on the right: (input_ids, attention_mask, pool mask)."""
     import torch
+    from torch.nn.utils.rnn import pad_sequence
 
-    length = max(len(e["input_ids"]) for e in encoded)
-    input_ids = torch.full((len(encoded), length), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(encoded), length), dtype=torch.long)
-    keep = torch.zeros((len(encoded), length), dtype=torch.bool)
-    for row, e in enumerate(encoded):
-        n = len(e["input_ids"])
-        input_ids[row, :n] = torch.tensor(e["input_ids"])
-        attention[row, :n] = 1
-        keep[row, :n] = torch.tensor(e["special_tokens_mask"]) == 0
+    ids = [torch.tensor(e["input_ids"], dtype=torch.long) for e in encoded]
+    input_ids = pad_sequence(ids, batch_first=True, padding_value=pad_id)
+    attention = pad_sequence([torch.ones_like(row) for row in ids], batch_first=True)
+    keep = pad_sequence([torch.tensor(e["special_tokens_mask"]) == 0 for e in encoded], batch_first=True)
     return input_ids, attention, keep

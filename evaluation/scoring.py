@@ -173,6 +173,7 @@ def score_with_hf(model, requests: list[tuple[Encoded, Condition]], intervention
     `interventions` maps a FLORES code to a loaded `alignment.artifact.Intervention`.
     """
     import torch
+    from torch.nn.utils.rnn import pad_sequence
     from tqdm.auto import tqdm
 
     from alignment.hf_steering import steered
@@ -192,13 +193,11 @@ def score_with_hf(model, requests: list[tuple[Encoded, Condition]], intervention
         for batch in tqdm(batches, desc="HF reference", unit="batch", disable=not progress):
             encs = [requests[i][0] for i in batch]
             cond = requests[batch[0]][1]
-            width = max(len(e.token_ids) for e in encs)
-            ids = torch.full((len(encs), width), pad_id, dtype=torch.long)
-            attention = torch.zeros((len(encs), width), dtype=torch.long)
-            mask = torch.zeros((len(encs), width), dtype=torch.bool)
+            rows = [torch.tensor(enc.token_ids, dtype=torch.long) for enc in encs]
+            ids = pad_sequence(rows, batch_first=True, padding_value=pad_id)
+            attention = pad_sequence([torch.ones_like(row) for row in rows], batch_first=True)
+            mask = torch.zeros(ids.shape, dtype=torch.bool)
             for row, enc in enumerate(encs):
-                ids[row, : len(enc.token_ids)] = torch.tensor(enc.token_ids)
-                attention[row, : len(enc.token_ids)] = 1
                 if not cond.plain:
                     for lo, hi in steer_ranges(enc, cond.steer):
                         mask[row, lo:hi] = True

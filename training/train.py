@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
 from training.config import TrainingConfig
@@ -42,11 +43,8 @@ class RunResult:
 
 
 def pad_batch(sentences: list[np.ndarray], pad_id: int) -> torch.Tensor:
-    width = max(len(ids) for ids in sentences)
-    batch = torch.full((len(sentences), width), pad_id, dtype=torch.long)
-    for row, ids in enumerate(sentences):
-        batch[row, : len(ids)] = torch.from_numpy(ids)
-    return batch
+    rows = [torch.as_tensor(ids, dtype=torch.long) for ids in sentences]
+    return pad_sequence(rows, batch_first=True, padding_value=pad_id)
 
 
 def mask_tokens(
