@@ -317,3 +317,17 @@ def test_serve_takes_the_machines_engine_settings_where_the_user_gave_none(cpu, 
     assert (plain.max_model_len, plain.dtype) == (backend.DEFAULT_MAX_MODEL_LEN, "float32" if cpu else "auto")
     assert (given.max_model_len, given.dtype) == (4096, "bfloat16")
     assert plain.enforce_eager is not cpu  # on a GPU the plugin refuses CUDA graphs
+
+
+def test_segment_detection_classifies_each_character_at_most_twice(monkeypatch):
+    """Merging neighbours must not re-classify the growing segment at every sentence (quadratic)."""
+    detector = LanguageDetector()
+    classified: list[int] = []
+    detect = detector.detect
+    monkeypatch.setattr(detector, "detect", lambda text: classified.append(len(text)) or detect(text))
+    for repeats in (5, 40):
+        classified.clear()
+        text = " ".join([SWAHILI] * repeats + [ITALIAN] * repeats)
+        segments = detector.detect_segments(text)
+        assert [s.detection.language for s in segments] == ["swh_Latn", "ita_Latn"]
+        assert len(classified) <= 2 * len(split_sentences(text)) and sum(classified) <= 2 * len(text)

@@ -54,16 +54,24 @@ class LanguageDetector:
         return Detection(language=language, label=label, confidence=float(confidence))
 
     def detect_segments(self, text: str) -> list[Segment]:
-        """Sentences of `text` with their languages; neighbours in one language are merged."""
+        """Sentences of `text` with their languages; neighbours in one language are merged.
+
+        Each sentence is identified alone, and each merged segment once more as a whole
+        (its confidence comes from all of its text): every character is classified at
+        most twice, so the cost is linear in the length of the text.
+        """
         segments: list[Segment] = []
+        merged: set[int] = set()  # indices of segments made of several sentences
         for start, end in split_sentences(text):
             detection = self.detect(text[start:end])
             if segments and segments[-1].detection.language == detection.language:
-                merged_start = segments.pop().start
-                detection = self.detect(text[merged_start:end])
-                start = merged_start
+                start = segments.pop().start
+                merged.add(len(segments))
             segments.append(Segment(start, end, detection))
-        return segments
+        return [
+            Segment(s.start, s.end, self.detect(text[s.start:s.end])) if index in merged else s
+            for index, s in enumerate(segments)
+        ]
 
 
 def split_sentences(text: str) -> list[tuple[int, int]]:
