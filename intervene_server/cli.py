@@ -51,6 +51,7 @@ def build_serve_parser():
 
     from intervene_server.server.artifacts import DEFAULT_MAX_UPLOAD_BYTES
     from intervene_server.server.detection import DEFAULT_MIN_CONFIDENCE
+    from intervene_server.server.middleware import DEFAULT_MAX_REQUEST_BYTES
 
     parser = make_arg_parser(FlexibleArgumentParser(
         prog="lingosteer serve", usage="lingosteer serve MODEL --interventions DIR [options]",
@@ -73,6 +74,8 @@ def build_serve_parser():
                       help="minimum language-identification probability to steer")
     ours.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_BYTES / 2**20, metavar="MB",
                       help="admin upload size limit")
+    ours.add_argument("--max-request-mb", type=float, default=DEFAULT_MAX_REQUEST_BYTES / 2**20, metavar="MB",
+                      help="completion and chat request body size limit (413 beyond it)")
     return parser
 
 
@@ -120,6 +123,9 @@ def serve_command(args) -> int:
         raise ValueError("lingosteer serve runs one API server process (no --api-server-count > 1, no --headless)")
     if not 0.0 <= options.language_confidence <= 1.0:
         raise ValueError(f"--language-confidence must lie in [0, 1], got {options.language_confidence}")
+    for flag, megabytes in (("--max-request-mb", options.max_request_mb), ("--max-upload-mb", options.max_upload_mb)):
+        if not megabytes > 0:
+            raise ValueError(f"{flag} must be positive, got {megabytes}")
     token = None
     if options.admin_token_file and not options.no_admin:
         token = read_token_file(options.admin_token_file)
@@ -128,6 +134,7 @@ def serve_command(args) -> int:
         admin_token=token, auto_language=options.auto_language,
         language_confidence=options.language_confidence,
         max_upload_bytes=int(options.max_upload_mb * 2**20),
+        max_request_bytes=int(options.max_request_mb * 2**20),
     )
     cli_env_setup()
     configure_logging_from_args(options)

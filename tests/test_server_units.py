@@ -331,3 +331,87 @@ def test_segment_detection_classifies_each_character_at_most_twice(monkeypatch):
         segments = detector.detect_segments(text)
         assert [s.detection.language for s in segments] == ["swh_Latn", "ita_Latn"]
         assert len(classified) <= 2 * len(split_sentences(text)) and sum(classified) <= 2 * len(text)
+
+
+# ---- the routing middleware, driven as an ASGI app -----------------------------------------
+
+
+def _drive(app, body_chunks: list[bytes], headers: list[tuple[bytes, bytes]]) -> tuple[list[dict], int]:
+    """One POST /v1/completions through `app`: the messages it sent and how many body chunks it read."""
+    import asyncio
+
+    chunks = list(body_chunks)
+    read = 0
+    sent: list[dict] = []
+
+    async def receive():
+        nonlocal read
+        if not chunks:
+            await asyncio.sleep(3600)  # a client waiting for its answer
+        read += 1
+        chunk = chunks.pop(0)
+        return {"type": "http.request", "body": chunk, "more_body": bool(chunks)}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": headers}
+    asyncio.run(app(scope, receive, send))
+    return sent, read
+
+
+def _echo_app(seen: list):
+    """Stands in for vLLM's app: records the body and the thread it ran on, answers JSON."""
+    import json
+    import threading
+
+    async def app(scope, receive, send):
+        message = await receive()
+        seen.append((json.loads(message["body"]), threading.get_ident()))
+        body = b'{"choices": []}'
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", b"15")]})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+def test_bodies_over_the_limit_are_413_without_reading_the_rest(router):
+    import json
+
+    from intervene_server.server.middleware import LanguageRoutingMiddleware
+
+    seen = []
+    app = LanguageRoutingMiddleware(_echo_app(seen), router, max_request_bytes=1000)
+    # Declared too large: answered before a byte of the body is read.
+    sent, read = _drive(app, [b"x" * 600] * 100, [(b"content-length", b"60000")])
+    assert read == 0 and sent[0]["status"] == 413
+    error = json.loads(sent[1]["body"])["error"]
+    assert error["code"] == 413 and "1000 bytes" in error["message"] and error["type"] == "Request Entity Too Large"
+    # Streamed without a length: reading stops at the chunk that crosses the limit.
+    sent, read = _drive(app, [b"x" * 600] * 100, [])
+    assert read == 2 and sent[0]["status"] == 413 and not seen
+    # Within the limit the request goes through, routed.
+    body = json.dumps({"prompt": SWAHILI, "vllm_xargs": {"language": "auto"}}).encode()
+    sent, _ = _drive(app, [body[:100], body[100:]], [(b"content-length", str(len(body)).encode())])
+    assert sent[0]["status"] == 200 and seen[0][0]["vllm_xargs"]["language"] == "swh_Latn"
+    assert json.loads(sent[1]["body"])["lingosteer"]["language"] == "swh_Latn"
+
+
+def test_routing_runs_off_the_event_loop(router, monkeypatch):
+    import json
+    import threading
+
+    from intervene_server.server.middleware import LanguageRoutingMiddleware
+
+    routed_on = []
+    route = router.route
+    monkeypatch.setattr(router, "route", lambda *a: routed_on.append(threading.get_ident()) or route(*a))
+    seen = []
+    app = LanguageRoutingMiddleware(_echo_app(seen), router)
+    sent, _ = _drive(app, [json.dumps({"prompt": ITALIAN, "vllm_xargs": {"language": "auto-spans"}}).encode()], [])
+    [(_, loop_thread)] = seen
+    assert sent[0]["status"] == 200 and routed_on and routed_on[0] != loop_thread
+    # A routing error still answers 400 in OpenAI's shape from the thread's exception.
+    sent, _ = _drive(app, [json.dumps({"prompt": "x", "vllm_xargs": {"language": "xx_Nope"}}).encode()], [])
+    assert sent[0]["status"] == 400 and json.loads(sent[1]["body"])["error"]["type"] == "BadRequestError"

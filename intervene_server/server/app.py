@@ -16,6 +16,7 @@ from alignment.artifact import discover_interventions
 from intervene_server.server.artifacts import DEFAULT_MAX_UPLOAD_BYTES, UPLOAD_DIR_NAME
 from intervene_server.server.auth import configure_audit_log
 from intervene_server.server.detection import DEFAULT_MIN_CONFIDENCE, LanguageDetector
+from intervene_server.server.middleware import DEFAULT_MAX_REQUEST_BYTES, LanguageRoutingMiddleware
 from intervene_server.server.prompt_tokens import PromptTokenizer
 from intervene_server.server.registry import InterventionRegistry, LoadError
 from intervene_server.server.routing import LanguageRouter
@@ -31,6 +32,7 @@ class ServerOptions:
     auto_language: bool = False
     language_confidence: float = DEFAULT_MIN_CONFIDENCE
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # completion and chat bodies
 
 
 async def attach_lingosteer(app, engine_client, args, options: ServerOptions) -> InterventionRegistry:
@@ -53,11 +55,12 @@ def mount(app, registry: InterventionRegistry, router: LanguageRouter, options: 
     from starlette.middleware import Middleware
 
     from intervene_server.server.interventions_api import admin_router, public_router
-    from intervene_server.server.middleware import LanguageRoutingMiddleware
 
     # Innermost, so vLLM's own middleware (API key, CORS) runs first. vLLM has already
     # built the stack (SageMaker bootstrap), so rebuild it from the list as that does.
-    app.user_middleware.append(Middleware(LanguageRoutingMiddleware, router=router))
+    app.user_middleware.append(
+        Middleware(LanguageRoutingMiddleware, router=router, max_request_bytes=options.max_request_bytes)
+    )
     app.middleware_stack = app.build_middleware_stack()
     app.include_router(public_router(registry))
     if options.admin_token is not None:

@@ -1,10 +1,15 @@
-"""`GET /v1/interventions` and the admin routes that load, replace and unload them."""
+"""`GET /v1/interventions` and the admin routes that load, replace and unload them.
+
+File work (resolving paths, writing and removing uploads) runs in a worker thread,
+off the event loop that serves every other request.
+"""
 
 import shutil
 from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Request
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from alignment.artifact import MANIFEST_NAME, MATRICES_NAME
@@ -50,7 +55,7 @@ def admin_router(
     async def load_from_path(body: LoadRequest, request: Request, _: caller) -> LoadResult:
         """Load or atomically replace an intervention from a directory inside the interventions root."""
         try:
-            path = resolve_in_root(registry.root, body.path)
+            path = await run_in_threadpool(resolve_in_root, registry.root, body.path)
         except ArtifactPathError as error:
             audit("load_rejected", request, artifact=body.path, error=str(error))
             raise HTTPException(400, str(error)) from None
@@ -68,12 +73,12 @@ def admin_router(
                 raise HTTPException(400, f"multipart upload lacks the file part(s) {missing}")
             manifest_bytes = await _read_limited(files["manifest"], max_upload_bytes)
             matrices_bytes = await _read_limited(files["matrices"], max_upload_bytes - len(manifest_bytes))
-        path = store_upload(upload_dir, manifest_bytes, matrices_bytes)
+        path = await run_in_threadpool(store_upload, upload_dir, manifest_bytes, matrices_bytes)
         try:
             return await load(request, path, f"upload {path.name}")
         except HTTPException:
             if not any(info.path == str(path.relative_to(registry.root)) for info in registry.loaded.values()):
-                shutil.rmtree(path, ignore_errors=True)  # keep only uploads that loaded
+                await run_in_threadpool(shutil.rmtree, path, ignore_errors=True)  # keep only uploads that loaded
             raise
 
     @router.delete("/interventions/{language}", response_model=UnloadResult)

@@ -8,12 +8,19 @@ chunk before `data: [DONE]` with `"choices": []` and the `lingosteer` field (the
 same shape as OpenAI's usage chunk). Headers are held back until the first body
 bytes, by which time the request has been sent to the engine and its
 intervention version is known.
+
+The request body is read up to a limit (413 beyond it, without reading the rest),
+and the CPU work on it (JSON, language identification, tokenization) runs in a
+worker thread, so a long prompt never stalls the event loop that streams every
+other response.
 """
 
 import json
 import logging
+from http import HTTPStatus
 
-from starlette.datastructures import MutableHeaders
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers, MutableHeaders
 
 from intervene_server.server import metrics
 from intervene_server.server.registry import current_applied
@@ -26,30 +33,34 @@ HEADER = "x-lingosteer-applied"
 BODY_FIELD = "lingosteer"
 ROUTED_PATHS = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
 _DONE = b"data: [DONE]"
+DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
 
 
 class LanguageRoutingMiddleware:
-    def __init__(self, app, router: LanguageRouter):
+    def __init__(self, app, router: LanguageRouter, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
         self.app = app
         self.router = router
+        self.max_request_bytes = max_request_bytes
 
     async def __call__(self, scope, receive, send):
         endpoint = ROUTED_PATHS.get(scope.get("path")) if scope["type"] == "http" else None
         if endpoint is None or scope["method"] != "POST":
             return await self.app(scope, receive, send)
-        body = await _read_body(receive)
+        body = await _read_body(scope, receive, self.max_request_bytes)
+        if body is None:
+            return await _send_openai_error(
+                send, HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                f"request body larger than the limit of {self.max_request_bytes} bytes "
+                "(the server's --max-request-mb)", param=None,
+            )
         try:
-            payload = json.loads(body)
-        except ValueError:
-            payload = None
-        if not isinstance(payload, dict):  # not ours to judge: vLLM answers with its own error
-            return await self.app(scope, _replay(body, receive), send)
-        try:
-            applied = self.router.route(payload, endpoint)
+            routed = await run_in_threadpool(self._route, body, endpoint)
         except RoutingError as error:
             metrics.ROUTING_ERRORS.labels(endpoint=endpoint).inc()
-            return await _send_openai_error(send, str(error), error.param)
-        body = json.dumps(payload).encode()  # ASCII escapes: lossless even for lone surrogates
+            return await _send_openai_error(send, HTTPStatus.BAD_REQUEST, str(error), error.param)
+        if routed is None:  # not a JSON object, not ours to judge: vLLM answers with its own error
+            return await self.app(scope, _replay(body, receive), send)
+        body, applied = routed
         scope = {**scope, "headers": _with_content_length(scope["headers"], len(body))}
         token = current_applied.set(applied)
         try:
@@ -57,6 +68,17 @@ class LanguageRoutingMiddleware:
         finally:
             current_applied.reset(token)
             metrics.count_request(endpoint, applied)
+
+    def _route(self, body: bytes, endpoint: str) -> tuple[bytes, AppliedIntervention] | None:
+        """The rewritten body and what it will get, or None if the body is not a JSON object."""
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            return None
+        if not isinstance(payload, dict):
+            return None
+        applied = self.router.route(payload, endpoint)
+        return json.dumps(payload).encode(), applied  # ASCII escapes: lossless even for lone surrogates
 
 
 class _AnnotatingSend:
@@ -132,13 +154,20 @@ def _dumps(document) -> bytes:
     return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-async def _read_body(receive) -> bytes:
-    parts, more = [], True
+async def _read_body(scope, receive, limit: int) -> bytes | None:
+    """The request body, or None as soon as it is known to exceed `limit` bytes."""
+    declared = Headers(scope=scope).get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    parts, size, more = [], 0, True
     while more:
         message = await receive()
         if message["type"] == "http.disconnect":
             break
         parts.append(message.get("body", b""))
+        size += len(parts[-1])
+        if size > limit:
+            return None
         more = message.get("more_body", False)
     return b"".join(parts)
 
@@ -161,9 +190,11 @@ def _with_content_length(headers: list, length: int) -> list:
     return kept + [(b"content-length", str(length).encode())]
 
 
-async def _send_openai_error(send, message: str, param: str) -> None:
-    body = _dumps({"error": {"message": message, "type": "BadRequestError", "param": param, "code": 400}})
-    await send({"type": "http.response.start", "status": 400, "headers": [
+async def _send_openai_error(send, status: HTTPStatus, message: str, param: str | None) -> None:
+    # The error types vLLM gives: its own for a bad request, the status phrase for other HTTP errors.
+    error_type = "BadRequestError" if status == HTTPStatus.BAD_REQUEST else status.phrase
+    body = _dumps({"error": {"message": message, "type": error_type, "param": param, "code": status.value}})
+    await send({"type": "http.response.start", "status": status.value, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
     ]})
     await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -16,7 +16,7 @@ from intervene_server.server import metrics
 from intervene_server.server.detection import LanguageDetector
 from intervene_server.server.prompt_tokens import PromptError, PromptTokenizer, user_text_parts
 from intervene_server.server.registry import InterventionRegistry
-from intervene_server.server.schemas import AppliedIntervention, SpanReport
+from intervene_server.server.schemas import AppliedIntervention, InterventionInfo, SpanReport
 from lingosteer.languages import UnknownLanguageError, normalize_code
 
 AUTO, AUTO_SPANS = "auto", "auto-spans"
@@ -40,7 +40,11 @@ class LanguageRouter:
     auto_language: bool = False  # requests without a language are treated as "auto"
 
     def route(self, payload: dict, endpoint: str) -> AppliedIntervention:
-        """Rewrite `payload["vllm_xargs"]` in place; return what will be applied."""
+        """Rewrite `payload["vllm_xargs"]` in place; return what will be applied.
+
+        Runs in a worker thread while loads may replace `registry.loaded` on the event
+        loop, so one request sees one snapshot of it throughout."""
+        loaded = self.registry.loaded
         xargs = payload.get("vllm_xargs")
         if xargs is not None and not isinstance(xargs, dict):
             return _plain("vllm_xargs is not an object")  # vLLM itself rejects it
@@ -58,17 +62,17 @@ class LanguageRouter:
         elif not isinstance(requested, str):
             raise RoutingError(f"'language' must be a string, got {requested!r}")
         elif requested == AUTO:
-            applied = self._detect(payload, endpoint, xargs, min_confidence)
+            applied = self._detect(payload, endpoint, min_confidence, loaded)
         elif requested == AUTO_SPANS:
-            applied = self._detect_spans(payload, endpoint, xargs, min_confidence)
+            applied = self._detect_spans(payload, endpoint, xargs, min_confidence, loaded)
         else:
-            applied = self._explicit(requested, xargs, on_missing)
+            applied = self._explicit(requested, on_missing, loaded)
 
         if applied.applied:
-            applied = self._serving_defaults(applied, xargs)
+            applied = self._serving_defaults(applied, xargs, loaded[applied.language])
         if applied.applied:
             xargs[LANGUAGE_KEY] = applied.language
-            self._complete(applied, xargs)
+            self._complete(applied, xargs, loaded[applied.language])
             if isinstance(applied.positions, list):
                 xargs["positions"] = flatten_ranges(applied.positions)
         else:
@@ -80,23 +84,23 @@ class LanguageRouter:
             payload.pop("vllm_xargs", None)
         return applied
 
-    def _explicit(self, requested: str, xargs: dict, on_missing: str) -> AppliedIntervention:
+    def _explicit(self, requested: str, on_missing: str, loaded: dict[str, InterventionInfo]) -> AppliedIntervention:
         try:
             language = normalize_code(requested)
         except UnknownLanguageError as error:
             raise RoutingError(str(error)) from None
-        if language in self.registry.loaded:
+        if language in loaded:
             return AppliedIntervention(applied=True, source="explicit", language=language)
         if on_missing == "passthrough":
             return _plain(f"no intervention loaded for {language} (on_missing=passthrough)",
                           source="explicit", language=language)
-        loaded = ", ".join(sorted(self.registry.loaded)) or "none"
+        listed = ", ".join(sorted(loaded)) or "none"
         raise RoutingError(
-            f"no intervention is loaded for {language}; loaded: {loaded}. "
+            f"no intervention is loaded for {language}; loaded: {listed}. "
             "Set vllm_xargs.on_missing='passthrough' to serve such requests plain."
         )
 
-    def _detect(self, payload, endpoint, xargs, min_confidence) -> AppliedIntervention:
+    def _detect(self, payload, endpoint, min_confidence, loaded) -> AppliedIntervention:
         text = "\n".join(part.text for part in user_text_parts(payload, endpoint))
         if not text.strip():
             metrics.DETECTIONS.labels(outcome="no_text").inc()
@@ -106,13 +110,13 @@ class LanguageRouter:
         if detection.confidence < min_confidence:
             metrics.DETECTIONS.labels(outcome="low_confidence").inc()
             return _plain(f"auto: confidence {detection.confidence:.2f} below {min_confidence}", **found)
-        if detection.language not in self.registry.loaded:
+        if detection.language not in loaded:
             metrics.DETECTIONS.labels(outcome="no_intervention").inc()
             return _plain(f"auto: no intervention loaded for {found['language']}", **found)
         metrics.DETECTIONS.labels(outcome="steered").inc()
         return AppliedIntervention(applied=True, source="detected", **found)
 
-    def _detect_spans(self, payload, endpoint, xargs, min_confidence) -> AppliedIntervention:
+    def _detect_spans(self, payload, endpoint, xargs, min_confidence, loaded) -> AppliedIntervention:
         if "positions" in xargs:
             raise RoutingError("'positions' cannot be combined with language 'auto-spans' (it computes them)")
         parts = user_text_parts(payload, endpoint)
@@ -128,7 +132,7 @@ class LanguageRouter:
             return _plain("auto-spans: the prompt has no text to identify")
         steerable = [
             (part, seg) for part, seg in spans
-            if seg.detection.confidence >= min_confidence and seg.detection.language in self.registry.loaded
+            if seg.detection.confidence >= min_confidence and seg.detection.language in loaded
         ]
         # One intervention per request: steer the language covering the most characters.
         chars: dict[str, int] = {}
@@ -164,10 +168,11 @@ class LanguageRouter:
             reason=f"one intervention per request: segments in {', '.join(skipped)} not steered" if skipped else None,
         )
 
-    def _serving_defaults(self, applied: AppliedIntervention, xargs: dict) -> AppliedIntervention:
+    def _serving_defaults(
+        self, applied: AppliedIntervention, xargs: dict, info: InterventionInfo
+    ) -> AppliedIntervention:
         """Fill what the request left out from the artifact's serving defaults. A calibrated
         alpha of 0 means steering is off for this language unless the request asks for it."""
-        info = self.registry.loaded[applied.language]
         serving = info.serving
         if "alpha" not in xargs and serving.alpha == 0:
             summary = (info.evidence or {}).get("summary", "its serving alpha is 0")
@@ -183,13 +188,12 @@ class LanguageRouter:
         applied.defaults = "calibrated" if info.evidence else "uncalibrated"
         return applied
 
-    def _complete(self, applied: AppliedIntervention, xargs: dict) -> None:
+    def _complete(self, applied: AppliedIntervention, xargs: dict, info: InterventionInfo) -> None:
         """Validate the overrides now (400, not a silent plain run) and report their effective values."""
         try:
             spec = parse_request_spec(xargs)
         except RequestSpecError as error:
             raise RoutingError(str(error)) from None
-        info = self.registry.loaded[applied.language]
         if spec.layers is not None and not set(spec.layers) <= set(info.layers):
             raise RoutingError(f"'layers' {list(spec.layers)} are not all in the {applied.language} "
                                f"intervention's layers {info.layers}")
