@@ -2,14 +2,17 @@
 
 `lingosteer serve MODEL --interventions DIR [lingosteer options] [any vllm serve flag]`
 parses the lingosteer options and hands everything else to vLLM's own argument
-parser. `lingosteer interventions push|list|rm` drive a running server's API.
+parser. `lingosteer interventions push|list|rm` drive a running server's API; push
+and rm take several `--server`s, one per member of a fleet.
 """
 
 import argparse
 import json
 import os
+import sys
 
 SERVER_ENV = "LINGOSTEER_SERVER"
+DEFAULT_SERVER = "http://127.0.0.1:8000"
 TOKEN_FILE_ENV = "LINGOSTEER_ADMIN_TOKEN_FILE"
 
 
@@ -25,14 +28,18 @@ def register(subparsers) -> None:
     interventions = subparsers.add_parser("interventions", help="list, load or unload a server's interventions")
     actions = interventions.add_subparsers(dest="action", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--server", default=os.environ.get(SERVER_ENV, "http://127.0.0.1:8000"),
-                        help=f"server base URL (env {SERVER_ENV}; default %(default)s)")
     common.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the server")
+    one_server = argparse.ArgumentParser(add_help=False, parents=[common])
+    one_server.add_argument("--server", default=os.environ.get(SERVER_ENV, DEFAULT_SERVER),
+                            help=f"server base URL (env {SERVER_ENV}; default %(default)s)")
     admin = argparse.ArgumentParser(add_help=False, parents=[common])
+    admin.add_argument("--server", dest="servers", action="append", metavar="URL",
+                       help=f"server base URL; repeat it for every server of a fleet "
+                            f"(default: env {SERVER_ENV}, else {DEFAULT_SERVER})")
     admin.add_argument("--token-file", default=os.environ.get(TOKEN_FILE_ENV),
                        help=f"file holding the admin bearer token (env {TOKEN_FILE_ENV})")
 
-    listing = actions.add_parser("list", parents=[common], help="what the server has loaded")
+    listing = actions.add_parser("list", parents=[one_server], help="what the server has loaded")
     listing.add_argument("--json", action="store_true", help="print the raw JSON")
     listing.set_defaults(func=list_command)
     push = actions.add_parser("push", parents=[admin], help="load or replace an intervention")
@@ -143,26 +150,23 @@ def serve_command(args) -> int:
     return 0
 
 
-def _client(args):
-    import httpx
-
-    headers = {}
+def _headers(args) -> dict[str, str]:
     token_file = getattr(args, "token_file", None)
-    if token_file:
-        from intervene_server.server.auth import read_token_file
+    if not token_file:
+        return {}
+    from intervene_server.server.auth import read_token_file
 
-        headers["Authorization"] = f"Bearer {read_token_file(token_file)}"
-    return httpx.Client(base_url=args.server.rstrip("/"), headers=headers, timeout=args.timeout)
+    return {"Authorization": f"Bearer {read_token_file(token_file)}"}
 
 
-def _request(args, method: str, url: str, **kwargs) -> dict:
+def _request(args, server: str, method: str, url: str, **kwargs) -> dict:
     import httpx
 
     try:
-        with _client(args) as client:
+        with httpx.Client(base_url=server.rstrip("/"), headers=_headers(args), timeout=args.timeout) as client:
             response = client.request(method, url, **kwargs)
     except httpx.HTTPError as error:
-        raise ValueError(f"cannot reach {args.server}: {error}") from None
+        raise ValueError(f"cannot reach {server}: {error}") from None
     if response.status_code >= 400:
         try:
             body = response.json()
@@ -173,8 +177,25 @@ def _request(args, method: str, url: str, **kwargs) -> dict:
     return response.json()
 
 
+def _on_every_server(args, action: str, request) -> None:
+    """`request(server)` on each --server in turn, one line per server (its result, or its error
+    on stderr). Every server is tried; if any failed, the error names them."""
+    servers = args.servers or [os.environ.get(SERVER_ENV, DEFAULT_SERVER)]
+    failed = []
+    for server in servers:
+        try:
+            print(f"{server}: {request(server)}")
+        except ValueError as error:
+            print(f"{server}: {error}", file=sys.stderr)
+            failed.append(server)
+    if failed:
+        raise ValueError(f"{action} failed on {len(failed)} of {len(servers)} server(s) ({', '.join(failed)}); "
+                         "the others took the change; see each with `lingosteer interventions list --server URL` "
+                         "and rerun for the failed ones")
+
+
 def list_command(args) -> int:
-    listing = _request(args, "GET", "/v1/interventions")
+    listing = _request(args, args.server, "GET", "/v1/interventions")
     if args.json:
         print(json.dumps(listing, indent=2))
         return 0
@@ -195,22 +216,30 @@ def push_command(args) -> int:
 
     from alignment.artifact import MANIFEST_NAME, MATRICES_NAME
 
-    if args.upload:
+    if args.upload:  # read once, before any server is changed: every server gets the same bytes
         local = Path(args.path)
         files = {name: (name, (local / filename).read_bytes())
                  for name, filename in (("manifest", MANIFEST_NAME), ("matrices", MATRICES_NAME))}
-        result = _request(args, "POST", "/admin/interventions/upload", files=files)
-    else:
-        result = _request(args, "POST", "/admin/interventions", json={"path": args.path})
-    loaded = result["loaded"]
-    replaced = f" (replaced {result['replaced_version']})" if result.get("replaced_version") else ""
-    print(f"loaded {loaded['language']} version {loaded['version']}{replaced}")
+
+    def push(server: str) -> str:
+        if args.upload:
+            result = _request(args, server, "POST", "/admin/interventions/upload", files=files)
+        else:
+            result = _request(args, server, "POST", "/admin/interventions", json={"path": args.path})
+        loaded = result["loaded"]
+        replaced = f" (replaced {result['replaced_version']})" if result.get("replaced_version") else ""
+        return f"loaded {loaded['language']} version {loaded['version']}{replaced}"
+
+    _on_every_server(args, "push", push)
     return 0
 
 
 def rm_command(args) -> int:
-    result = _request(args, "DELETE", f"/admin/interventions/{args.language}")
-    print(f"unloaded {result['language']} version {result['version']}")
+    def remove(server: str) -> str:
+        result = _request(args, server, "DELETE", f"/admin/interventions/{args.language}")
+        return f"unloaded {result['language']} version {result['version']}"
+
+    _on_every_server(args, "rm", remove)
     return 0
 
 

@@ -415,3 +415,118 @@ def test_routing_runs_off_the_event_loop(router, monkeypatch):
     # A routing error still answers 400 in OpenAI's shape from the thread's exception.
     sent, _ = _drive(app, [json.dumps({"prompt": "x", "vllm_xargs": {"language": "xx_Nope"}}).encode()], [])
     assert sent[0]["status"] == 400 and json.loads(sent[1]["body"])["error"]["type"] == "BadRequestError"
+
+
+# ---- a fleet: `lingosteer interventions push|rm` against several servers --------------------
+
+ADMIN_TOKEN = "a-long-enough-admin-token"
+
+
+class _WorkerBehindRpc:
+    """The engine client's `collective_rpc` without vLLM: the plugin's worker RPC functions,
+    called on one worker that holds a real `WorkerState` (artifact validation included)."""
+
+    def __init__(self, model_dir):
+        import json
+        from types import SimpleNamespace
+
+        import torch
+
+        from intervene_server.worker_state import WorkerState
+
+        layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
+        state = WorkerState("LlamaForCausalLM", str(model_dir), layers, torch.device("cpu"))
+        self.worker = SimpleNamespace(model_runner=SimpleNamespace(lingosteer_state=state))
+
+    async def collective_rpc(self, method: str, args: tuple = ()) -> list:
+        from intervene_server import worker_rpc
+
+        return [getattr(worker_rpc, method)(self.worker, *args)]
+
+
+def _serve_in_thread(app, stack):
+    """Serve `app` with uvicorn on a loopback port from a thread until `stack` closes; its URL."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]})
+    thread.start()
+
+    def stop():
+        server.should_exit = True
+        thread.join()
+        sock.close()
+
+    stack.callback(stop)
+    while not server.started:
+        assert thread.is_alive(), "the in-process server did not start"
+        thread.join(0.01)
+    return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+@pytest.fixture()
+def fleet(router, model_dir, tmp_path):
+    """Two servers' lingosteer APIs (no engine): the first's root holds a Swahili artifact, the second's
+    is empty. Yields [(url, registry)] and the artifact's directory."""
+    from contextlib import ExitStack
+
+    from fastapi import FastAPI
+
+    from intervene_server.server.app import ServerOptions, mount
+    from plugin_support import write_planted_intervention
+
+    artifact = write_planted_intervention(tmp_path / "a" / "llama" / "swh", model_dir, [0, 1], "swh_Latn")
+    with ExitStack() as stack:
+        servers = []
+        for name in ("a", "b"):
+            root = tmp_path / name
+            root.mkdir(exist_ok=True)
+            registry = InterventionRegistry(_WorkerBehindRpc(model_dir), root)
+            app = FastAPI()
+            mount(app, registry, LanguageRouter(registry, router.detector, router.prompt_tokenizer),
+                  ServerOptions(interventions=root, admin_token=ADMIN_TOKEN))
+            servers.append((_serve_in_thread(app, stack), registry))
+        yield servers, artifact
+
+
+def test_push_and_rm_reach_every_server_of_a_fleet_and_name_those_that_failed(fleet, tmp_path, capsys):
+    import socket
+
+    from lingosteer.cli import main
+
+    [(first, first_registry), (second, second_registry)], artifact = fleet
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{unused.getsockname()[1]}"  # nothing listens there once closed
+    token_file = tmp_path / "token"
+    token_file.write_text(ADMIN_TOKEN)
+    token_file.chmod(0o600)
+    admin = ["--token-file", str(token_file)]
+
+    # By path: only the first server's root holds it; the second refuses it, the third is down.
+    code = main(["interventions", "push", "llama/swh", "--server", first, "--server", second, "--server", down, *admin])
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert out.startswith(f"{first}: loaded swh_Latn version ") and second not in out and down not in out
+    assert f"{second}: server answered 400" in err and f"{down}: cannot reach" in err
+    assert f"push failed on 2 of 3 server(s) ({second}, {down})" in err
+    assert list(first_registry.loaded) == ["swh_Latn"] and not second_registry.loaded
+
+    # Uploaded: every server gets the same bytes, so the same version.
+    code = main(["interventions", "push", str(artifact), "--upload", "--server", first, "--server", second, *admin])
+    out, _ = capsys.readouterr()
+    version = first_registry.loaded["swh_Latn"].version
+    assert code == 0 and second_registry.loaded["swh_Latn"].version == version
+    assert out.splitlines() == [f"{first}: loaded swh_Latn version {version} (replaced {version})",
+                                f"{second}: loaded swh_Latn version {version}"]
+
+    assert main(["interventions", "rm", "sw", "--server", first, "--server", second, *admin]) == 0
+    assert not first_registry.loaded and not second_registry.loaded
+    # A local artifact that cannot be read changes no server.
+    assert main(["interventions", "push", str(tmp_path / "missing"), "--upload", "--server", first, *admin]) == 2
+    assert not first_registry.loaded
