@@ -17,7 +17,8 @@ records the `evidence`; alpha 0 means "off" (the calibration found no clear gain
 Format version 2 added both; a version-1 manifest still loads, with serving
 {default_alpha, every layer, "last"} and no evidence (what version 1 served).
 
-Loading trusts nothing: every check below has its own `InterventionError`
+Loading trusts nothing: the manifest is validated by the pydantic model
+`InterventionManifest`, and every kind of problem has its own `InterventionError`
 subclass so callers (and ops teams reading logs) can tell what was wrong.
 Tensors are read with safetensors only; nothing is ever unpickled.
 """
@@ -33,11 +34,14 @@ import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lingosteer.files import atomic_path
 from lingosteer.fingerprint import FingerprintMismatch, check_fingerprint
+from lingosteer.validation import first_problem
 
 FORMAT = "lingosteer.intervention"
 FORMAT_VERSION = 2
@@ -53,12 +57,6 @@ DTYPES = ("float32", "bfloat16")
 DEFAULT_MAX_BYTES = 16 * 2**30
 # A safetensors header is JSON describing the tensors; anything bigger is not one.
 _MAX_HEADER_BYTES = 100 * 2**20
-_REQUIRED_KEYS = {
-    "model": dict, "source": str, "target": str, "layers": list, "hidden_size": int,
-    "parametrization": str, "form": str, "formula": str, "pooling": str, "solver": str,
-    "lambdas": list, "default_alpha": (int, float), "dtype": str, "fit_data": dict,
-    "metrics": dict, "created": str,
-}
 
 logger = logging.getLogger("lingosteer.artifact")
 
@@ -109,6 +107,91 @@ class ShapeMismatchError(InterventionError):
 
 class NonFiniteError(InterventionError):
     """A tensor contains NaN or infinity."""
+
+
+# A bad value in one of these fields has its own error class; any other problem is a ManifestError.
+_FIELD_ERRORS = {"format_version": FormatVersionError, "parametrization": ParametrizationError,
+                 "form": ParametrizationError, "dtype": TensorDtypeError}
+
+
+# ---- the manifest -------------------------------------------------------------------
+
+
+class ServingDefaults(BaseModel):
+    """What a request that names only its language gets; alpha 0 means off."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    alpha: Annotated[float, Field(ge=-10.0, le=10.0)]
+    layers: Annotated[list[int], Field(min_length=1)]
+    positions: Literal[SERVING_POSITIONS]
+
+
+class InterventionManifest(BaseModel):
+    """manifest.json, format versions 1 and 2 (version 1 is read as the version 2 it stands for).
+
+    Fields it does not name are kept: a manifest may record more than this code reads.
+    """
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    format: Literal[FORMAT]
+    format_version: Literal[READABLE_VERSIONS]
+    model: dict[str, Any]
+    source: str
+    target: str
+    layers: Annotated[list[int], Field(min_length=1)]
+    hidden_size: int
+    parametrization: Literal[PARAMETRIZATIONS]
+    rank: Annotated[int, Field(ge=1)] | None = None
+    form: Literal[FORMS]
+    formula: str
+    pooling: str
+    solver: str
+    lambdas: list[float | None]
+    default_alpha: float
+    serving: ServingDefaults
+    evidence: dict[str, Any] | None = None
+    dtype: Literal[DTYPES]
+    fit_data: dict[str, Any]
+    metrics: dict[str, Any]
+    created: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _version_1_serving(cls, data: Any) -> Any:
+        """Version 1 had no serving defaults: it served default_alpha at every layer, at the last token."""
+        if isinstance(data, dict) and data.get("format_version") == 1 and "serving" not in data:
+            serving = {"alpha": data.get("default_alpha"), "layers": data.get("layers"), "positions": "last"}
+            return {**data, "serving": serving, "evidence": None}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> InterventionManifest:
+        if len(set(self.layers)) != len(self.layers):
+            raise ManifestError(f"layers must be distinct, got {self.layers}")
+        num_layers = self.model.get("num_hidden_layers")
+        if isinstance(num_layers, int) and not all(0 <= layer < num_layers for layer in self.layers):
+            raise ManifestError(f"layers {self.layers} do not exist in a {num_layers}-layer model")
+        if not set(self.serving.layers) <= set(self.layers):
+            raise ManifestError(f"serving layers {self.serving.layers} are not a non-empty subset of the "
+                                f"artifact's layers {self.layers}")
+        if self.parametrization == "lowrank" and self.rank is None:
+            raise ManifestError("a lowrank artifact needs a positive integer rank")
+        model_hidden = self.model.get("hidden_size")
+        if model_hidden is not None and model_hidden != self.hidden_size:
+            raise ShapeMismatchError(f"hidden_size {self.hidden_size} but the model's is {model_hidden}")
+        return self
+
+
+def _validated(manifest: Any, manifest_path: Path) -> dict:
+    """The manifest as its model reads it (version 1 migrated), or the `InterventionError` that says why not."""
+    try:
+        return InterventionManifest.model_validate(manifest).model_dump(exclude_unset=True)
+    except ValidationError as invalid:
+        problem = first_problem(invalid)
+        error_class = type(problem.raised) if problem.raised else _FIELD_ERRORS.get(problem.field, ManifestError)
+        raise error_class(f"{manifest_path}: {problem.message}") from None
 
 
 # ---- writing ------------------------------------------------------------------------
@@ -393,62 +476,7 @@ def _read_manifest(manifest_path: Path) -> dict:
         manifest = json.loads(manifest_path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ManifestError(f"{manifest_path} is not valid JSON: {error}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ManifestError(f"{manifest_path} is not a lingosteer intervention manifest (format != {FORMAT!r})")
-    if manifest.get("format_version") not in READABLE_VERSIONS:
-        raise FormatVersionError(
-            f"{manifest_path}: format_version {manifest.get('format_version')!r} is not supported "
-            f"(this lingosteer reads versions {', '.join(map(str, READABLE_VERSIONS))})"
-        )
-    if manifest["format_version"] == 1 and "serving" not in manifest:  # version 1 served every layer at 'last'
-        manifest["serving"] = {"alpha": manifest.get("default_alpha"), "layers": manifest.get("layers"),
-                               "positions": "last"}
-        manifest["evidence"] = None
-    for key, kind in _REQUIRED_KEYS.items():
-        if key not in manifest:
-            raise ManifestError(f"{manifest_path}: missing field {key!r}")
-        if not isinstance(manifest[key], kind) or isinstance(manifest[key], bool):
-            raise ManifestError(f"{manifest_path}: field {key!r} has the wrong type ({type(manifest[key]).__name__})")
-    if manifest["parametrization"] not in PARAMETRIZATIONS:
-        raise ParametrizationError(
-            f"{manifest_path}: unknown parametrization {manifest['parametrization']!r} (known: {PARAMETRIZATIONS})"
-        )
-    if manifest["form"] not in FORMS:
-        raise ParametrizationError(f"{manifest_path}: unknown form {manifest['form']!r} (known: {FORMS})")
-    if manifest["dtype"] not in DTYPES:
-        raise TensorDtypeError(f"{manifest_path}: dtype {manifest['dtype']!r} is not one of {DTYPES}")
-    layers = manifest["layers"]
-    if (not layers or not all(isinstance(layer, int) and not isinstance(layer, bool) for layer in layers)
-            or len(set(layers)) != len(layers)):
-        raise ManifestError(f"{manifest_path}: layers must be a non-empty list of distinct integers, got {layers!r}")
-    num_layers = manifest["model"].get("num_hidden_layers")
-    if isinstance(num_layers, int) and not all(0 <= layer < num_layers for layer in layers):
-        raise ManifestError(f"{manifest_path}: layers {layers} do not exist in a {num_layers}-layer model")
-    _check_serving(manifest, manifest_path)
-    model_hidden = manifest["model"].get("hidden_size")
-    if model_hidden is not None and model_hidden != manifest["hidden_size"]:
-        raise ShapeMismatchError(
-            f"{manifest_path}: hidden_size {manifest['hidden_size']} but the model's is {model_hidden}"
-        )
-    return manifest
-
-
-def _check_serving(manifest: dict, manifest_path: Path) -> None:
-    """`serving` must be something a request could ask for: alpha, layers of this artifact, a position mode."""
-    serving = manifest.get("serving")
-    if not isinstance(serving, dict) or set(serving) != {"alpha", "layers", "positions"}:
-        raise ManifestError(f"{manifest_path}: 'serving' must be an object with alpha, layers and positions")
-    alpha, layers = serving["alpha"], serving["layers"]
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not -10.0 <= alpha <= 10.0:
-        raise ManifestError(f"{manifest_path}: serving alpha must be a number in [-10, 10], got {alpha!r}")
-    if not isinstance(layers, list) or not layers or not set(layers) <= set(manifest["layers"]):
-        raise ManifestError(f"{manifest_path}: serving layers {layers!r} are not a non-empty subset of the "
-                            f"artifact's layers {manifest['layers']}")
-    if serving["positions"] not in SERVING_POSITIONS:
-        raise ManifestError(f"{manifest_path}: serving positions must be one of {SERVING_POSITIONS}, "
-                            f"got {serving['positions']!r}")
-    if manifest.get("evidence") is not None and not isinstance(manifest["evidence"], dict):
-        raise ManifestError(f"{manifest_path}: 'evidence' must be an object or null")
+    return _validated(manifest, manifest_path)
 
 
 def set_serving_defaults(path: str | Path, serving: dict, evidence: dict) -> dict:
@@ -461,7 +489,7 @@ def set_serving_defaults(path: str | Path, serving: dict, evidence: dict) -> dic
     manifest = _read_manifest(path / MANIFEST_NAME)
     manifest.update(format_version=FORMAT_VERSION, serving=serving, evidence=evidence,
                     default_alpha=float(serving["alpha"]))
-    _check_serving(manifest, path / MANIFEST_NAME)
+    manifest = _validated(manifest, path / MANIFEST_NAME)
     with atomic_path(path / MANIFEST_NAME) as tmp:
         tmp.write_text(json.dumps(manifest, indent=2) + "\n")
         os.chmod(tmp, 0o644)  # shared like the rest of the artifact, whatever the umask
@@ -518,8 +546,6 @@ def _check_tensors(raw: dict, manifest: dict, matrices: Path) -> None:
     d = manifest["hidden_size"]
     expected_dtype = getattr(torch, manifest["dtype"])
     rank = manifest.get("rank")
-    if manifest["parametrization"] == "lowrank" and not (isinstance(rank, int) and rank >= 1):
-        raise ManifestError(f"{matrices.parent}: a lowrank artifact needs a positive integer rank, got {rank!r}")
     shapes = {}
     for layer in manifest["layers"]:
         if manifest["parametrization"] == "lowrank":

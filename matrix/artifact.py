@@ -8,8 +8,8 @@
      "robustness": {code: mean of row}, "friendliness": {code: mean of column},
      "metadata": {...}}
 
-`load_interference` checks all of it and recomputes I from L, so a file edited by
-hand cannot silently disagree with itself.
+`load_interference` checks all of it (the pydantic model `InterferenceDocument`) and
+recomputes I from L, so a file edited by hand cannot silently disagree with itself.
 """
 
 from __future__ import annotations
@@ -18,9 +18,12 @@ import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from lingosteer.validation import first_problem
 from matrix.jsonio import json_safe, write_json_atomic
 
 FORMAT = "lingosteer.interference"
@@ -98,17 +101,45 @@ def save_interference(matrix: InterferenceMatrix, path: str | Path) -> Path:
     return path
 
 
-def _square(data: dict, key: str, n: int, where: str) -> np.ndarray:
-    rows = data.get(key)
-    if not isinstance(rows, list) or len(rows) != n or any(not isinstance(r, list) or len(r) != n for r in rows):
-        raise ValueError(f"{where}: `{key}` must be a {n} x {n} list of lists (one row and column per language)")
-    try:
-        values = np.array([[np.nan if v is None else float(v) for v in row] for row in rows])
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}: `{key}` holds a value that is neither a number nor null") from None
-    if np.isinf(values).any():
-        raise ValueError(f"{where}: `{key}` holds an infinite value")
-    return values
+# A measured value, or null where it was not measured.
+Cell = Annotated[float | None, Field(allow_inf_nan=False)]
+
+
+class InterferenceDocument(BaseModel):
+    """interference.json as `load_interference` accepts it; robustness and friendliness are
+    recomputed from the matrix, so they are not read."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    format_version: Literal[FORMAT_VERSION]
+    languages: Annotated[list[str], Field(min_length=1)]
+    loss: list[list[Cell]]
+    interference: list[list[Cell]]
+    metadata: dict[str, Any] = {}
+
+    def square(self, key: str) -> np.ndarray:
+        """`loss` or `interference` as a float array, NaN where null."""
+        return np.array(getattr(self, key), dtype=float)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> InterferenceDocument:
+        n = len(self.languages)
+        if len(set(self.languages)) != n:
+            raise ValueError("`languages` has duplicates")
+        for key in ("loss", "interference"):
+            if len(getattr(self, key)) != n or any(len(row) != n for row in getattr(self, key)):
+                raise ValueError(f"`{key}` must be a {n} x {n} list of lists (one row and column per language)")
+        loss, interference = self.square("loss"), self.square("interference")
+        if (loss[~np.isnan(loss)] <= 0).any():
+            raise ValueError("losses must be positive")
+        if not np.allclose(np.diag(interference)[~np.isnan(np.diag(interference))], 0.0):
+            raise ValueError("the diagonal of `interference` must be 0")
+        expected = interference_from_loss(loss)
+        if not np.array_equal(np.isnan(expected), np.isnan(interference)) or not np.allclose(
+            expected[~np.isnan(expected)], interference[~np.isnan(interference)], rtol=1e-6, atol=1e-9
+        ):
+            raise ValueError("`interference` does not equal (L[A][A] - L[A][B]) / L[A][A] computed from `loss`")
+        return self
 
 
 def load_interference(path: str | Path) -> InterferenceMatrix:
@@ -120,30 +151,9 @@ def load_interference(path: str | Path) -> InterferenceMatrix:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    if data.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{path}: format_version {data.get('format_version')!r} is not supported (expected {FORMAT_VERSION})"
-        )
-    languages = data.get("languages")
-    if not isinstance(languages, list) or not languages or not all(isinstance(c, str) for c in languages):
-        raise ValueError(f"{path}: `languages` must be a non-empty list of language codes")
-    if len(set(languages)) != len(languages):
-        raise ValueError(f"{path}: `languages` has duplicates")
-    n = len(languages)
-    loss = _square(data, "loss", n, str(path))
-    interference = _square(data, "interference", n, str(path))
-    if (loss[~np.isnan(loss)] <= 0).any():
-        raise ValueError(f"{path}: losses must be positive")
-    if not np.allclose(np.diag(interference)[~np.isnan(np.diag(interference))], 0.0):
-        raise ValueError(f"{path}: the diagonal of `interference` must be 0")
-    expected = interference_from_loss(loss)
-    if not np.array_equal(np.isnan(expected), np.isnan(interference)) or not np.allclose(
-        expected[~np.isnan(expected)], interference[~np.isnan(interference)], rtol=1e-6, atol=1e-9
-    ):
-        raise ValueError(f"{path}: `interference` does not equal (L[A][A] - L[A][B]) / L[A][A] computed from `loss`")
-    metadata = data.get("metadata", {})
-    if not isinstance(metadata, dict):
-        raise ValueError(f"{path}: `metadata` must be an object")
-    return InterferenceMatrix(tuple(languages), loss, interference, metadata)
+    try:
+        document = InterferenceDocument.model_validate(data)
+    except ValidationError as invalid:
+        raise ValueError(f"{path}: {first_problem(invalid).message}") from None
+    languages = tuple(document.languages)
+    return InterferenceMatrix(languages, document.square("loss"), document.square("interference"), document.metadata)

@@ -84,7 +84,9 @@ def test_artifact_round_trip_and_validation(tmp_path):
     broken(lambda d: d.update(languages=["aaa_Latn", "aaa_Latn", "ccc_Cyrl"]), "duplicates")
     broken(lambda d: d["interference"][0].__setitem__(1, -0.5), "does not equal")
     broken(lambda d: d["interference"][0].__setitem__(0, 0.3), "diagonal")
-    broken(lambda d: d["loss"][0].__setitem__(1, "x"), "neither a number")
+    broken(lambda d: d["loss"][0].__setitem__(1, "x"), r"'loss\[0\]\[1\]': Input should be a valid number")
+    broken(lambda d: d["loss"][0].__setitem__(1, float("inf")), "finite number")
+    broken(lambda d: d.update(metadata=[]), "'metadata'")
     (tmp_path / "garbage.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         load_interference(tmp_path / "garbage.json")
