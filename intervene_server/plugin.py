@@ -79,7 +79,7 @@ def _patch_worker() -> None:
         load_model(self, *args, **kwargs)
         runner = self.model_runner
         runner.lingosteer_state = attach_to_model(
-            runner.get_model(), self.vllm_config.model_config.model, runner.device
+            runner.get_model(), self.vllm_config.model_config.model, runner.device, runner.max_num_tokens
         )
 
     model_forward = GPUModelRunner._model_forward

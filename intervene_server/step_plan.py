@@ -5,6 +5,10 @@ over tokens), consumed by the per-layer op. Request i owns rows
 [query_start[i], query_start[i+1]); those rows hold absolute positions
 num_computed[i] + 0, 1, ... — so "last prompt token" stays correct when chunked
 prefill puts it in a later step than the rest of the prompt.
+
+The plan's row indices and alphas live in buffers allocated once per worker and
+filled in place each step, as vLLM's runner does with its own inputs: host memory
+(pinned on a GPU machine) copied to the device in one transfer per buffer.
 """
 
 from collections import defaultdict
@@ -12,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from vllm.v1.utils import CpuGpuBuffer
 
 from intervene_server.request_spec import InterventionRequest
 from intervene_server.store import LoadedIntervention
@@ -62,9 +67,35 @@ def selected_rows(req: ScheduledRequest) -> np.ndarray:
     return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
 
 
-def build_step_plan(requests: list[ScheduledRequest], device: torch.device) -> StepPlan | None:
+class StepBuffers:
+    """Row indices and alphas of one step's steered rows; a step has at most `max_rows` rows
+    (vLLM's max_num_batched_tokens), and each row is steered by at most one request."""
+
+    def __init__(self, max_rows: int, device: torch.device):
+        self.rows = CpuGpuBuffer(max_rows, dtype=torch.int64, device=device)
+        self.alphas = CpuGpuBuffer(max_rows, 1, dtype=torch.float32, device=device)
+        # The host buffers are refilled next step: first wait until this step's copies are done.
+        self._copied = None if device.type == "cpu" else torch.Event(device=device, blocking=True)
+
+    def fill(self, parts: list[tuple[np.ndarray, float]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows and alphas of `parts` ((rows, alpha) each), one after the other, on the device."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        end = 0
+        for rows, alpha in parts:
+            self.rows.np[end:end + rows.size] = rows
+            self.alphas.np[end:end + rows.size] = alpha
+            end += rows.size
+        if self._copied is None:  # CPU: the host buffers are the device's
+            return self.rows.cpu[:end], self.alphas.cpu[:end]
+        rows, alphas = self.rows.copy_to_gpu(end), self.alphas.copy_to_gpu(end)
+        self._copied.record()
+        return rows, alphas
+
+
+def build_step_plan(requests: list[ScheduledRequest], buffers: StepBuffers) -> StepPlan | None:
     # Group by (version, layers): one gather + matmul per group and layer.
-    grouped: dict[tuple, tuple[list[np.ndarray], list[np.ndarray]]] = defaultdict(lambda: ([], []))
+    grouped: dict[tuple, list[tuple[np.ndarray, float]]] = defaultdict(list)
     interventions: dict[str, LoadedIntervention] = {}
     for req in requests:
         rows = selected_rows(req)
@@ -75,19 +106,20 @@ def build_step_plan(requests: list[ScheduledRequest], device: torch.device) -> S
             layer for layer in req.spec.layers if layer in intervention.delta_t
         )
         alpha = intervention.default_alpha if req.spec.alpha is None else req.spec.alpha
-        row_lists, alpha_lists = grouped[(intervention.version, layers)]
-        row_lists.append(rows)
-        alpha_lists.append(np.full(rows.size, alpha, dtype=np.float32))
+        grouped[(intervention.version, layers)].append((rows, alpha))
         interventions[intervention.version] = intervention
     if not grouped:
         return None
+    # Each group's rows are one contiguous slice of the step's buffers.
+    rows, alphas = buffers.fill([part for parts in grouped.values() for part in parts])
     by_layer: dict[int, list[RowGroup]] = defaultdict(list)
-    for (version, layers), (row_lists, alpha_lists) in grouped.items():
-        rows = torch.from_numpy(np.concatenate(row_lists)).to(device)
-        alphas = torch.from_numpy(np.concatenate(alpha_lists)).to(device).unsqueeze(1)
+    start = 0
+    for (version, layers), parts in grouped.items():
+        end = start + sum(part_rows.size for part_rows, _ in parts)
         intervention = interventions[version]
         for layer in layers:
             by_layer[layer].append(
-                RowGroup(rows, alphas, intervention.delta_t[layer], intervention.bias[layer])
+                RowGroup(rows[start:end], alphas[start:end], intervention.delta_t[layer], intervention.bias[layer])
             )
+        start = end
     return StepPlan(dict(by_layer))

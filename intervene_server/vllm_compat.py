@@ -37,9 +37,10 @@ PRIVATE_NAMES: dict[str, tuple[str, ...]] = {
         "generate_block_hash_extra_keys", "hash_block_tokens", "resolve_kv_cache_block_sizes",
     ),
     "vllm.utils.hashing": ("get_hash_fn_by_name",),
+    "vllm.v1.utils:CpuGpuBuffer": ("copy_to_gpu",),  # and its cpu, np attributes (step_plan.StepBuffers)
 }
-# Set in the V1 runner's __init__ and read on every step (worker_state.plan_step, prompt_logits).
-RUNNER_ATTRIBUTES = ("input_batch", "query_start_loc", "requests", "num_prompt_logprobs", "device")
+# Set in the V1 runner's __init__ and read at attach or on every step (worker_state, prompt_logits).
+RUNNER_ATTRIBUTES = ("input_batch", "query_start_loc", "requests", "num_prompt_logprobs", "device", "max_num_tokens")
 INPUT_BATCH_ATTRIBUTES = ("num_reqs", "req_ids", "req_id_to_index", "num_computed_tokens_cpu")
 # Set in EngineCore.__init__ and read by the engine directory (plugin._patch_engine_core).
 ENGINE_CORE_ATTRIBUTES = ("scheduler", "request_block_hasher", "vllm_config")

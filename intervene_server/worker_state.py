@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from intervene_server.request_spec import InterventionRequest, RequestSpecError, parse_request_args
-from intervene_server.step_plan import ScheduledRequest, StepPlan, build_step_plan
+from intervene_server.step_plan import ScheduledRequest, StepBuffers, StepPlan, build_step_plan
 from intervene_server.store import InterventionStore, LoadedIntervention, read_intervention
 
 logger = logging.getLogger("lingosteer.plugin")
@@ -47,10 +47,14 @@ class WorkerState:
     model_dir: str
     num_layers: int
     device: torch.device
+    max_rows: int  # rows in one step at most (vLLM's max_num_batched_tokens)
     store: InterventionStore = field(default_factory=InterventionStore)
     requests: dict[str, WorkerRequest] = field(default_factory=dict)  # by request id, until it finishes
     _fingerprint: dict | None = None
     _warned_languages: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.buffers = StepBuffers(self.max_rows, self.device)
 
     @property
     def supported(self) -> bool:
@@ -97,7 +101,7 @@ class WorkerState:
                     intervention=request.intervention,
                 )
             )
-        return build_step_plan(scheduled, self.device) if scheduled else None
+        return build_step_plan(scheduled, self.buffers) if scheduled else None
 
     def request(self, req_id: str, sampling_params) -> WorkerRequest:
         """The request's arguments and intervention, resolved when first seen and kept until `forget`."""
@@ -134,11 +138,11 @@ def decoder_layers(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
     return [(i, inner.layers[i]) for i in range(inner.start_layer, inner.end_layer)]
 
 
-def attach_to_model(model: torch.nn.Module, model_dir: str, device: torch.device) -> WorkerState:
+def attach_to_model(model: torch.nn.Module, model_dir: str, device: torch.device, max_rows: int) -> WorkerState:
     """Route every decoder layer's output through the steering op (before compilation)."""
     architecture = type(model).__name__
     num_layers = len(model.model.layers) if hasattr(model, "model") else 0
-    state = WorkerState(architecture, model_dir, num_layers, device)
+    state = WorkerState(architecture, model_dir, num_layers, device, max_rows)
     if not state.supported:
         logger.warning("lingosteer: %s is not supported; the engine runs plain", architecture)
         return state

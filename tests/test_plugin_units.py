@@ -8,7 +8,7 @@ from intervene_server.prompt_logits import prompt_logprobs_of_scored_rows, score
 from intervene_server.request_spec import (
     SCORE_FROM_KEY, InterventionRequest, RequestSpecError, parse_request_spec, parse_score_from,
 )
-from intervene_server.step_plan import ScheduledRequest, build_step_plan, selected_rows
+from intervene_server.step_plan import ScheduledRequest, StepBuffers, build_step_plan, selected_rows
 from intervene_server.store import LoadedIntervention
 
 
@@ -97,7 +97,7 @@ def test_plan_groups_by_intervention_and_carries_per_request_alpha():
         _scheduled(3, 1, 5, 5, "all"),            # default alpha 1.0, same group
         _scheduled(4, 2, 0, 2, "all", layers=(1,)),  # other layer subset: own group
     ]
-    plan = build_step_plan(reqs, torch.device("cpu"))
+    plan = build_step_plan(reqs, StepBuffers(16, torch.device("cpu")))
     assert sorted(plan.by_layer) == [0, 1]
     [group0] = plan.by_layer[0]
     assert group0.rows.tolist() == [0, 1, 2, 3]
@@ -106,7 +106,20 @@ def test_plan_groups_by_intervention_and_carries_per_request_alpha():
 
 
 def test_plan_is_none_when_no_row_is_selected():
-    assert build_step_plan([_scheduled(0, 1, 10, 5, "last")], torch.device("cpu")) is None
+    assert build_step_plan([_scheduled(0, 1, 10, 5, "last")], StepBuffers(16, torch.device("cpu"))) is None
+
+
+def test_step_plans_are_filled_into_buffers_allocated_once():
+    buffers = StepBuffers(16, torch.device("cpu"))
+    build_step_plan([_scheduled(0, 3, 0, 3, "all", alpha=0.5)], buffers)
+    plan = build_step_plan([_scheduled(0, 2, 0, 2, "all", layers=(1,)), _scheduled(2, 3, 0, 3, "all", alpha=2.0)],
+                           buffers)
+    groups = sorted(plan.by_layer[1], key=lambda group: group.rows.tolist())
+    assert [g.rows.tolist() for g in groups] == [[0, 1], [2, 3, 4]]
+    assert [g.alphas.squeeze(1).tolist() for g in groups] == [[1.0, 1.0], [2.0, 2.0, 2.0]]
+    for group in groups:  # views of the one allocation, not per-step tensors
+        assert group.rows.untyped_storage().data_ptr() == buffers.rows.cpu.untyped_storage().data_ptr()
+        assert group.alphas.untyped_storage().data_ptr() == buffers.alphas.cpu.untyped_storage().data_ptr()
 
 
 def test_op_updates_only_selected_rows_with_the_formula():
@@ -115,7 +128,7 @@ def test_op_updates_only_selected_rows_with_the_formula():
     torch.manual_seed(0)
     hidden, residual = torch.randn(6, 4), torch.randn(6, 4)
     hidden_before, residual_before = hidden.clone(), residual.clone()
-    plan = build_step_plan([_scheduled(2, 2, 0, 2, "all", alpha=0.5)], torch.device("cpu"))
+    plan = build_step_plan([_scheduled(2, 2, 0, 2, "all", alpha=0.5)], StepBuffers(16, torch.device("cpu")))
     with active_plan(plan):
         torch.ops.lingosteer.steer_residual(hidden, residual, 1)
     stream = hidden_before[2:4] + residual_before[2:4]
@@ -155,7 +168,7 @@ def _runner_with(requests: dict[str, tuple[int | None, int, int]], scheduled: di
     return SimpleNamespace(num_prompt_logprobs=dict.fromkeys(requests, 0), requests=states,
                            query_start_loc=SimpleNamespace(np=starts),
                            input_batch=SimpleNamespace(req_id_to_index={rid: i for i, rid in enumerate(order)}),
-                           lingosteer_state=WorkerState("LlamaForCausalLM", "unused", 2, torch.device("cpu")))
+                           lingosteer_state=WorkerState("LlamaForCausalLM", "unused", 2, torch.device("cpu"), 16))
 
 
 def test_logits_are_computed_only_for_rows_scoring_requests_read_in_one_call():
@@ -219,7 +232,7 @@ def test_preloading_finds_nested_artifacts_of_this_model_and_refuses_empty_entri
     from intervene_server.worker_state import PRELOAD_ENV, WorkerState, _preload_paths
 
     fingerprint = {"architecture": "LlamaForCausalLM", "hidden_size": 4, "num_hidden_layers": 2}
-    state = WorkerState("LlamaForCausalLM", "unused", 2, torch.device("cpu"), _fingerprint=fingerprint)
+    state = WorkerState("LlamaForCausalLM", "unused", 2, torch.device("cpu"), 16, _fingerprint=fingerprint)
     swahili = _save_shift(tmp_path / "root" / "llama" / "swh", "swh_Latn", fingerprint)
     _save_shift(tmp_path / "root" / "llama" / ".ita_Latn.build.xyz", "ita_Latn", fingerprint)  # a writer's staging
     other = _save_shift(tmp_path / "other" / "qwen2" / "swh", "swh_Latn", {**fingerprint, "architecture": "Qwen2"})
@@ -247,7 +260,7 @@ def _steering_runner(extra_args: dict[str, dict | None], rows: dict[str, int]):
     from intervene_server.worker_state import WorkerState
 
     order = list(rows)
-    state = WorkerState("LlamaForCausalLM", "unused", 2, torch.device("cpu"))
+    state = WorkerState("LlamaForCausalLM", "unused", 2, torch.device("cpu"), 16)
     return SimpleNamespace(
         lingosteer_state=state,
         requests={rid: SimpleNamespace(sampling_params=SimpleNamespace(extra_args=extra), num_prompt_tokens=8)

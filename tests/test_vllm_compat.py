@@ -70,7 +70,8 @@ class V1Runner(GPUModelRunner):
 
     def __init__(self, **missing):
         batch = dict(num_reqs=0, req_ids=[], req_id_to_index={}, num_computed_tokens_cpu=None)
-        runner = dict(input_batch=None, query_start_loc=None, requests={}, num_prompt_logprobs={}, device="cpu")
+        runner = dict(input_batch=None, query_start_loc=None, requests={}, num_prompt_logprobs={}, device="cpu",
+                      max_num_tokens=8)
         for name in missing:
             batch.pop(name, None)
             runner.pop(name, None)
