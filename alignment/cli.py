@@ -21,7 +21,7 @@ from pathlib import Path
 from alignment.artifact import DTYPES, FORMS
 from alignment.estimator import SOLVERS
 from alignment.hidden_states import POOLINGS
-from alignment.recipe import RECOMMENDED
+from alignment.recipe import RECIPES, RECOMMENDED, Recipe
 
 DATA_HELP = ("parallel data CORPUS[:SPLITS|:FIRST-LAST][@DIR], e.g. sib200:train,dev, ntrex:0-299@/data/ntrex128 "
              "or xcopa (validation items vs their English translations)")
@@ -80,20 +80,26 @@ def _add_fit_arguments(parser) -> None:
     parser.add_argument("--target", default="eng_Latn", help="target language code (default eng_Latn)")
     parser.add_argument("--out", required=True, type=Path, help="artifact directory to write")
     parser.add_argument("--layers", default="all", help="'all' or a list like 0,4,6-9 (0-based decoder layers)")
-    parser.add_argument("--pooling", choices=POOLINGS, default=RECOMMENDED.pooling,
-                     help=f"sentence representation (default {RECOMMENDED.pooling})")
-    parser.add_argument("--solver", choices=SOLVERS, default=RECOMMENDED.solver,
-                     help="ridge (toward identity, lambda per layer on held-out pairs), lstsq (INCLINE: min-norm "
-                          "least squares), meanshift (DiffMean: b only) or procrustes (rotation + mean shift); "
-                          f"default {RECOMMENDED.solver}")
+    parser.add_argument("--recipe", choices=RECIPES, default=None,
+                        help="a named fitting recipe (alignment/recipe.py): recommended (the default when no solver "
+                             "or data option is given) or incline (INCLINE's released fit, for `bench --incline`)")
+    parser.add_argument("--pooling", choices=POOLINGS, default=None,
+                        help=f"sentence representation (default {RECOMMENDED.pooling})")
+    parser.add_argument("--solver", choices=SOLVERS, default=None,
+                        help="ridge (toward identity, lambda per layer on held-out pairs), lstsq (INCLINE: min-norm "
+                             "least squares), meanshift (DiffMean: b only) or procrustes (rotation + mean shift); "
+                             f"default {RECOMMENDED.solver}")
     parser.add_argument("--bias", action=argparse.BooleanOptionalAction, default=None,
-                     help="fit an affine map (default: the solver's own, on for meanshift and procrustes)")
+                        help="fit an affine map (default: the solver's own, on for meanshift and procrustes)")
     parser.add_argument("--rank", type=int, default=None, help="store W - I as rank-r factors (ridge and lstsq)")
+    parser.add_argument("--code-switch", action="store_true", default=None,
+                        help="INCLINE's code-switched lines: every odd pair becomes 'source target' -> 'target target'")
     parser.add_argument("--holdout-fraction", type=float, default=0.2,
                      help="share of fitting pairs held out to choose lambda (default 0.2)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="tensor dtype in the artifact")
-    parser.add_argument("--form", choices=FORMS, default="map",
-                     help="map: W maps source to target states; incline: W = I + W_incline^T (alpha = INCLINE's s)")
+    parser.add_argument("--form", choices=FORMS, default=None,
+                        help="map (default): W maps source to target states; incline: W = I + W_incline^T "
+                             "(alpha = INCLINE's s)")
     parser.add_argument("--alpha", type=float, default=1.0, help="default strength recorded in the manifest")
     parser.add_argument("--chunk-size", type=int, default=256,
                      help="pairs per extraction chunk; statistics stream, so memory does not grow with the data")
@@ -185,47 +191,57 @@ def _states(model, tokenizer, sentences, layers, pooling, batch_size):
 
 
 def run_fit(args) -> int:
+    if args.out.exists() and not args.overwrite:
+        raise ValueError(f"{args.out} exists; pass --overwrite to replace it")
+    fit_artifact(args, args.out, overwrite=args.overwrite)
+    return 0
+
+
+def fit_artifact(args, out: Path, overwrite: bool) -> None:
+    """Fit the maps the fit options (or their recipe) ask for and write the artifact to `out`."""
     from alignment.artifact import save_intervention
     from alignment.estimator import LinearAligner
     from alignment.fitting import ExtractionSettings, fit_statistics
-    from lingosteer.data import parse_parallel_source
+    from lingosteer.data import code_switched, parse_parallel_source
     from lingosteer.fingerprint import model_fingerprint
     from lingosteer.models import resolve_model
 
     source, target = language_code(args.source), language_code(args.target)
     if source == target:
         raise ValueError(f"source and target are the same language ({source})")
-    if args.out.exists() and not args.overwrite:
-        raise ValueError(f"{args.out} exists; pass --overwrite to replace it")
     if args.chunk_size < 1 or args.batch_size < 1:
         raise ValueError("--chunk-size and --batch-size must be positive")
     if args.ray is not None and args.ray_workers < 1:
         raise ValueError("--ray-workers must be at least 1")
+    recipe_name, recipe, data_given = fit_recipe(args)
+    max_pairs = args.max_pairs or recipe.max_pairs
     # Settings are checked before the slow part: a solver option that does not apply fails here.
-    aligner = LinearAligner(solver=args.solver, bias=args.bias, rank=args.rank, holdout_fraction=args.holdout_fraction)
-    specs = args.data or list(RECOMMENDED.data)
+    aligner = LinearAligner(solver=recipe.solver, bias=recipe.bias, rank=recipe.rank,
+                            holdout_fraction=args.holdout_fraction)
     sources, pairs = [], []
-    for spec in specs:
+    for spec in recipe.data:
         data = parse_parallel_source(spec)
         try:
             found = data.pairs(source, target)
         except FileNotFoundError as error:
             # The recommended recipe's corpora do not cover every language (NTREX has no Haitian
             # Creole): without --data, a corpus that lacks the language is left out, and said so.
-            if args.data:
+            if data_given:
                 raise
             print(f"warning: {spec} left out: {error}", file=sys.stderr)
             continue
         sources.append((spec, data))
         pairs += found
     if not sources:
-        raise ValueError(f"no source of {', '.join(specs)} has {source}-{target} pairs")
-    pairs = _check_pair_count(pairs[: args.max_pairs] if args.max_pairs else pairs, " + ".join(specs), source, target,
-                              args.max_pairs)
+        raise ValueError(f"no source of {', '.join(recipe.data)} has {source}-{target} pairs")
+    pairs = _check_pair_count(pairs[:max_pairs] if max_pairs else pairs, " + ".join(recipe.data), source, target,
+                              max_pairs)
+    if recipe.code_switch:
+        pairs = code_switched(pairs)
     model_dir = resolve_model(args.model)
     fingerprint = model_fingerprint(model_dir)
     layers = parse_layers(args.layers, fingerprint["num_hidden_layers"])
-    settings = ExtractionSettings(layers=tuple(layers), pooling=args.pooling, batch_size=args.batch_size,
+    settings = ExtractionSettings(layers=tuple(layers), pooling=recipe.pooling, batch_size=args.batch_size,
                                   chunk_size=args.chunk_size, holdout_fraction=args.holdout_fraction)
     statistics = fit_statistics(model_dir, pairs, settings, ray_address=args.ray,
                                 workers=args.ray_workers if args.ray is not None else 0)
@@ -241,17 +257,38 @@ def run_fit(args) -> int:
     }
     described = [{**data.describe(), "spec": spec} for spec, data in sources]
     fit_data = {**described[0], "sources": described, "num_pairs": len(pairs),
-                "num_heldout": aligner.heldout_stats_.n, "max_pairs": args.max_pairs,
-                "recipe": "recommended" if _is_recommended(args) else "custom"}
+                "num_heldout": aligner.heldout_stats_.n, "max_pairs": max_pairs,
+                "code_switched": recipe.code_switch, "recipe": recipe_name}
     save_intervention(
-        args.out, aligner, fingerprint=fingerprint, source=source, target=target, layers=layers,
-        pooling=args.pooling, fit_data=fit_data, metrics=metrics, dtype=args.dtype, form=args.form,
-        default_alpha=args.alpha, overwrite=args.overwrite,
+        out, aligner, fingerprint=fingerprint, source=source, target=target, layers=layers,
+        pooling=recipe.pooling, fit_data=fit_data, metrics=metrics, dtype=args.dtype, form=recipe.form,
+        default_alpha=args.alpha, overwrite=overwrite,
     )
-    size = sum(p.stat().st_size for p in args.out.iterdir())
-    print(f"wrote {args.out} ({source} -> {target}, {len(layers)} layers, {len(pairs)} pairs, {args.solver}, "
-          f"{size:,} bytes)", file=sys.stderr)
-    return 0
+    size = sum(p.stat().st_size for p in out.iterdir())
+    print(f"wrote {out} ({source} -> {target}, {len(layers)} layers, {len(pairs)} pairs, {recipe.solver}, "
+          f"recipe {recipe_name}, {size:,} bytes)", file=sys.stderr)
+
+
+# The fit options a recipe sets (argparse names); a named --recipe refuses them. --max-pairs is
+# not one of them: it only shortens the recipe's data (INCLINE's recipe itself takes the first 500).
+RECIPE_OPTIONS = ("solver", "pooling", "data", "bias", "rank", "form", "code_switch")
+
+
+def fit_recipe(args) -> tuple[str, Recipe, bool]:
+    """(the name recorded in the manifest, the recipe to fit, whether --data was given): a named
+    --recipe, or the recommended one with the options given on top ("custom" if they change it)."""
+    import dataclasses
+
+    given = {name: getattr(args, name) for name in RECIPE_OPTIONS if getattr(args, name, None) is not None}
+    if "data" in given:
+        given["data"] = tuple(given["data"])
+    if args.recipe is not None:
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise ValueError(f"--recipe {args.recipe} sets the fit itself; drop {flags} or drop --recipe")
+        return args.recipe, RECIPES[args.recipe], False
+    recipe = dataclasses.replace(RECOMMENDED, **given)
+    return ("recommended" if recipe == RECOMMENDED else "custom"), recipe, "data" in given
 
 
 def run_build(args) -> int:
@@ -275,20 +312,15 @@ def run_build(args) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.build.", dir=args.out.parent))
     try:
-        final_out, args.out, args.overwrite = args.out, staging / "artifact", False
-        run_fit(args)
+        artifact = staging / "artifact"
+        fit_artifact(args, artifact, overwrite=False)
         print("calibrating the serving defaults (fit done; scoring every candidate through vLLM)", file=sys.stderr)
-        evidence = calibrate_serving(args.out, args.model, task, items, dtype=args.engine_dtype)
-        replace_dir(args.out, final_out)
+        evidence = calibrate_serving(artifact, args.model, task, items, dtype=args.engine_dtype)
+        replace_dir(artifact, args.out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    print(f"{final_out}: {evidence['summary']}", file=sys.stderr)
+    print(f"{args.out}: {evidence['summary']}", file=sys.stderr)
     return 0
-
-
-def _is_recommended(args) -> bool:
-    return (args.solver, args.pooling, tuple(args.data or RECOMMENDED.data), args.bias, args.rank) == \
-        (RECOMMENDED.solver, RECOMMENDED.pooling, RECOMMENDED.data, None, None)
 
 
 def run_eval(args) -> int:

@@ -57,8 +57,12 @@ def register(subparsers) -> None:
         parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
         parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                             help="engine dtype (default %(default)s: pinned so reports compare across CPUs)")
+        if task == "xcopa":
+            parser.add_argument("--incline", type=Path, default=None, metavar="DIR",
+                                help="INCLINE-form artifacts (align fit --recipe incline): also score INCLINE as "
+                                     "published on the same items, side by side (evaluation/incline.py)")
         parser.add_argument("--json", action="store_true", help="print the report as one JSON object to stdout")
-        parser.set_defaults(func=run_bench, task=task)
+        parser.set_defaults(func=run_bench, task=task, incline=None)
 
 
 def run_bench(args) -> int:
@@ -76,7 +80,7 @@ def run_bench(args) -> int:
         calibrate_paths=args.calibrate, cross_fit=args.cross_fit, alpha_grid=args.alpha_grid, steer=args.steer,
         prompt_style=args.prompt, prompts_path=args.prompts, groups_path=args.groups, max_items=args.max_items,
         reference=args.reference, reference_sample=args.reference_sample, bootstrap=args.bootstrap, seed=args.seed,
-        dtype=args.dtype, scores_dir=args.out / "scores",
+        dtype=args.dtype, scores_dir=args.out / "scores", incline=args.incline,
     )
     report, items = run_benchmark(config)
     paths = write_report(report, items, args.out)

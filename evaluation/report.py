@@ -195,6 +195,8 @@ def markdown(report: dict) -> str:
         markdown_table(header, rows),
         "",
     ]
+    if report.get("incline"):
+        lines += _incline_markdown(report)
     perf = report["performance"]
     if perf["vllm_items_per_s"]:
         lines.append(f"vLLM: {perf['vllm_item_conditions']} item-conditions ({perf['vllm_sequences']} sequences) "
@@ -210,6 +212,39 @@ def markdown(report: dict) -> str:
             f"max |loglik diff| {ref['max_abs_loglik_diff']:.3g}"
         )
     return "\n".join(lines) + "\n"
+
+
+def _incline_markdown(report: dict) -> list[str]:
+    """INCLINE as published beside lingosteer's rows, language by language."""
+    section = report["incline"]
+    header = ["language", "lingosteer plain %", "lingosteer intervened %", "INCLINE plain %",
+              "INCLINE best s on these items % (s)", "INCLINE s by CV %", "INCLINE CV delta pp [95% CI]"]
+    rows = []
+    for code, r in section["languages"].items():
+        ours = report["languages"][code]
+        cv = r["cross_validated"]
+        delta = 100 * (cv["accuracy"] - r["plain"])
+        rows.append([code, _pct(ours["baseline"]), _pct(ours["intervened"]), _pct(r["plain"]),
+                     f"{_pct(r['best_on_items']['accuracy'])} ({r['best_on_items']['s']:+g})",
+                     _pct(cv["accuracy"]), f"{delta:+.1f} [{100 * cv['delta_ci95'][0]:+.1f}, "
+                                           f"{100 * cv['delta_ci95'][1]:+.1f}]"])
+    if section["mean"] and report["mean"]:
+        m, ours = section["mean"], report["mean"]
+        low, high = m["cross_validated_delta_ci95"]
+        rows.append([f"**mean ({len(section['languages'])})**", _pct(ours["baseline"]), _pct(ours["intervened"]),
+                     _pct(m["plain"]), _pct(m["best_on_items"]), _pct(m["cross_validated"]),
+                     f"{100 * (m['cross_validated'] - m['plain']):+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]"])
+    return [
+        "## INCLINE as published, on the same items",
+        "",
+        f"- protocol: {section['protocol']}",
+        f"- s grid: {', '.join(f'{s:g}' for s in section['grid'])}",
+        f"- best s on these items: {section['selection']['best_on_items']}",
+        f"- s by CV: {section['selection']['cross_validated']}",
+        "",
+        markdown_table(header, rows),
+        "",
+    ]
 
 
 def _plot(report: dict, path: Path) -> None:

@@ -61,6 +61,7 @@ class BenchmarkConfig:
     # languages by 1-2 points against float32, so reports compare only at one dtype.
     dtype: str = "float32"
     scores_dir: Path | None = None  # where scores are written as they complete; a rerun resumes from it
+    incline: Path | None = None  # INCLINE-form artifacts: also score INCLINE as published on the same items
 
     @property
     def plain_only(self) -> bool:
@@ -160,7 +161,28 @@ def run_benchmark(config: BenchmarkConfig, llm=None) -> tuple[dict, list[dict]]:
     from evaluation.report import build_report
 
     report = build_report(config, model_dir, eval_sets, outcomes, map_sets, timing, reference, engine_facts(llm))
+    if config.incline is not None:
+        report["incline"] = run_incline(config, model_dir, eval_sets)
     return report, _item_records(eval_sets, outcomes)
+
+
+def run_incline(config: BenchmarkConfig, model_dir: Path, eval_sets: dict[str, LanguageSet]) -> dict:
+    """INCLINE as published (evaluation/incline.py) on the same items, with HF transformers: its
+    non-compounding edit needs a clean pass first, which the serving plugin does not run."""
+    from alignment.artifact import load_intervention
+    from alignment.hidden_states import load_model_and_tokenizer
+    from evaluation import incline
+
+    targets = [s for s in eval_sets.values() if not s.english]
+    found = find_interventions(config.incline, [s.flores for s in targets], model_dir)
+    model, tokenizer = load_model_and_tokenizer(model_dir)
+    languages = {}
+    for s in targets:
+        items = load_items(config.task, s.path)[: config.max_items]
+        correct = incline.score_items(model, tokenizer, load_intervention(found[s.flores]), items,
+                                      progress=config.progress)
+        languages[s.code] = {"intervention": str(found[s.flores]), **incline.summarise(correct, seed=config.seed)}
+    return incline.report_section(languages, config.bootstrap, config.seed)
 
 
 def _store_key(config: BenchmarkConfig, model_dir: Path, map_sets: list[dict[str, Path]]) -> dict:
@@ -195,6 +217,8 @@ def _check_config(config: BenchmarkConfig) -> None:
         raise ValueError(f"steer must be one of {STEER_MODES}, got {config.steer!r}")
     if config.calibrate_paths and config.cross_fit:
         raise ValueError("give either calibration files or --cross-fit, not both")
+    if config.incline is not None and config.task != "xcopa":
+        raise ValueError("--incline: INCLINE's released protocol covers XCOPA only (its code has no XNLI loader)")
     if config.max_items is not None and config.max_items < 1:
         raise ValueError("--max-items must be positive")
     if config.plain_only and (config.calibrate_paths or config.cross_fit):

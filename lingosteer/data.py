@@ -286,6 +286,12 @@ def parallel_xcopa(lang: str, xcopa_dir: Path | str | None = None) -> list[tuple
     return [pair for a, b in zip(items, translated) for pair in zip(sentences(a), sentences(b))]
 
 
+def code_switched(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """INCLINE's fitting lines: every odd pair (0-based) becomes (source + ' ' + target, target + ' ' + target),
+    so the map also sees sentences that switch into the target language half-way."""
+    return [(s, t) if i % 2 == 0 else (f"{s} {t}", f"{t} {t}") for i, (s, t) in enumerate(pairs)]
+
+
 # --- XNLI ----------------------------------------------------------------------
 
 

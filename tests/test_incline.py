@@ -1,0 +1,159 @@
+"""INCLINE as published: the non-compounding edit, its fast path against the plain two-pass reference,
+the exact-match scoring, and `align fit --recipe incline`."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from alignment.artifact import load_intervention, save_intervention
+from alignment.estimator import LinearAligner
+from alignment.hidden_states import load_model_and_tokenizer
+from evaluation import incline
+from lingosteer.cli import main
+from lingosteer.data import code_switched, load_xcopa
+from lingosteer.fingerprint import model_fingerprint
+
+
+@pytest.fixture(scope="module")
+def gemma(tiny_model_dir):
+    # Gemma 3: sliding-window and global layers, so the shared prefix cache is exercised on both kinds.
+    model_dir = tiny_model_dir("gemma3")
+    model, tokenizer = load_model_and_tokenizer(model_dir)
+    return model_dir, model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def items(data_dir):
+    return load_xcopa(data_dir / "xcopa" / "val.sw.jsonl")[:4]
+
+
+def _incline_artifact(path, model_dir, layers, scale=0.5, seed=0):
+    """A planted INCLINE-form artifact: W_incline a random d x d matrix of norm ~scale, no bias."""
+    dim = json.loads((model_dir / "config.json").read_text())["hidden_size"]
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((len(layers), 4 * dim, dim))
+    W = scale * rng.standard_normal((len(layers), dim, dim)) / np.sqrt(dim)
+    aligner = LinearAligner(solver="lstsq", bias=False, holdout_fraction=0).fit(X, np.einsum("lnd,lde->lne", X, W))
+    save_intervention(path, aligner, fingerprint=model_fingerprint(model_dir), source="swh_Latn", target="eng_Latn",
+                      layers=layers, pooling="mean", fit_data={"planted": True}, form="incline")
+    return load_intervention(path)
+
+
+def test_fast_path_equals_their_two_pass_protocol(gemma, items, tmp_path):
+    model_dir, model, tokenizer = gemma
+    layers = list(range(model.config.num_hidden_layers))
+    intervention = _incline_artifact(tmp_path / "a", model_dir, layers)
+    grid = (-1.0, 0.0, 0.5, 1.0)
+    for item in items:
+        fast = incline.answer_logits(model, tokenizer, intervention, item, grid)
+        reference = incline.answer_logits_uncached(model, tokenizer, intervention, item, grid)
+        torch.testing.assert_close(fast, reference, atol=1e-4, rtol=1e-4)
+        # s = 0 writes the clean values back: the plain model's logits at the answer positions.
+        full_ids, last, _ = incline._encode(tokenizer, item)
+        plain = model(full_ids).logits[0, last:].float()
+        torch.testing.assert_close(fast[1], plain, atol=1e-4, rtol=1e-4)
+        # A non-zero strength changes them: the edit reaches the answer positions.
+        assert (fast[3] - plain).abs().max() > 1e-2
+
+
+def test_edits_do_not_compound_across_layers(gemma, items, tmp_path):
+    """Every layer's output at the last prompt token is exactly clean + s (D h_clean), never a function
+    of the earlier layers' edits."""
+    model_dir, model, tokenizer = gemma
+    layers = list(range(model.config.num_hidden_layers))
+    intervention = _incline_artifact(tmp_path / "a", model_dir, layers)
+    _, modules = incline.decoder_layers(model)
+    full_ids, last, _ = incline._encode(tokenizer, items[0])
+    clean, seen = {}, {}
+    with incline._hooks(modules, layers, incline._capture(clean, last)):
+        model(full_ids)
+    s = 0.8
+    targets = incline._targets(clean, incline._maps(intervention, layers), torch.tensor([s]))
+    with incline._hooks(modules, layers, incline._overwrite(targets, last)):
+        # registered after the overwrite hooks, so they see the written values
+        with incline._hooks(modules, layers, incline._capture(seen, last)):
+            model(full_ids)
+    for layer in layers:
+        D, b = intervention.delta(layer)
+        torch.testing.assert_close(seen[layer], clean[layer] + s * (D @ clean[layer] + b), atol=1e-4, rtol=1e-4)
+
+
+def test_exact_match_scoring_follows_their_normalisation():
+    assert incline.normalise(" A.\n") == "a" and incline.normalise("B</s>") == "b"
+    assert incline.normalise(" A is") != "a"
+    assert len(incline.GRID) == 19 and -0.3 not in incline.GRID and -0.2 not in incline.GRID and 0.0 in incline.GRID
+
+
+def test_summary_reports_the_leaky_best_and_the_cross_validated_choice():
+    rng = np.random.default_rng(0)
+    grid = (-1.0, 0.0, 1.0)
+    correct = rng.random((3, 100)) < np.array([[0.5], [0.5], [0.5]])
+    correct[2, :50] = True  # s = 1 wins only on the first half: chosen on other folds, it is scored on new items
+    summary = incline.summarise(correct, grid)
+    assert summary["plain"] == pytest.approx(correct[1].mean())
+    assert summary["best_on_items"]["s"] == 1.0
+    assert summary["best_on_items"]["accuracy"] == pytest.approx(correct[2].mean())
+    assert summary["cross_validated"]["accuracy"] <= summary["best_on_items"]["accuracy"]
+    assert len(summary["cross_validated"]["s_per_fold"]) == incline.FOLDS
+
+
+def test_a_map_form_artifact_is_refused(gemma, items, tmp_path):
+    from tests.plugin_support import write_planted_intervention
+
+    model_dir, model, tokenizer = gemma
+    intervention = load_intervention(write_planted_intervention(tmp_path / "m", model_dir, [0], "swh_Latn"))
+    with pytest.raises(ValueError, match="form 'incline'"):
+        incline.answer_logits(model, tokenizer, intervention, items[0], (0.0,))
+
+
+def test_code_switching_rewrites_the_odd_pairs():
+    pairs = [("s0", "t0"), ("s1", "t1"), ("s2", "t2"), ("s3", "t3")]
+    assert code_switched(pairs) == [("s0", "t0"), ("s1 t1", "t1 t1"), ("s2", "t2"), ("s3 t3", "t3 t3")]
+
+
+def test_fit_recipe_incline_is_their_fit(tiny_model_dir, data_dir, tmp_path, capsys):
+    model_dir = tiny_model_dir("llama")
+    out = tmp_path / "incline"
+    assert main(["align", "fit", "--model", str(model_dir), "--source", "sw", "--recipe", "incline",
+                 "--max-pairs", "40", "--out", str(out)]) == 0
+    manifest = load_intervention(out).manifest
+    assert (manifest["solver"], manifest["form"], manifest["pooling"]) == ("lstsq", "incline", "mean")
+    assert manifest["fit_data"]["recipe"] == "incline" and manifest["fit_data"]["code_switched"] is True
+    assert manifest["fit_data"]["num_pairs"] == 40 and manifest["fit_data"]["sources"][0]["spec"] == "sib200:train"
+    code = main(["align", "fit", "--model", str(model_dir), "--source", "sw", "--recipe", "incline",
+                 "--solver", "ridge", "--out", str(tmp_path / "x")])
+    assert code == 2 and "drop --solver" in capsys.readouterr().err
+
+
+def test_bench_section_scores_every_language_and_renders_beside_ours(gemma, data_dir, tmp_path):
+    from evaluation.report import _incline_markdown
+    from evaluation.runner import BenchmarkConfig, load_language_sets, run_incline
+    from evaluation.tasks import load_prompts
+
+    model_dir, model, tokenizer = gemma
+    _incline_artifact(tmp_path / "incline" / "sw", model_dir, [0, 1])
+    config = BenchmarkConfig(task="xcopa", model=str(model_dir), eval_paths=[data_dir / "xcopa" / "val.sw.jsonl"],
+                             incline=tmp_path / "incline", max_items=10, progress=False, bootstrap=200)
+    eval_sets = load_language_sets(config, config.eval_paths, tokenizer, load_prompts("xcopa"))
+    section = run_incline(config, model_dir, eval_sets)
+    row = section["languages"]["sw"]
+    assert row["items"] == 10 and len(row["accuracy_per_s"]) == len(incline.GRID)
+    assert not any(key.startswith("correct_") for key in row)
+    ours = {"baseline": 0.5, "intervened": 0.5}
+    text = "\n".join(_incline_markdown({"incline": section, "languages": {"sw": ours}, "mean": ours}))
+    assert "INCLINE as published" in text and "| sw |" in text and "**mean (1)**" in text
+
+
+def test_bench_incline_without_an_artifact_for_a_language_is_refused(gemma, data_dir, tmp_path):
+    from evaluation.runner import BenchmarkConfig, load_language_sets, run_incline
+    from evaluation.tasks import load_prompts
+
+    model_dir, _, tokenizer = gemma
+    (tmp_path / "empty").mkdir()
+    config = BenchmarkConfig(task="xcopa", model=str(model_dir), eval_paths=[data_dir / "xcopa" / "val.sw.jsonl"],
+                             incline=tmp_path / "empty", max_items=2, progress=False)
+    eval_sets = load_language_sets(config, config.eval_paths, tokenizer, load_prompts("xcopa"))
+    with pytest.raises(FileNotFoundError, match="no intervention for swh_Latn"):
+        run_incline(config, model_dir, eval_sets)
