@@ -435,7 +435,7 @@ class _WorkerBehindRpc:
         from intervene_server.worker_state import WorkerState
 
         layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
-        state = WorkerState("LlamaForCausalLM", str(model_dir), layers, torch.device("cpu"))
+        state = WorkerState("LlamaForCausalLM", str(model_dir), layers, torch.device("cpu"), max_rows=64)
         self.worker = SimpleNamespace(model_runner=SimpleNamespace(lingosteer_state=state))
 
     async def collective_rpc(self, method: str, args: tuple = ()) -> list:
