@@ -1,5 +1,9 @@
 """The engine core's view of which intervention version serves each language.
 
+A view of the worker's store (`intervene_server.store`, the one record of what is
+loaded): read once when the engine core first needs it, then updated from the
+answer of each load and unload RPC as it passes through the engine core.
+
 Requests enter the scheduler (`EngineCore.add_request`) on the engine core's busy
 loop, the same thread that runs load/unload RPCs, in order. Binding a request
 there to the version current at that moment is race-free, and the worker then
@@ -22,12 +26,16 @@ logger = logging.getLogger("lingosteer.plugin")
 
 class EngineDirectory:
     def __init__(self, loaded: list[dict], salter: BlockSalter | None = None) -> None:
-        self.versions: dict[str, str] = {}  # language -> version
+        self.versions: dict[str, str] = {entry["language"]: entry["version"] for entry in loaded}
         self.salter = salter
-        self.sync(loaded)
 
-    def sync(self, loaded: list[dict]) -> None:
-        self.versions = {entry["language"]: entry["version"] for entry in loaded}
+    def follow(self, method: str, answer) -> None:
+        """Apply what the worker's store just did: `lingosteer_load` answers the loaded
+        intervention's description, `lingosteer_unload` the version it unloaded."""
+        if method == "lingosteer_load":
+            self.versions[answer["language"]] = answer["version"]
+        elif method == "lingosteer_unload":
+            self.versions = {language: v for language, v in self.versions.items() if v != answer}
 
     def bind(self, request: Request) -> None:
         """Pin a steered request to the current version; let the prefix cache share only what is plain."""

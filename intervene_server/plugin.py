@@ -18,8 +18,8 @@ engine   `EngineCore.add_request`: bind each steered request to the intervention
 core     version current when it enters the scheduler, and salt its prefix-cache
          block hashes from its first steered position on, so KV blocks are shared
          only where they equal the plain run's.
-         `EngineCore.collective_rpc`: after a load/unload, refresh the language ->
-         version directory and release versions no request names any more.
+         `EngineCore.collective_rpc`: after a load/unload, apply its answer to the
+         language -> version directory and release versions no request names any more.
 front    `InputProcessor.process_inputs`: reject malformed intervention arguments
 end      with a clear error before the request reaches the engine.
 """
@@ -138,13 +138,13 @@ def _patch_engine_core() -> None:
         return add_request(self, request, *args, **kwargs)
 
     @functools.wraps(collective_rpc)
-    def collective_rpc_then_sync(self, method, *args, **kwargs):
+    def collective_rpc_then_follow(self, method, *args, **kwargs):
         result = collective_rpc(self, method, *args, **kwargs)
         if isinstance(method, str) and method in ("lingosteer_load", "lingosteer_unload"):
-            directory(self).sync(collective_rpc(self, "lingosteer_list")[0])
+            directory(self).follow(method, result[0])
             in_use = versions_in_use(self.scheduler.requests.values())
             collective_rpc(self, "lingosteer_release_unused", args=(in_use,))
         return result
 
     EngineCore.add_request = add_request_bound
-    EngineCore.collective_rpc = collective_rpc_then_sync
+    EngineCore.collective_rpc = collective_rpc_then_follow

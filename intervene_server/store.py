@@ -3,6 +3,16 @@
 A version is the content hash of an artifact directory. `current` maps a
 language to the version new requests get; older versions stay loaded while
 requests that started with them are still running, then are released.
+
+This store is the one record of which version of which language is loaded: only
+the `lingosteer_load` / `lingosteer_unload` RPCs change it (and the preload when
+the worker attaches). The engine core's `EngineDirectory` and the server's
+`InterventionRegistry` hold views of it for their own process: each reads it once
+(`lingosteer_list`) and then applies the answer of every load and unload that
+passes through it, with no further RPC. The engine core binds each steered request
+to a version from its view (the server's front end binds its requests from its own
+view before sending them, so their responses can name the version); the worker
+only looks bound versions up here.
 """
 
 import threading

@@ -315,3 +315,29 @@ def test_worker_forgets_requests_when_vllm_drops_their_state():
     runner.lingosteer_state.request("a", runner.requests["a"].sampling_params)
     GPUModelRunner._on_request_state_removed(runner, "a", None)
     assert runner.lingosteer_state.requests == {}
+
+
+def test_engine_directory_follows_load_and_unload_answers_and_binds_each_request_once():
+    from types import SimpleNamespace
+
+    from intervene_server.engine_directory import EngineDirectory
+    from intervene_server.request_spec import VERSION_KEY
+
+    directory = EngineDirectory([{"language": "swh_Latn", "version": "s1"}])
+    directory.follow("lingosteer_load", {"language": "ita_Latn", "version": "i1"})
+    directory.follow("lingosteer_load", {"language": "swh_Latn", "version": "s2"})  # a swap
+    directory.follow("lingosteer_unload", "i1")
+    assert directory.versions == {"swh_Latn": "s2"}
+
+    def request(extra_args):
+        params = SimpleNamespace(extra_args=extra_args)
+        return SimpleNamespace(request_id="r", num_prompt_tokens=4, sampling_params=params)
+
+    unbound = request({"language": "swh_Latn"})
+    pinned = request({"language": "swh_Latn", VERSION_KEY: "s1"})
+    unloaded = request({"language": "ita_Latn"})
+    for each in (unbound, pinned, unloaded):
+        directory.bind(each)
+    assert unbound.sampling_params.extra_args[VERSION_KEY] == "s2"
+    assert pinned.sampling_params.extra_args[VERSION_KEY] == "s1"  # bound by the server's front end: kept
+    assert VERSION_KEY not in unloaded.sampling_params.extra_args  # runs plain

@@ -530,3 +530,42 @@ def test_push_and_rm_reach_every_server_of_a_fleet_and_name_those_that_failed(fl
     # A local artifact that cannot be read changes no server.
     assert main(["interventions", "push", str(tmp_path / "missing"), "--upload", "--server", first, *admin]) == 2
     assert not first_registry.loaded
+
+
+def test_registry_follows_loads_and_unloads_from_their_answers_alone(model_dir, tmp_path):
+    """The worker's store is the record; the registry reads it once, then applies each answer
+    (no list RPC after a change), replacing its dict so a reader's snapshot never changes."""
+    import asyncio
+
+    from intervene_server.server.registry import LoadError
+    from plugin_support import write_planted_intervention
+
+    engine = _WorkerBehindRpc(model_dir)
+    store = engine.worker.model_runner.lingosteer_state.store
+    store_rpc, methods = engine.collective_rpc, []
+
+    async def counted_rpc(method, args=()):
+        methods.append(method)
+        return await store_rpc(method, args)
+
+    engine.collective_rpc = counted_rpc
+    registry = InterventionRegistry(engine, tmp_path)
+    first = write_planted_intervention(tmp_path / "swh", model_dir, [0, 1], "swh_Latn", seed=1)
+    second = write_planted_intervention(tmp_path / "swh_v2", model_dir, [0, 1], "swh_Latn", seed=2)
+
+    async def scenario():
+        await registry.refresh()
+        info, replaced = await registry.load(first)
+        assert replaced is None and registry.version_of("swh_Latn") == info.version == store.current["swh_Latn"]
+        snapshot = registry.loaded
+        info, replaced = await registry.load(second)
+        assert replaced == snapshot["swh_Latn"].version != info.version == store.current["swh_Latn"]
+        assert snapshot["swh_Latn"].version == replaced  # the earlier snapshot is untouched
+        with pytest.raises(LoadError):
+            await registry.load(tmp_path / "missing")
+        assert registry.version_of("swh_Latn") == info.version
+        assert await registry.unload("swh_Latn") == info.version
+        assert registry.loaded == {} and store.current == {}
+
+    asyncio.run(scenario())
+    assert methods == ["lingosteer_list", "lingosteer_load", "lingosteer_load", "lingosteer_load", "lingosteer_unload"]

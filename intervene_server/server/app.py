@@ -41,6 +41,7 @@ async def attach_lingosteer(app, engine_client, args, options: ServerOptions) ->
 
     registry = InterventionRegistry(engine_client, options.interventions)
     registry.pin_versions()
+    await registry.refresh()
     await preload(registry, Path(args.model))
     prompt_tokenizer = PromptTokenizer(engine_client.get_tokenizer(), load_chat_template(args.chat_template))
     router = LanguageRouter(

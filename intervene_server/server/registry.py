@@ -1,13 +1,17 @@
 """The front end's view of the engine's interventions, and the one door to change them.
 
-Loads and unloads go through the engine's `lingosteer_*` RPCs one at a time.
+The worker's store (`intervene_server.store`) is the one record of which version of
+which language is loaded; `loaded` here is a view of it, read once at start-up
+(`refresh`) and then updated from the answer of each load and unload, which all go
+through this registry one at a time. Each update replaces the dict, so a reader
+(routing runs in worker threads) holds one consistent snapshot.
+
 Requests are bound to an intervention version when they are sent to the engine
 core: `pin_versions` wraps the engine client's send so that a request waits
 while a swap is in flight and then carries the version current at that moment.
 Requests and RPCs travel through the same ordered socket to the engine core, so
 the version a response reports is the version that served it, even during swaps.
 """
-
 import asyncio
 import logging
 from contextvars import ContextVar
@@ -34,29 +38,26 @@ class InterventionRegistry:
         self._swap = asyncio.Lock()
 
     async def refresh(self) -> None:
+        """Read the engine's loaded interventions (at start-up: `LINGOSTEER_INTERVENTIONS` may preload some)."""
         [entries] = await self.engine.collective_rpc("lingosteer_list")
         self.loaded = {entry["language"]: self._info(entry) for entry in entries}
 
     async def load(self, path: Path) -> tuple[InterventionInfo, str | None]:
         """Load or replace; returns the new info and the version it replaced."""
         async with self._swap:
-            before = dict(self.loaded)
             try:
                 [entry] = await self.engine.collective_rpc("lingosteer_load", args=(str(path),))
             except Exception as error:  # the worker's validation error, relayed by the engine core
-                raise LoadError(_last_line(error)) from None
-            finally:
-                await self.refresh()
-        info = self._info(entry)
-        replaced = before.get(info.language)
+                raise LoadError(_last_line(error)) from None  # nothing changed
+            info = self._info(entry)
+            replaced = self.loaded.get(info.language)
+            self.loaded = {**self.loaded, info.language: info}
         return info, replaced.version if replaced else None
 
     async def unload(self, language: str) -> str:
         async with self._swap:
-            try:
-                [version] = await self.engine.collective_rpc("lingosteer_unload", args=(language,))
-            finally:
-                await self.refresh()
+            [version] = await self.engine.collective_rpc("lingosteer_unload", args=(language,))
+            self.loaded = {code: info for code, info in self.loaded.items() if code != language}
         return version
 
     def version_of(self, language: str) -> str | None:
