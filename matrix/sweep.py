@@ -14,7 +14,10 @@ different configuration is refused), `runs/<run id>.json` (one record per finish
 run, written atomically by the driver, so a record is either complete or absent),
 and `invocations.jsonl` (wall time of every `sweep run`). A rerun skips the runs
 whose record exists, so a killed sweep resumes where it stopped; Ray retries runs
-whose worker died.
+whose worker died. With `save_encoders`, the driver also writes each trained encoder
+to `encoders/<run id>.safetensors` (weights and the corpus vocabulary) before its
+record, which then names the file and its sha256; a run counts as done only when
+both exist.
 """
 
 from __future__ import annotations
@@ -31,11 +34,15 @@ from pathlib import Path
 
 import yaml
 
+from lingosteer.files import atomic_path, sha256_files
 from matrix.jsonio import write_json_atomic
 from training.config import TrainingConfig, load_training_config
 
 FORMAT_VERSION = 1
 RUNS_SUBDIR = "runs"
+ENCODERS_SUBDIR = "encoders"
+ENCODER_FORMAT = "lingosteer.sweep-encoder"
+VOCABULARY_KEY = "vocabulary"  # the tensor beside the weights: tokenizer id of each compact id
 
 
 @dataclass(frozen=True)
@@ -138,8 +145,63 @@ def prepare_results_dir(results: Path, config: SweepConfig) -> None:
     )
 
 
-def done_runs(results: Path) -> set[str]:
-    return {path.stem for path in (results / RUNS_SUBDIR).glob("*.json")}
+def check_runs(languages: tuple[str, ...], runs: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
+    """Explicit runs (one language or a pair each, all in the sweep), sorted within and without duplicates."""
+    unknown = sorted({lang for run in runs for lang in run} - set(languages))
+    if unknown:
+        raise ValueError(f"run languages {unknown} are not in the sweep ({', '.join(languages)})")
+    if any(len(run) not in (1, 2) or len(set(run)) != len(run) for run in runs):
+        raise ValueError("a run covers one language or two different ones")
+    return list(dict.fromkeys(tuple(sorted(run)) for run in runs))
+
+
+def done_runs(results: Path, with_encoders: bool = False) -> set[str]:
+    """Run ids with a record (and, `with_encoders`, whose record names an encoder file that exists)."""
+    done = set()
+    for path in (results / RUNS_SUBDIR).glob("*.json"):
+        if with_encoders:
+            encoder = json.loads(path.read_text()).get("encoder")
+            if not encoder or not (results / encoder["file"]).is_file():
+                continue
+        done.add(path.stem)
+    return done
+
+
+def save_encoder(results: Path, name: str, weights: dict, vocabulary) -> dict:
+    """Write a run's encoder (numpy weights + vocabulary) as safetensors; returns its entry for the record."""
+    from safetensors.numpy import save_file
+
+    path = results / ENCODERS_SUBDIR / f"{name}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        metadata = {"format": ENCODER_FORMAT, "format_version": str(FORMAT_VERSION), "run_id": name}
+        save_file({**weights, VOCABULARY_KEY: vocabulary}, str(tmp), metadata=metadata)
+    return {"file": f"{ENCODERS_SUBDIR}/{path.name}", "sha256": sha256_files(path)}
+
+
+def load_encoder(results: str | Path, name: str):
+    """(MaskedLMEncoder in eval mode, vocabulary) of a finished run saved with `save_encoders`."""
+    from safetensors.torch import load_file
+
+    from training.corpus import SPECIAL_ROLES
+    from training.model import MaskedLMEncoder
+
+    results = Path(results)
+    record_path = results / RUNS_SUBDIR / f"{name}.json"
+    if not record_path.is_file():
+        raise FileNotFoundError(f"{results} has no record of run {name}")
+    encoder = json.loads(record_path.read_text()).get("encoder")
+    if not encoder:
+        raise FileNotFoundError(f"run {name} in {results} was trained without saving its encoder")
+    path = results / encoder["file"]
+    if not path.is_file() or sha256_files(path) != encoder["sha256"]:
+        raise ValueError(f"{path} is missing or does not match the sha256 in {record_path}")
+    tensors = load_file(str(path))
+    vocabulary = tensors.pop(VOCABULARY_KEY).numpy()
+    training = TrainingConfig.from_dict(json.loads((results / "sweep.json").read_text())["identity"]["training"])
+    model = MaskedLMEncoder(training, len(vocabulary), SPECIAL_ROLES.index("pad"), "sdpa")
+    model.load_state_dict(tensors)
+    return model.eval(), vocabulary
 
 
 def load_records(results: str | Path) -> tuple[dict, list[dict]]:
@@ -157,19 +219,23 @@ def load_records(results: str | Path) -> tuple[dict, list[dict]]:
     return json.loads(manifest_path.read_text()), records
 
 
-def _train_task(languages: tuple[str, ...], training: dict, corpus, seed: int) -> dict:
-    """Runs inside a Ray worker: one training run, returned as a record (the driver writes it)."""
+def _train_task(languages: tuple[str, ...], training: dict, corpus, seed: int, keep_encoder: bool):
+    """Runs inside a Ray worker: one training run, returned as (record, numpy weights or None); the driver
+    writes both."""
     import resource
 
     import torch
 
-    from training.train import train_run
+    from training.train import train_encoder
 
     torch.set_num_threads(1)  # one core per run; Ray schedules as many runs as there are CPUs
     started = datetime.now(timezone.utc).isoformat()
     wall = time.perf_counter()
-    result = train_run(languages, TrainingConfig.from_dict(training), corpus, seed)
-    return {
+    result, model = train_encoder(languages, TrainingConfig.from_dict(training), corpus, seed)
+    weights = None
+    if keep_encoder:
+        weights = {name: tensor.detach().cpu().numpy() for name, tensor in model.state_dict().items()}
+    record = {
         "format_version": FORMAT_VERSION,
         "run_id": run_id(languages),
         **result.to_dict(),
@@ -184,6 +250,7 @@ def _train_task(languages: tuple[str, ...], training: dict, corpus, seed: int) -
         "pid": os.getpid(),  # the worker process that ran it (one run per process)
         "torch": torch.__version__,
     }
+    return record, weights
 
 
 @dataclass
@@ -204,7 +271,11 @@ def run_sweep(
     max_retries: int = 2,
     progress: bool = True,
     gpus_per_run: float = 0,
+    runs: list[tuple[str, ...]] | None = None,
+    save_encoders: bool = False,
 ) -> SweepOutcome:
+    """Train the planned runs that are not done yet. `runs` replaces the plan (monolingual runs of all
+    languages, then `pairs` or all pairs) with exactly those runs."""
     from tqdm import tqdm
 
     from lingosteer.ray_runtime import ray_session
@@ -213,8 +284,8 @@ def run_sweep(
     started = time.perf_counter()
     results = Path(results)
     prepare_results_dir(results, config)
-    planned = plan_runs(config.languages, pairs)
-    done = done_runs(results)
+    planned = plan_runs(config.languages, pairs) if runs is None else check_runs(config.languages, runs)
+    done = done_runs(results, with_encoders=save_encoders)
     pending = [run for run in planned if run_id(run) not in done]
     if max_runs is not None:
         pending = pending[:max_runs]
@@ -235,7 +306,7 @@ def run_sweep(
         training_settings = config.training.to_dict()
         futures = {
             task.options(max_retries=max_retries, retry_exceptions=True, num_gpus=gpus_per_run).remote(
-                run, training_settings, corpus_ref, config.seed
+                run, training_settings, corpus_ref, config.seed, save_encoders
             ): run
             for run in pending
         }
@@ -245,11 +316,13 @@ def run_sweep(
                 ready, remaining = ray.wait(remaining, num_returns=1)
                 name = run_id(futures[ready[0]])
                 try:
-                    record = ray.get(ready[0])
+                    record, weights = ray.get(ready[0])
                 except Exception as error:  # the run failed even after its retries
                     outcome.failed[name] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
                     bar.write(f"run {name} failed: {outcome.failed[name]}")
                 else:
+                    if weights is not None:  # the encoder before the record: a record never names a missing file
+                        record["encoder"] = save_encoder(results, name, weights, corpus.vocabulary)
                     write_json_atomic(results / RUNS_SUBDIR / f"{name}.json", record)
                     outcome.completed.append(name)
                 bar.update(1)

@@ -89,6 +89,7 @@ class SweepCorpus:
     pad_id: int
     mask_id: int
     num_special: int  # compact ids below this are special tokens (never masked or sampled as noise)
+    vocabulary: np.ndarray  # the tokenizer id of each compact id: encodes new text (`compact_ids`) as the runs saw it
     description: dict = field(default_factory=dict)
 
     def training_sentences(self, languages: tuple[str, ...], total: int) -> dict[str, list[np.ndarray]]:
@@ -140,6 +141,21 @@ def _compact_vocabulary(
     return np.array(specials + sorted(kept), dtype=np.int64)
 
 
+def tokenize(tokenizer, sentences: list[str], max_length: int) -> list[np.ndarray]:
+    """<s> body </s> in the tokenizer's own ids, the body truncated so that the whole fits `max_length`."""
+    bos, eos = _special_id(tokenizer, "bos"), _special_id(tokenizer, "eos")
+    encodings = tokenizer.encode_batch(sentences, add_special_tokens=False)
+    return [np.array([bos, *encoding.ids[: max_length - 2], eos], dtype=np.int64) for encoding in encodings]
+
+
+def compact_ids(sentences: list[np.ndarray], vocabulary: np.ndarray) -> list[np.ndarray]:
+    """Tokenizer ids -> compact ids of `vocabulary` (a corpus's); ids outside it become <unk>."""
+    largest = max([int(vocabulary.max())] + [int(ids.max()) for ids in sentences if ids.size])
+    remap = np.full(largest + 1, SPECIAL_ROLES.index("unk"), dtype=np.int64)
+    remap[vocabulary] = np.arange(len(vocabulary))
+    return [remap[ids] for ids in sentences]
+
+
 def build_corpus(
     languages: tuple[str, ...] | list[str],
     max_length: int,
@@ -157,33 +173,25 @@ def build_corpus(
         tokenizer_file = tokenizer_file / "tokenizer.json"
     tokenizer = load_tokenizer(tokenizer_file)
     specials = [_special_id(tokenizer, role) for role in SPECIAL_ROLES]
-    bos, _, eos, _, _ = specials
-
-    def encode(sentences: list[str]) -> list[np.ndarray]:
-        encodings = tokenizer.encode_batch(sentences, add_special_tokens=False)
-        # Truncate the body so that <s> body </s> fits max_length.
-        return [np.array([bos, *encoding.ids[: max_length - 2], eos], dtype=np.int64) for encoding in encodings]
 
     raw_train, raw_test = {}, {}
     for language in languages:
         train_text, test_text = read_language_sentences(language, data_dir)
         # A fixed per-language order, so "the first n sentences" is a random sample, the same in every run.
         order = np.random.default_rng(shuffle_seed + zlib.crc32(language.encode())).permutation(len(train_text))
-        raw_train[language] = encode([train_text[i] for i in order])
-        raw_test[language] = encode(test_text)
+        raw_train[language] = tokenize(tokenizer, [train_text[i] for i in order], max_length)
+        raw_test[language] = tokenize(tokenizer, test_text, max_length)
     original_ids = _compact_vocabulary(raw_train, raw_test, specials, vocab_limit)
-    unk = SPECIAL_ROLES.index("unk")
-    remap = np.full(max(tokenizer.get_vocab_size(), int(original_ids.max()) + 1), unk, dtype=np.int64)
-    remap[original_ids] = np.arange(len(original_ids))  # ids left out of a limited vocabulary become <unk>
 
     return SweepCorpus(
         languages=languages,
-        train={lang: [remap[ids] for ids in raw_train[lang]] for lang in languages},
-        test={lang: [remap[ids] for ids in raw_test[lang]] for lang in languages},
+        train={lang: compact_ids(raw_train[lang], original_ids) for lang in languages},
+        test={lang: compact_ids(raw_test[lang], original_ids) for lang in languages},
         vocab_size=len(original_ids),
         pad_id=SPECIAL_ROLES.index("pad"),
         mask_id=SPECIAL_ROLES.index("mask"),
         num_special=len(specials),
+        vocabulary=original_ids,
         description={
             "tokenizer": str(tokenizer_file),
             "tokenizer_sha256": sha256_files(tokenizer_file),

@@ -98,6 +98,19 @@ def train_run(
     device: str | None = None,
 ) -> RunResult:
     """Train on `languages` (one or a pair) and evaluate; `device` defaults to CUDA when present."""
+    return train_encoder(languages, config, corpus, seed, attention_backend, progress, device)[0]
+
+
+def train_encoder(
+    languages: tuple[str, ...],
+    config: TrainingConfig,
+    corpus: SweepCorpus,
+    seed: int,
+    attention_backend: str | None = None,
+    progress: bool = False,
+    device: str | None = None,
+) -> tuple[RunResult, MaskedLMEncoder]:
+    """`train_run`, also returning the trained encoder (for downstream evaluation of its embeddings)."""
     languages = tuple(languages)
     if len(languages) not in (1, 2) or len(set(languages)) != len(languages):
         raise ValueError(f"a run covers one language or two different ones, got {languages}")
@@ -146,7 +159,7 @@ def train_run(
 
     started = time.perf_counter()
     losses = {language: evaluate_mlm(model, corpus, language, config) for language in languages}
-    return RunResult(
+    result = RunResult(
         languages=languages,
         loss=losses,
         seed=seed,
@@ -158,3 +171,4 @@ def train_run(
         eval_seconds=time.perf_counter() - started,
         attention_backend=model.attention_backend,
     )
+    return result, model
