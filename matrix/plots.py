@@ -78,3 +78,38 @@ def group_heatmaps(blocks: dict[str, tuple[list[str], np.ndarray]], path: Path) 
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def downstream_plot(summary: dict, path: Path) -> Path:
+    """Left: each target's accuracy (95% CI) untrained, mono, with low- and high-interference partners.
+    Right: I[A,B] against the accuracy drop mono - pair, one colour per target."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    styles = {"untrained": "tab:gray", "mono": "black", "low": "tab:blue", "high": "tab:red"}
+    for x, target in enumerate(summary["targets"]):
+        entries = [("untrained", target["untrained"]), ("mono", target["mono"])]
+        entries += [("low", row) for row in target["low"]] + [("high", row) for row in target["high"]]
+        offsets = np.linspace(-0.3, 0.3, len(entries))
+        for offset, (kind, entry) in zip(offsets, entries):
+            low, high = entry["ci"]
+            accuracy = entry["accuracy"]
+            left.errorbar(x + offset, 100 * accuracy, yerr=[[100 * (accuracy - low)], [100 * (high - accuracy)]],
+                          fmt="o", color=styles[kind], capsize=2, label=kind if x == 0 else None)
+        left.hlines(100 * target["majority_class_rate"], x - 0.35, x + 0.35, colors="tab:gray", linestyles=":")
+    left.set_xticks(range(len(summary["targets"])), [t["target"] for t in summary["targets"]])
+    left.set_ylabel("SIB-200 topic accuracy (%)")
+    left.set_title("Accuracy by partner (dotted: majority class)", fontsize=10)
+    left.legend(fontsize=7)
+    points, correlation = summary["correlation"]["points"], summary["correlation"]
+    for target in dict.fromkeys(q["target"] for q in points):
+        mine = [q for q in points if q["target"] == target]
+        right.scatter([q["interference"] for q in mine], [100 * q["drop"] for q in mine], label=target, s=30)
+    right.axhline(0, color="gray", linewidth=0.8)
+    right.set_xlabel("I[A,B] (more negative = more interference)")
+    right.set_ylabel("accuracy drop mono - pair (points)")
+    right.set_title(f"Spearman rho = {correlation['rho']:+.2f}, p = {correlation['p']:.3g}, "
+                    f"{correlation['pairs']} pairs", fontsize=10)
+    right.legend(fontsize=7)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
