@@ -34,8 +34,8 @@ def main() -> None:
     values = []
     for seed in args.seeds:
         started = time.perf_counter()
-        mono = train_run((a,), training, corpus, seed).loss[a]
-        pair = train_run((a, b), training, corpus, seed).loss[a]
+        mono = train_run((a,), training, corpus, seed)[0].loss[a]
+        pair = train_run((a, b), training, corpus, seed)[0].loss[a]
         values.append((mono - pair) / mono)
         print(f"seed {seed}: L[{a}] = {mono:.4f}, L[{a},{b}] = {pair:.4f}, I = {values[-1]:+.4f} "
               f"({time.perf_counter() - started:.0f} s)", flush=True)

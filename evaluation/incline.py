@@ -120,13 +120,18 @@ def _correct(tokenizer, logits: torch.Tensor, letter: str) -> list[bool]:
     return [normalise(text) == letter.lower() for text in texts]
 
 
+def _setup(model, tokenizer, intervention: Intervention, item):
+    """(decoder layer modules, steered layers, their (D, b), prompt + answer ids, last prompt index)."""
+    _, modules = decoder_layers(model)
+    layers = list(intervention.layers)
+    full_ids, last, _ = _encode(tokenizer, item)
+    return modules, layers, _maps(intervention, layers), full_ids, last
+
+
 @torch.no_grad()
 def answer_logits(model, tokenizer, intervention: Intervention, item, grid=GRID) -> torch.Tensor:
     """[len(grid), answer positions, vocab]: the logits at the answer positions under every strength s."""
-    _, modules = decoder_layers(model)
-    layers = list(intervention.layers)
-    maps = _maps(intervention, layers)
-    full_ids, last, _ = _encode(tokenizer, item)
+    modules, layers, maps, full_ids, last = _setup(model, tokenizer, intervention, item)
     prefix = model(full_ids[:, :last], use_cache=True).past_key_values
     clean = {}
     with _hooks(modules, layers, _capture(clean, 0)):
@@ -140,10 +145,7 @@ def answer_logits(model, tokenizer, intervention: Intervention, item, grid=GRID)
 @torch.no_grad()
 def answer_logits_uncached(model, tokenizer, intervention: Intervention, item, grid=GRID) -> torch.Tensor:
     """The same, as their code computes it: a clean pass, then one full steered pass per strength."""
-    _, modules = decoder_layers(model)
-    layers = list(intervention.layers)
-    maps = _maps(intervention, layers)
-    full_ids, last, _ = _encode(tokenizer, item)
+    modules, layers, maps, full_ids, last = _setup(model, tokenizer, intervention, item)
     clean = {}
     with _hooks(modules, layers, _capture(clean, last)):
         model(full_ids[:, : last + 1])

@@ -186,7 +186,7 @@ def evaluate_targets(
     evaluated = []
     for plan in plans:
         mono, vocabulary = load_encoder(results, run_id((plan.target,)))
-        torch.manual_seed(config.seed)  # as train_encoder does: the initialisation every run started from
+        torch.manual_seed(config.seed)  # as train_run does: the initialisation every run started from
         untrained = MaskedLMEncoder(config.training, len(vocabulary), SPECIAL_ROLES.index("pad"), "sdpa").eval()
         (train_text, train_y), (test_text, test_y) = (
             _sib_items(plan.target, split, config.data_dir) for split in ("train", "test")

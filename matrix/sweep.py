@@ -226,12 +226,12 @@ def _train_task(languages: tuple[str, ...], training: dict, corpus, seed: int, k
 
     import torch
 
-    from training.train import train_encoder
+    from training.train import train_run
 
     torch.set_num_threads(1)  # one core per run; Ray schedules as many runs as there are CPUs
     started = datetime.now(timezone.utc).isoformat()
     wall = time.perf_counter()
-    result, model = train_encoder(languages, TrainingConfig.from_dict(training), corpus, seed)
+    result, model = train_run(languages, TrainingConfig.from_dict(training), corpus, seed)
     weights = None
     if keep_encoder:
         weights = {name: tensor.detach().cpu().numpy() for name, tensor in model.state_dict().items()}

@@ -134,9 +134,9 @@ def test_pairs_get_half_the_data_of_each_language(corpus):
 
 
 def test_train_run_is_deterministic_and_learns(corpus):
-    first = train_run(("eng_Latn", "swh_Latn"), TINY, corpus, seed=0)
-    again = train_run(("eng_Latn", "swh_Latn"), TINY, corpus, seed=0)
-    other = train_run(("eng_Latn", "swh_Latn"), TINY, corpus, seed=1)
+    first, _ = train_run(("eng_Latn", "swh_Latn"), TINY, corpus, seed=0)
+    again, _ = train_run(("eng_Latn", "swh_Latn"), TINY, corpus, seed=0)
+    other, _ = train_run(("eng_Latn", "swh_Latn"), TINY, corpus, seed=1)
     assert first.loss == again.loss
     assert first.loss != other.loss
     assert set(first.loss) == {"eng_Latn", "swh_Latn"}

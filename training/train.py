@@ -96,21 +96,9 @@ def train_run(
     attention_backend: str | None = None,
     progress: bool = False,
     device: str | None = None,
-) -> RunResult:
-    """Train on `languages` (one or a pair) and evaluate; `device` defaults to CUDA when present."""
-    return train_encoder(languages, config, corpus, seed, attention_backend, progress, device)[0]
-
-
-def train_encoder(
-    languages: tuple[str, ...],
-    config: TrainingConfig,
-    corpus: SweepCorpus,
-    seed: int,
-    attention_backend: str | None = None,
-    progress: bool = False,
-    device: str | None = None,
 ) -> tuple[RunResult, MaskedLMEncoder]:
-    """`train_run`, also returning the trained encoder (for downstream evaluation of its embeddings)."""
+    """Train on `languages` (one or a pair) and evaluate; `device` defaults to CUDA when present. Returns the
+    result and the trained encoder (kept by `sweep downstream` for evaluating its embeddings)."""
     languages = tuple(languages)
     if len(languages) not in (1, 2) or len(set(languages)) != len(languages):
         raise ValueError(f"a run covers one language or two different ones, got {languages}")
