@@ -108,6 +108,7 @@ def test_unloaded_language_is_400_listing_loaded_unless_passthrough(router):
     ({"language": "swh_Latn", "on_missing": "maybe"}, "on_missing"),
     ({"language": "auto", "min_confidence": 3}, "min_confidence"),
     ({"language": "auto-spans", "positions": "all"}, "cannot be combined"),
+    ({"language": "swh_Latn", "lingosteer_version": "swh_Latn@0"}, "set by the server"),
 ])
 def test_bad_routing_arguments_are_refused(router, xargs, message):
     with pytest.raises(RoutingError, match=message):

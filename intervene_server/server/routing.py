@@ -11,7 +11,9 @@ language). Server-only keys are consumed here and never reach the engine:
 
 from dataclasses import dataclass
 
-from intervene_server.request_spec import LANGUAGE_KEY, RequestSpecError, flatten_ranges, parse_request_spec
+from intervene_server.request_spec import (
+    LANGUAGE_KEY, VERSION_KEY, RequestSpecError, flatten_ranges, parse_request_spec,
+)
 from intervene_server.server import metrics
 from intervene_server.server.detection import LanguageDetector
 from intervene_server.server.prompt_tokens import PromptError, PromptTokenizer, user_text_parts
@@ -49,6 +51,10 @@ class LanguageRouter:
         if xargs is not None and not isinstance(xargs, dict):
             return _plain("vllm_xargs is not an object")  # vLLM itself rejects it
         xargs = dict(xargs or {})
+        if VERSION_KEY in xargs:
+            # The version is bound by the server when the request arrives; one set by a client would
+            # skip that binding (no version in x-lingosteer-applied) and pin an arbitrary version.
+            raise RoutingError(f"'{VERSION_KEY}' is set by the server, not by requests; drop it")
         on_missing = xargs.pop("on_missing", "error")
         if on_missing not in ON_MISSING:
             raise RoutingError(f"'on_missing' must be one of {ON_MISSING}, got {on_missing!r}")
