@@ -157,14 +157,28 @@ def answer_logits_uncached(model, tokenizer, intervention: Intervention, item, g
     return torch.cat(rows)
 
 
-def score_items(model, tokenizer, intervention: Intervention, items, grid=GRID, progress: bool = False) -> np.ndarray:
-    """[len(grid), n] bool: exact-match correctness of every item under every strength s."""
+# The two ways a prompt's answer is read: theirs, and the log-likelihood reading lm-eval uses.
+METRICS = {
+    "exact_match": "their scoring: the argmax tokens at the answer positions, punctuation stripped, equal the letter",
+    "letter_likelihood": "the same edit and prompt, read as lm-eval reads multiple choice: the letter token "
+                         "(' A' or ' B') with the higher logit at the last prompt token",
+}
+
+
+def score_items(model, tokenizer, intervention: Intervention, items, grid=GRID,
+                progress: bool = False) -> dict[str, np.ndarray]:
+    """METRICS name -> [len(grid), n] bool: the correctness of every item under every strength s."""
     from tqdm.auto import tqdm
 
-    correct = np.zeros((len(grid), len(items)), dtype=bool)
+    letter_ids = [tokenizer(f" {letter}", add_special_tokens=False).input_ids for letter in LETTERS]
+    if any(len(ids) != 1 for ids in letter_ids):
+        raise ValueError(f"the tokenizer splits the answer letters: {letter_ids}")
+    letter_ids = [ids[0] for ids in letter_ids]
+    correct = {name: np.zeros((len(grid), len(items)), dtype=bool) for name in METRICS}
     for i, item in enumerate(tqdm(items, desc="INCLINE", disable=not progress)):
         logits = answer_logits(model, tokenizer, intervention, item, grid)
-        correct[:, i] = _correct(tokenizer, logits, LETTERS[item.label])
+        correct["exact_match"][:, i] = _correct(tokenizer, logits, LETTERS[item.label])
+        correct["letter_likelihood"][:, i] = logits[:, 0, letter_ids].argmax(-1).numpy() == item.label
     return correct
 
 
@@ -196,26 +210,31 @@ def summarise(correct: np.ndarray, grid=GRID, folds: int = FOLDS, seed: int = 0)
     }
 
 
-def report_section(languages: dict[str, dict], resamples: int = 10000, seed: int = 0) -> dict:
-    """The benchmark report's "incline" section: per language and the mean over languages, both
-    selections against plain with paired bootstrap CIs; per-item lists stay out of the report."""
+def report_section(languages: dict[str, dict[str, dict]], resamples: int = 10000, seed: int = 0) -> dict:
+    """The benchmark report's "incline" section. `languages`: code -> metric -> `summarise` output (plus
+    "intervention"). Per language and metric, and the mean over languages, both selections against
+    plain with paired bootstrap CIs; per-item lists stay out of the report."""
     from evaluation.stats import bootstrap_delta_ci
 
-    pairs = [(np.array(r["correct_plain"]), np.array(r["correct_cross_validated"])) for r in languages.values()]
-    mean = None
-    if languages:
-        mean = {"plain": float(np.mean([r["plain"] for r in languages.values()])),
-                "best_on_items": float(np.mean([r["best_on_items"]["accuracy"] for r in languages.values()])),
-                "cross_validated": float(np.mean([r["cross_validated"]["accuracy"] for r in languages.values()])),
-                "cross_validated_delta_ci95": list(bootstrap_delta_ci(pairs, resamples, seed))}
+    means = {}
+    for metric in METRICS:
+        rows = [r[metric] for r in languages.values()]
+        if rows:
+            pairs = [(np.array(r["correct_plain"]), np.array(r["correct_cross_validated"])) for r in rows]
+            means[metric] = {"plain": float(np.mean([r["plain"] for r in rows])),
+                             "best_on_items": float(np.mean([r["best_on_items"]["accuracy"] for r in rows])),
+                             "cross_validated": float(np.mean([r["cross_validated"]["accuracy"] for r in rows])),
+                             "cross_validated_delta_ci95": list(bootstrap_delta_ci(pairs, resamples, seed))}
     return {
-        "protocol": "INCLINE as published: English instruction prompt, gold letter teacher-forced, exact match; "
+        "protocol": "INCLINE as published: English instruction prompt, gold letter teacher-forced; "
                     "h + s (h W) at the last prompt token of every layer from one clean pass (non-compounding)",
+        "metrics": METRICS,
         "grid": list(GRID),
         "selection": {"best_on_items": "the s with the best accuracy on the evaluated items themselves, as the "
                                        "paper reports it (it sees the labels it is scored on)",
                       "cross_validated": f"s chosen for each of {FOLDS} contiguous folds on the other folds"},
-        "languages": {code: {k: v for k, v in r.items() if not k.startswith("correct_")}
+        "languages": {code: {key: ({k: v for k, v in value.items() if not k.startswith("correct_")}
+                                   if key in METRICS else value) for key, value in r.items()}
                       for code, r in languages.items()},
-        "mean": mean,
+        "mean": means or None,
     }

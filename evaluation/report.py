@@ -215,36 +215,35 @@ def markdown(report: dict) -> str:
 
 
 def _incline_markdown(report: dict) -> list[str]:
-    """INCLINE as published beside lingosteer's rows, language by language."""
+    """INCLINE as published beside lingosteer's rows, language by language, one table per reading."""
     section = report["incline"]
+    lines = ["## INCLINE as published, on the same items", "", f"- protocol: {section['protocol']}",
+             f"- s grid: {', '.join(f'{s:g}' for s in section['grid'])}",
+             f"- best s on these items: {section['selection']['best_on_items']}",
+             f"- s by CV: {section['selection']['cross_validated']}", ""]
     header = ["language", "lingosteer plain %", "lingosteer intervened %", "INCLINE plain %",
               "INCLINE best s on these items % (s)", "INCLINE s by CV %", "INCLINE CV delta pp [95% CI]"]
-    rows = []
-    for code, r in section["languages"].items():
-        ours = report["languages"][code]
-        cv = r["cross_validated"]
-        delta = 100 * (cv["accuracy"] - r["plain"])
-        rows.append([code, _pct(ours["baseline"]), _pct(ours["intervened"]), _pct(r["plain"]),
-                     f"{_pct(r['best_on_items']['accuracy'])} ({r['best_on_items']['s']:+g})",
-                     _pct(cv["accuracy"]), f"{delta:+.1f} [{100 * cv['delta_ci95'][0]:+.1f}, "
-                                           f"{100 * cv['delta_ci95'][1]:+.1f}]"])
-    if section["mean"] and report["mean"]:
-        m, ours = section["mean"], report["mean"]
-        low, high = m["cross_validated_delta_ci95"]
-        rows.append([f"**mean ({len(section['languages'])})**", _pct(ours["baseline"]), _pct(ours["intervened"]),
-                     _pct(m["plain"]), _pct(m["best_on_items"]), _pct(m["cross_validated"]),
-                     f"{100 * (m['cross_validated'] - m['plain']):+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]"])
-    return [
-        "## INCLINE as published, on the same items",
-        "",
-        f"- protocol: {section['protocol']}",
-        f"- s grid: {', '.join(f'{s:g}' for s in section['grid'])}",
-        f"- best s on these items: {section['selection']['best_on_items']}",
-        f"- s by CV: {section['selection']['cross_validated']}",
-        "",
-        markdown_table(header, rows),
-        "",
-    ]
+    for metric, meaning in section["metrics"].items():
+        rows = []
+        for code, r in section["languages"].items():
+            ours, m = report["languages"][code], r[metric]
+            cv = m["cross_validated"]
+            rows.append([code, _pct(ours["baseline"]), _pct(ours["intervened"]), _pct(m["plain"]),
+                         f"{_pct(m['best_on_items']['accuracy'])} ({m['best_on_items']['s']:+g})",
+                         _pct(cv["accuracy"]), _delta(cv["accuracy"] - m["plain"], cv["delta_ci95"])])
+        mean = (section["mean"] or {}).get(metric)
+        if mean and report["mean"]:
+            ours = report["mean"]
+            rows.append([f"**mean ({len(section['languages'])})**", _pct(ours["baseline"]),
+                         _pct(ours["intervened"]), _pct(mean["plain"]), _pct(mean["best_on_items"]),
+                         _pct(mean["cross_validated"]),
+                         _delta(mean["cross_validated"] - mean["plain"], mean["cross_validated_delta_ci95"])])
+        lines += [f"### {metric}: {meaning}", "", markdown_table(header, rows), ""]
+    return lines
+
+
+def _delta(delta: float, ci95) -> str:
+    return f"{100 * delta:+.1f} [{100 * ci95[0]:+.1f}, {100 * ci95[1]:+.1f}]"
 
 
 def _plot(report: dict, path: Path) -> None:

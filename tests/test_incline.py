@@ -138,12 +138,13 @@ def test_bench_section_scores_every_language_and_renders_beside_ours(gemma, data
                              incline=tmp_path / "incline", max_items=10, progress=False, bootstrap=200)
     eval_sets = load_language_sets(config, config.eval_paths, tokenizer, load_prompts("xcopa"))
     section = run_incline(config, model_dir, eval_sets)
-    row = section["languages"]["sw"]
-    assert row["items"] == 10 and len(row["accuracy_per_s"]) == len(incline.GRID)
-    assert not any(key.startswith("correct_") for key in row)
+    for metric in incline.METRICS:
+        row = section["languages"]["sw"][metric]
+        assert row["items"] == 10 and len(row["accuracy_per_s"]) == len(incline.GRID)
+        assert not any(key.startswith("correct_") for key in row)
     ours = {"baseline": 0.5, "intervened": 0.5}
     text = "\n".join(_incline_markdown({"incline": section, "languages": {"sw": ours}, "mean": ours}))
-    assert "INCLINE as published" in text and "| sw |" in text and "**mean (1)**" in text
+    assert "INCLINE as published" in text and text.count("| sw |") == 2 and text.count("**mean (1)**") == 2
 
 
 def test_bench_incline_without_an_artifact_for_a_language_is_refused(gemma, data_dir, tmp_path):
@@ -157,3 +158,14 @@ def test_bench_incline_without_an_artifact_for_a_language_is_refused(gemma, data
     eval_sets = load_language_sets(config, config.eval_paths, tokenizer, load_prompts("xcopa"))
     with pytest.raises(FileNotFoundError, match="no intervention for swh_Latn"):
         run_incline(config, model_dir, eval_sets)
+
+
+def test_letter_likelihood_reads_the_letter_logits_at_the_last_prompt_token(gemma, items, tmp_path):
+    model_dir, model, tokenizer = gemma
+    intervention = _incline_artifact(tmp_path / "a", model_dir, [0, 1])
+    correct = incline.score_items(model, tokenizer, intervention, items, grid=(0.0, 1.0))
+    a, b = (tokenizer(f" {letter}", add_special_tokens=False).input_ids[0] for letter in incline.LETTERS)
+    for i, item in enumerate(items):
+        full_ids, last, _ = incline._encode(tokenizer, item)
+        logits = model(full_ids).logits[0, last]
+        assert correct["letter_likelihood"][0, i] == (int(logits[b] > logits[a]) == item.label)
