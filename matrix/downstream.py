@@ -426,9 +426,9 @@ def run_downstream(
     report = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "matrix": str(matrix_path),
-        "results": str(results),
-        "training": str(training_path),
+        "matrix": _shown(matrix_path),
+        "results": _shown(results),
+        "training": _shown(training_path),
         "seed": seed,
         "plans": [{"target": p.target, "low": list(p.low), "high": list(p.high)} for p in plans],
         "matrix_reproduction": matrix_reproduction(plans, matrix, results),
@@ -436,3 +436,13 @@ def run_downstream(
         "decision_rule": DECISION_RULE,
     }
     return outcome, write_report(report, out)
+
+
+def _shown(path) -> str:
+    """A path as the report shows it: relative to the working directory when inside it (reports are
+    committed to docs/; an absolute path would name one machine's checkout)."""
+    resolved = Path(path).resolve()
+    try:
+        return str(resolved.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
