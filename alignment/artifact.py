@@ -122,9 +122,11 @@ class ServingDefaults(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="forbid")
 
-    alpha: Annotated[float, Field(ge=-10.0, le=10.0)]
-    layers: Annotated[list[int], Field(min_length=1)]
-    positions: Literal[SERVING_POSITIONS]
+    alpha: Annotated[float, Field(ge=-10.0, le=10.0, description="0 means off: the calibration found no clear gain")]
+    layers: Annotated[list[int], Field(min_length=1, description="the layers steered, a subset of the artifact's")]
+    positions: Literal[SERVING_POSITIONS] = Field(
+        description="the tokens steered: the last prompt token (INCLINE), every prompt token, or every prompt and "
+                    "generated token")
 
 
 class InterventionManifest(BaseModel):

@@ -4,6 +4,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from alignment.artifact import ServingDefaults  # the manifest's model: one owner of what serving defaults are
+
 Positions = str | list[tuple[int, int]]
 
 
@@ -36,12 +38,6 @@ class AppliedIntervention(BaseModel):
         None, description="where the values the request left out came from: the artifact's calibrated serving "
                           "defaults, or an artifact without calibration evidence")
     reason: str | None = Field(None, description="why nothing (or only part) was applied")
-
-
-class ServingDefaults(BaseModel):
-    alpha: float = Field(description="0 means off: the calibration found no clear gain")
-    layers: list[int]
-    positions: Literal["last", "prompt", "all"]
 
 
 class InterventionInfo(BaseModel):
