@@ -570,3 +570,54 @@ def test_registry_follows_loads_and_unloads_from_their_answers_alone(model_dir, 
 
     asyncio.run(scenario())
     assert methods == ["lingosteer_list", "lingosteer_load", "lingosteer_load", "lingosteer_load", "lingosteer_unload"]
+
+
+def test_identical_uploads_at_once_get_the_answer_of_their_content(model_dir, tmp_path):
+    """Identical uploads share one directory: a refused load's clean-up must not delete the files
+    an identical upload is about to load (it would be refused as missing, not for its content)."""
+    import asyncio
+    import json
+
+    import httpx
+    from fastapi import FastAPI
+
+    from alignment.artifact import MANIFEST_NAME, MATRICES_NAME
+    from intervene_server.server.artifacts import DEFAULT_MAX_UPLOAD_BYTES, UPLOAD_DIR_NAME
+    from intervene_server.server.interventions_api import admin_router
+    from plugin_support import write_planted_intervention
+
+    artifact = write_planted_intervention(tmp_path / "made", model_dir, [0, 1], "swh_Latn")
+    manifest = {**json.loads((artifact / MANIFEST_NAME).read_text()), "format_version": 99}  # refused
+    files = {"manifest": json.dumps(manifest).encode(), "matrices": (artifact / MATRICES_NAME).read_bytes()}
+    root = tmp_path / "root"
+    root.mkdir()
+    engine = _WorkerBehindRpc(model_dir)
+    worker_rpc, loads = engine.collective_rpc, []
+
+    async def scenario():
+        first_answered = asyncio.Event()
+
+        async def second_load_after_first_answer(method, args=()):
+            loads.append(args[0])
+            if len(loads) > 1:  # the first upload's refusal, clean-up included, is over by then
+                await first_answered.wait()
+            return await worker_rpc(method, args)
+
+        engine.collective_rpc = second_load_after_first_answer
+        app = FastAPI()
+        app.include_router(admin_router(InterventionRegistry(engine, root), ADMIN_TOKEN, root / UPLOAD_DIR_NAME,
+                                        DEFAULT_MAX_UPLOAD_BYTES))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://server") as client:
+            async def upload() -> httpx.Response:
+                response = await client.post("/admin/interventions/upload", files=files,
+                                             headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+                first_answered.set()
+                return response
+
+            return await asyncio.gather(upload(), upload())
+
+    responses = asyncio.run(scenario())
+    assert len(loads) == 2 and loads[0] == loads[1]  # the same directory, by content hash
+    for response in responses:
+        assert response.status_code == 422 and "format_version" in response.json()["detail"], response.json()
+    assert not list((root / UPLOAD_DIR_NAME).iterdir())  # neither refused upload is kept

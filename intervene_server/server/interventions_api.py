@@ -4,6 +4,7 @@ File work (resolving paths, writing and removing uploads) runs in a worker threa
 off the event loop that serves every other request.
 """
 
+import asyncio
 import shutil
 from pathlib import Path
 from typing import Annotated
@@ -38,6 +39,10 @@ def admin_router(
     errors = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 411, 413, 422)}
     router = APIRouter(prefix="/admin", tags=["lingosteer admin"], responses=errors)
     caller = Annotated[str, Depends(require_token(token))]
+    # Identical uploads share one directory (named by content hash): one upload's store, load and
+    # removal after a refused load must not interleave with another's, or a refused upload could
+    # delete the files an identical one is loading. Loads are one at a time in the registry anyway.
+    upload_lock = asyncio.Lock()
 
     async def load(request: Request, path: Path, shown: str) -> LoadResult:
         try:
@@ -75,13 +80,14 @@ def admin_router(
                 raise HTTPException(400, f"multipart upload lacks the file part(s) {missing}")
             manifest_bytes = await _read_limited(files["manifest"], max_upload_bytes)
             matrices_bytes = await _read_limited(files["matrices"], max_upload_bytes - len(manifest_bytes))
-        path = await run_in_threadpool(store_upload, upload_dir, manifest_bytes, matrices_bytes)
-        try:
-            return await load(request, path, f"upload {path.name}")
-        except HTTPException:
-            if not any(info.path == str(path.relative_to(registry.root)) for info in registry.loaded.values()):
-                await run_in_threadpool(shutil.rmtree, path, ignore_errors=True)  # keep only uploads that loaded
-            raise
+        async with upload_lock:
+            path = await run_in_threadpool(store_upload, upload_dir, manifest_bytes, matrices_bytes)
+            try:
+                return await load(request, path, f"upload {path.name}")
+            except HTTPException:
+                if not any(info.path == str(path.relative_to(registry.root)) for info in registry.loaded.values()):
+                    await run_in_threadpool(shutil.rmtree, path, ignore_errors=True)  # keep only uploads that loaded
+                raise
 
     @router.delete("/interventions/{language}", response_model=UnloadResult)
     async def unload(language: str, request: Request, _: caller) -> UnloadResult:
