@@ -26,7 +26,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from lingosteer import DEFAULT_DATA_DIR, REPO_ROOT
+from lingosteer import DEFAULT_DATA_DIR
 
 MODEL = "gemma-3-270m"
 SOURCE, TARGET = "swh_Latn", "eng_Latn"
@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR, help="data directory")
     parser.add_argument("--cache-dir", type=Path, help="model cache directory (default: ~/.cache/lingosteer/models)")
-    parser.add_argument("--work-dir", type=Path, default=REPO_ROOT, help="where interventions/ and reports/ go")
+    parser.add_argument("--work-dir", type=Path, default=Path.cwd(),
+                        help="where interventions/ and reports/ go (default: the current directory)")
     args = parser.parse_args(argv)
     if not args.data.is_dir():
         raise SystemExit(f"demo: data directory {args.data} not found (pass --data DIR)")
