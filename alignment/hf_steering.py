@@ -5,14 +5,41 @@ the INCLINE-style implementation benchmarks compare against. The update runs in
 fp32 on the selected token positions of each decoder layer's output, layer after
 layer on the already-steered stream, as the plugin does:
 h' = h + alpha * (D h + b), with D = W - I.
+
+`layer_hooks`, `hidden_of` and `with_hidden` are the one place that registers hooks on
+decoder layers and reads or replaces a layer's hidden states (`evaluation.incline` uses them too).
 """
 
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 
 import torch
 
 from alignment.artifact import Intervention
 from alignment.hidden_states import decoder_layers
+
+
+@contextmanager
+def layer_hooks(model: torch.nn.Module, layers: Iterable[int], hook_of_layer: Callable[[int], Callable]):
+    """Within the block, decoder layer `layer` runs `hook_of_layer(layer)` as a forward hook, for each of
+    `layers`; the hooks are removed on exit, also when the block raises."""
+    _, modules = decoder_layers(model)
+    handles = [modules[layer].register_forward_hook(hook_of_layer(layer)) for layer in layers]
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def hidden_of(output) -> torch.Tensor:
+    """A decoder layer's hidden states [batch, seq, d]: some models return them alone, others first in a tuple."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def with_hidden(output, hidden: torch.Tensor):
+    """The layer's `output` with its hidden states replaced by `hidden`, in the form the layer returned it."""
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 
 @contextmanager
@@ -25,25 +52,18 @@ def steered(
 ):
     """Within the block, `model(...)` steers the tokens where `positions` ([batch, seq] bool) is True."""
     alpha = intervention.default_alpha if alpha is None else alpha
-    _, modules = decoder_layers(model)
-    handles = []
-    for layer in intervention.layers if layers is None else layers:
-        delta, bias = intervention.delta(layer)
-        handles.append(modules[layer].register_forward_hook(_steer_hook(delta, bias, alpha, positions)))
-    try:
+    with layer_hooks(model, intervention.layers if layers is None else layers,
+                     lambda layer: _steer_hook(*intervention.delta(layer), alpha, positions)):
         yield model
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _steer_hook(delta: torch.Tensor, bias: torch.Tensor, alpha: float, positions: torch.Tensor):
     def hook(module, inputs, output):
-        hidden = output[0] if isinstance(output, tuple) else output
+        hidden = hidden_of(output)
         stream = hidden[positions].float()
         shifted = stream + alpha * (stream @ delta.T.to(stream.device) + bias.to(stream.device))
         hidden = hidden.clone()
         hidden[positions] = shifted.to(hidden.dtype)
-        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+        return with_hidden(output, hidden)
 
     return hook

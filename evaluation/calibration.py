@@ -8,9 +8,13 @@ alpha 0 = no intervention wins any tie it is part of), then to the negative one.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
+
+Candidate = TypeVar("Candidate", bound=Hashable)
 
 DEFAULT_GRID = (-1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0)  # INCLINE swept -1..1
 
@@ -41,6 +45,28 @@ def contiguous_folds(n: int, k: int) -> list[np.ndarray]:
     if k < 2 or k > n:
         raise ValueError(f"cannot split {n} items into {k} folds (need 2 <= folds <= items)")
     return [block for block in np.array_split(np.arange(n), k)]
+
+
+def cross_validate(correct: Mapping[Candidate, np.ndarray], choose: Callable[[np.ndarray], Candidate],
+                   folds: int) -> tuple[np.ndarray, list[Candidate]]:
+    """Choose on the other folds, score the held-out fold, for each of `folds` `contiguous_folds`.
+
+    `correct` maps each candidate to its per-item correctness ([n] bool, the same items for all);
+    `choose(indices)` picks a candidate seeing only the items at `indices` (the other folds'). Returns
+    the held-out correctness [n] (each item scored under the candidate chosen without it) and the
+    candidate chosen for each fold.
+    """
+    sizes = {np.shape(row) for row in correct.values()}
+    if len(sizes) != 1 or len(next(iter(sizes))) != 1:
+        raise ValueError(f"correct must map candidates to [n] arrays over the same items, got shapes {sizes}")
+    n = next(iter(sizes))[0]
+    held_out = np.empty(n, dtype=bool)
+    chosen = []
+    for fold in contiguous_folds(n, folds):
+        candidate = choose(np.setdiff1d(np.arange(n), fold))
+        held_out[fold] = correct[candidate][fold]
+        chosen.append(candidate)
+    return held_out, chosen
 
 
 # ---- serving defaults: the search and the gate of `lingosteer align build` ---------------
@@ -118,17 +144,12 @@ def choose_serving(correct: dict[ServingConfig, np.ndarray], plain: np.ndarray,
         return min(candidates, key=lambda c: (-correct[c][items].mean(), abs(c.alpha), len(c.layers),
                                               c.positions != "last", c.alpha))
 
-    cross_validated = np.empty(n, dtype=bool)
-    fold_choices = []
-    for fold in contiguous_folds(n, folds):
-        chosen = best(np.setdiff1d(np.arange(n), fold))
-        cross_validated[fold] = correct[chosen][fold]
-        fold_choices.append(chosen.describe())
+    cross_validated, chosen = cross_validate(correct, best, folds)
     low, high = bootstrap_delta_ci([(plain, cross_validated)], seed=seed)
     adopted = low > 0
     return ServingChoice(
         adopted=adopted, config=best(np.arange(n)) if adopted else None,
         plain_accuracy=float(plain.mean()), cross_validated_accuracy=float(cross_validated.mean()),
-        delta_ci95=(low, high), fold_choices=fold_choices,
+        delta_ci95=(low, high), fold_choices=[c.describe() for c in chosen],
         candidate_accuracy={c.describe(): float(correct[c].mean()) for c in candidates},
     )

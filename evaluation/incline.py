@@ -24,14 +24,13 @@ tests compare against.
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
 
 import numpy as np
 import torch
 
 from alignment.artifact import Intervention
-from alignment.hidden_states import decoder_layers
-from evaluation.calibration import choose_alpha, contiguous_folds
+from alignment.hf_steering import hidden_of, layer_hooks, with_hidden
+from evaluation.calibration import choose_alpha, cross_validate
 
 PROMPT = 'Here is a premise: "{premise}". A: "{choice1}" B: "{choice2}" What is the {question}? "A" or "B"?'
 LETTERS = ("A", "B")
@@ -63,24 +62,10 @@ def _maps(intervention: Intervention, layers: list[int]) -> dict[int, tuple[torc
     return {layer: intervention.delta(layer) for layer in layers}
 
 
-@contextmanager
-def _hooks(modules, layers: list[int], hook_of_layer):
-    handles = [modules[layer].register_forward_hook(hook_of_layer(layer)) for layer in layers]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _hidden(output) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
-
-
 def _capture(store: dict, position: int):
     def of_layer(layer):
         def hook(module, inputs, output):
-            store[layer] = _hidden(output)[0, position].float().clone()
+            store[layer] = hidden_of(output)[0, position].float().clone()
         return hook
     return of_layer
 
@@ -89,9 +74,9 @@ def _overwrite(values: dict[int, torch.Tensor], position: int):
     """Write values[layer] ([rows, d]) into every row's `position` of that layer's output."""
     def of_layer(layer):
         def hook(module, inputs, output):
-            hidden = _hidden(output).clone()
+            hidden = hidden_of(output).clone()
             hidden[:, position] = values[layer].to(hidden.dtype)
-            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+            return with_hidden(output, hidden)
         return hook
     return of_layer
 
@@ -104,11 +89,12 @@ def _targets(clean: dict[int, torch.Tensor], maps: dict, strengths: torch.Tensor
 def _encode(tokenizer, item) -> tuple[torch.Tensor, int, str]:
     """(prompt + ' ' + gold letter ids [1, T], index of the last prompt token, gold letter)."""
     letter = LETTERS[item.label]
-    prompt_ids = tokenizer(question(item), return_tensors="pt").input_ids
-    full_ids = tokenizer(f"{question(item)} {letter}", return_tensors="pt").input_ids
+    prompt = question(item)
+    prompt_ids = tokenizer(prompt, return_tensors="pt").input_ids
+    full_ids = tokenizer(f"{prompt} {letter}", return_tensors="pt").input_ids
     last = prompt_ids.shape[1] - 1
     if not torch.equal(full_ids[0, : last + 1], prompt_ids[0]):
-        raise ValueError(f"the prompt's tokens change when the answer follows it: {question(item)!r}")
+        raise ValueError(f"the prompt's tokens change when the answer follows it: {prompt!r}")
     return full_ids, last, letter
 
 
@@ -120,39 +106,38 @@ def _correct(tokenizer, logits: torch.Tensor, letter: str) -> list[bool]:
     return [normalise(text) == letter.lower() for text in texts]
 
 
-def _setup(model, tokenizer, intervention: Intervention, item):
-    """(decoder layer modules, steered layers, their (D, b), prompt + answer ids, last prompt index)."""
-    _, modules = decoder_layers(model)
+def _setup(tokenizer, intervention: Intervention, item):
+    """(steered layers, their (D, b), prompt + answer ids, last prompt index)."""
     layers = list(intervention.layers)
     full_ids, last, _ = _encode(tokenizer, item)
-    return modules, layers, _maps(intervention, layers), full_ids, last
+    return layers, _maps(intervention, layers), full_ids, last
 
 
 @torch.no_grad()
 def answer_logits(model, tokenizer, intervention: Intervention, item, grid=GRID) -> torch.Tensor:
     """[len(grid), answer positions, vocab]: the logits at the answer positions under every strength s."""
-    modules, layers, maps, full_ids, last = _setup(model, tokenizer, intervention, item)
+    layers, maps, full_ids, last = _setup(tokenizer, intervention, item)
     prefix = model(full_ids[:, :last], use_cache=True).past_key_values
     clean = {}
-    with _hooks(modules, layers, _capture(clean, 0)):
+    with layer_hooks(model, layers, _capture(clean, 0)):
         model(full_ids[:, last : last + 1], past_key_values=copy.deepcopy(prefix), use_cache=True)
     prefix.batch_repeat_interleave(len(grid))
     answer = full_ids[:, last:].expand(len(grid), -1)
-    with _hooks(modules, layers, _overwrite(_targets(clean, maps, torch.tensor(grid, dtype=torch.float32)), 0)):
+    with layer_hooks(model, layers, _overwrite(_targets(clean, maps, torch.tensor(grid, dtype=torch.float32)), 0)):
         return model(answer, past_key_values=prefix, use_cache=True).logits.float()
 
 
 @torch.no_grad()
 def answer_logits_uncached(model, tokenizer, intervention: Intervention, item, grid=GRID) -> torch.Tensor:
     """The same, as their code computes it: a clean pass, then one full steered pass per strength."""
-    modules, layers, maps, full_ids, last = _setup(model, tokenizer, intervention, item)
+    layers, maps, full_ids, last = _setup(tokenizer, intervention, item)
     clean = {}
-    with _hooks(modules, layers, _capture(clean, last)):
+    with layer_hooks(model, layers, _capture(clean, last)):
         model(full_ids[:, : last + 1])
     rows = []
     for strength in grid:
         targets = _targets(clean, maps, torch.tensor([strength], dtype=torch.float32))
-        with _hooks(modules, layers, _overwrite(targets, last)):
+        with layer_hooks(model, layers, _overwrite(targets, last)):
             rows.append(model(full_ids).logits[:, last:].float())
     return torch.cat(rows)
 
@@ -182,28 +167,24 @@ def score_items(model, tokenizer, intervention: Intervention, items, grid=GRID,
     return correct
 
 
-def summarise(correct: np.ndarray, grid=GRID, folds: int = FOLDS, seed: int = 0) -> dict:
-    """Plain (s = 0), the best s on these very items (as published), and s chosen by cross-validation."""
+def summarise(correct: np.ndarray, grid=GRID, folds: int = FOLDS, resamples: int = 10000, seed: int = 0) -> dict:
+    """Plain (s = 0), the best s on these very items (as published), and s chosen by cross-validation;
+    CIs from `resamples` paired bootstrap resamples (the bench's --bootstrap)."""
     from evaluation.stats import bootstrap_delta_ci
 
     correct = np.asarray(correct, dtype=bool)
     plain = correct[list(grid).index(0.0)]
     accuracy = correct.mean(axis=1)
     best = int(np.argmax(accuracy))  # the first maximum, as a sweep that keeps the best score finds it
-    cross_validated = np.empty_like(plain)
-    fold_strengths = []
-    for fold in contiguous_folds(plain.size, folds):
-        others = np.setdiff1d(np.arange(plain.size), fold)
-        strength, _ = choose_alpha(tuple(grid), correct[:, others])
-        cross_validated[fold] = correct[list(grid).index(strength), fold]
-        fold_strengths.append(strength)
+    cross_validated, fold_strengths = cross_validate(
+        dict(zip(grid, correct)), lambda items: choose_alpha(tuple(grid), correct[:, items])[0], folds)
     return {
         "items": int(plain.size),
         "plain": float(plain.mean()),
         "best_on_items": {"s": float(grid[best]), "accuracy": float(accuracy[best]),
-                          "delta_ci95": list(bootstrap_delta_ci([(plain, correct[best])], seed=seed))},
+                          "delta_ci95": list(bootstrap_delta_ci([(plain, correct[best])], resamples, seed))},
         "cross_validated": {"s_per_fold": fold_strengths, "accuracy": float(cross_validated.mean()),
-                            "delta_ci95": list(bootstrap_delta_ci([(plain, cross_validated)], seed=seed))},
+                            "delta_ci95": list(bootstrap_delta_ci([(plain, cross_validated)], resamples, seed))},
         "accuracy_per_s": {f"{s:g}": float(a) for s, a in zip(grid, accuracy)},
         "correct_plain": plain.tolist(),
         "correct_cross_validated": cross_validated.tolist(),

@@ -182,7 +182,8 @@ def run_incline(config: BenchmarkConfig, model_dir: Path, eval_sets: dict[str, L
         correct = incline.score_items(model, tokenizer, load_intervention(found[s.flores]), items,
                                       progress=config.progress)
         languages[s.code] = {"intervention": str(found[s.flores]),
-                             **{metric: incline.summarise(c, seed=config.seed) for metric, c in correct.items()}}
+                             **{metric: incline.summarise(c, resamples=config.bootstrap, seed=config.seed)
+                                for metric, c in correct.items()}}
     return incline.report_section(languages, config.bootstrap, config.seed)
 
 

@@ -481,6 +481,25 @@ def test_search_space_covers_alpha_signs_layer_bands_and_positions():
     assert len(space) == 24
 
 
+def test_cross_validation_chooses_each_fold_on_the_others_and_scores_it_under_that_choice():
+    from evaluation.calibration import cross_validate
+
+    correct = {"a": np.array([1, 0, 1, 1, 0, 0, 1], dtype=bool), "b": np.array([0, 1, 1, 0, 0, 1, 0], dtype=bool)}
+    seen = []
+
+    def choose(items):
+        seen.append(items.tolist())
+        return "a" if 0 in items else "b"
+
+    held_out, chosen = cross_validate(correct, choose, folds=3)
+    # contiguous folds of 7 items: [0, 1, 2], [3, 4], [5, 6]; each is chosen for on the other two
+    assert seen == [[3, 4, 5, 6], [0, 1, 2, 5, 6], [0, 1, 2, 3, 4]]
+    assert chosen == ["b", "a", "a"]
+    assert held_out.tolist() == [False, True, True, True, False, False, True]  # b[0:3] + a[3:7]
+    with pytest.raises(ValueError, match="same items"):
+        cross_validate({"a": correct["a"], "b": correct["b"][:6]}, choose, folds=3)
+
+
 def test_gate_adopts_only_a_gain_whose_ci_clears_zero():
     from evaluation.calibration import ServingConfig, choose_serving
 

@@ -9,8 +9,10 @@ import torch
 
 from alignment.artifact import load_intervention, save_intervention
 from alignment.estimator import LinearAligner
+from alignment.hf_steering import layer_hooks
 from alignment.hidden_states import load_model_and_tokenizer
 from evaluation import incline
+from evaluation.stats import bootstrap_delta_ci
 from lingosteer.cli import main
 from lingosteer.data import code_switched, load_xcopa
 from lingosteer.fingerprint import model_fingerprint
@@ -64,16 +66,15 @@ def test_edits_do_not_compound_across_layers(gemma, items, tmp_path):
     model_dir, model, tokenizer = gemma
     layers = list(range(model.config.num_hidden_layers))
     intervention = _incline_artifact(tmp_path / "a", model_dir, layers)
-    _, modules = incline.decoder_layers(model)
     full_ids, last, _ = incline._encode(tokenizer, items[0])
     clean, seen = {}, {}
-    with incline._hooks(modules, layers, incline._capture(clean, last)):
+    with layer_hooks(model, layers, incline._capture(clean, last)):
         model(full_ids)
     s = 0.8
     targets = incline._targets(clean, incline._maps(intervention, layers), torch.tensor([s]))
-    with incline._hooks(modules, layers, incline._overwrite(targets, last)):
+    with layer_hooks(model, layers, incline._overwrite(targets, last)):
         # registered after the overwrite hooks, so they see the written values
-        with incline._hooks(modules, layers, incline._capture(seen, last)):
+        with layer_hooks(model, layers, incline._capture(seen, last)):
             model(full_ids)
     for layer in layers:
         D, b = intervention.delta(layer)
@@ -97,6 +98,10 @@ def test_summary_reports_the_leaky_best_and_the_cross_validated_choice():
     assert summary["best_on_items"]["accuracy"] == pytest.approx(correct[2].mean())
     assert summary["cross_validated"]["accuracy"] <= summary["best_on_items"]["accuracy"]
     assert len(summary["cross_validated"]["s_per_fold"]) == incline.FOLDS
+    # the CIs use the resamples they are given (the bench's --bootstrap)
+    few = incline.summarise(correct, grid, resamples=200)
+    pairs = [(correct[1], np.array(few["correct_cross_validated"]))]
+    assert few["cross_validated"]["delta_ci95"] == list(bootstrap_delta_ci(pairs, 200, 0))
 
 
 def test_a_map_form_artifact_is_refused(gemma, items, tmp_path):
@@ -127,10 +132,19 @@ def test_fit_recipe_incline_is_their_fit(tiny_model_dir, data_dir, tmp_path, cap
     assert code == 2 and "drop --solver" in capsys.readouterr().err
 
 
-def test_bench_section_scores_every_language_and_renders_beside_ours(gemma, data_dir, tmp_path):
+def test_bench_section_scores_every_language_and_renders_beside_ours(gemma, data_dir, tmp_path, monkeypatch):
+    from evaluation import stats
     from evaluation.report import _incline_markdown
     from evaluation.runner import BenchmarkConfig, load_language_sets, run_incline
     from evaluation.tasks import load_prompts
+
+    resamples_used = []
+
+    def recording_ci(pairs, resamples=10000, *args, **kwargs):
+        resamples_used.append(resamples)
+        return bootstrap_delta_ci(pairs, resamples, *args, **kwargs)
+
+    monkeypatch.setattr(stats, "bootstrap_delta_ci", recording_ci)
 
     model_dir, model, tokenizer = gemma
     _incline_artifact(tmp_path / "incline" / "sw", model_dir, [0, 1])
@@ -138,6 +152,7 @@ def test_bench_section_scores_every_language_and_renders_beside_ours(gemma, data
                              incline=tmp_path / "incline", max_items=10, progress=False, bootstrap=200)
     eval_sets = load_language_sets(config, config.eval_paths, tokenizer, load_prompts("xcopa"))
     section = run_incline(config, model_dir, eval_sets)
+    assert resamples_used and set(resamples_used) == {200}  # every CI (per language, mean) uses --bootstrap
     for metric in incline.METRICS:
         row = section["languages"]["sw"][metric]
         assert row["items"] == 10 and len(row["accuracy_per_s"]) == len(incline.GRID)
