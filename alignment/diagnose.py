@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from alignment.evaluate import mean_pair_cosine, plot_layer_curves, retrieval_p1
+from alignment.evaluate import LayerPanel, layer_curves, mean_pair_cosine, plot_layer_curves, retrieval_p1
 from lingosteer.files import write_text_atomic
 from lingosteer.markdown import markdown_table
 
@@ -49,13 +49,15 @@ def write_diagnosis_report(report: dict, out_dir: str | Path) -> dict[str, Path]
     sizes = sorted({report["languages"][lang]["num_pairs"] for lang in languages})
     title = f"similarity to {report['target']} per layer, {'/'.join(map(str, sizes))} sentence pairs"
     write_text_atomic(paths["markdown"], f"# Cross-lingual {title}\n\n" + "\n\n".join(sections) + "\n")
+    layers = report["layers"]
     plot_layer_curves(
         paths["plot"],
-        title,
         [
-            ("mean cosine of pairs", {lang: report["languages"][lang]["cosine"] for lang in languages}),
-            ("retrieval P@1", {lang: report["languages"][lang]["p1"] for lang in languages}),
+            LayerPanel("mean cosine of pairs",
+                       layer_curves(layers, {lang: report["languages"][lang]["cosine"] for lang in languages})),
+            LayerPanel("retrieval P@1",
+                       layer_curves(layers, {lang: report["languages"][lang]["p1"] for lang in languages})),
         ],
-        report["layers"],
+        title,
     )
     return paths

@@ -19,6 +19,8 @@ correction for anisotropic LLM states (the shared component makes a few
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +45,16 @@ def retrieval_p1(queries: np.ndarray, keys: np.ndarray) -> float:
     index.add(keys)
     _, nearest = index.search(_normalise(queries), 1)
     return float(np.mean(nearest[:, 0] == np.arange(len(queries))))
+
+
+def retrieval_p1_raw_and_centred(queries: np.ndarray, keys: np.ndarray, name: str) -> dict[str, float]:
+    """{name: P@1 of `queries` against `keys`, name + "_centred": the same with each side's mean removed}.
+
+    With the unmapped source states as queries this is the "before" of any map (`p1_before`), with
+    mapped ones its "after", at the cost of two searches rather than `layer_metrics`' twelve.
+    """
+    return {name: retrieval_p1(queries, keys),
+            f"{name}_centred": retrieval_p1(queries - queries.mean(axis=0), keys - keys.mean(axis=0))}
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -104,18 +116,17 @@ def write_eval_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
     layers = [r["layer"] for r in rows]
     plot_layer_curves(
         paths["plot"],
-        title,
         [
-            ("mean cosine of pairs", {"before": [r["cosine_before"] for r in rows],
-                                      "after": [r["cosine_after"] for r in rows]}),
-            *[(f"retrieval P@1{label}", {
+            LayerPanel("mean cosine of pairs", layer_curves(layers, {"before": [r["cosine_before"] for r in rows],
+                                                                     "after": [r["cosine_after"] for r in rows]})),
+            *[LayerPanel(f"retrieval P@1{label}", layer_curves(layers, {
                 "src->tgt before": [r["p1_before" + suffix] for r in rows],
                 "src->tgt after": [r["p1_after" + suffix] for r in rows],
                 "tgt->src before": [r["p1_tgt_to_src_before" + suffix] for r in rows],
                 "tgt->src after": [r["p1_tgt_to_src_after" + suffix] for r in rows],
-            }) for suffix, label in (("", ""), ("_centred", " (mean-centred)"))],
+            })) for suffix, label in (("", ""), ("_centred", " (mean-centred)"))],
         ],
-        layers,
+        title,
     )
     return paths
 
@@ -141,30 +152,41 @@ def write_compare_report(comparison: dict, out_dir: str | Path) -> dict[str, Pat
               "centred before", "centred after"]
     write_text_atomic(paths["markdown"], f"# Interventions compared on {comparison['data']}\n\n"
                                          f"{markdown_table(header, rows)}\n")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for item in comparison["interventions"]:
-        ax.plot([r["layer"] for r in item["layers"]], [r["p1_after"] for r in item["layers"]], marker="o",
-                markersize=3, label=Path(item["intervention"]).name)
-    ax.set_xlabel("layer")
-    ax.set_ylabel("P@1 source->target after mapping")
-    ax.set_title(f"on {comparison['data']}", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(paths["plot"], suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    curves = [LayerCurve(Path(item["intervention"]).name, [r["layer"] for r in item["layers"]],
+                         [r["p1_after"] for r in item["layers"]]) for item in comparison["interventions"]]
+    plot_layer_curves(paths["plot"], [LayerPanel("P@1 source->target after mapping", curves,
+                                                 title=f"on {comparison['data']}")])
     return paths
 
 
-def plot_layer_curves(path: Path, title: str, panels: list[tuple[str, dict[str, list[float]]]],
-                      layers: list[int]) -> None:
-    """One panel per (y label, {curve label: value per layer}), layers on the x axis, saved as PNG."""
+@dataclass(frozen=True)
+class LayerCurve:
+    """One line of a per-layer plot: `values[i]` at layer `layers[i]`. A `reference` (such as "no map") is
+    drawn grey and dashed without markers, so that the curves it is compared with stand out."""
+
+    label: str
+    layers: Sequence[int]
+    values: Sequence[float]
+    reference: bool = False
+
+
+@dataclass(frozen=True)
+class LayerPanel:
+    """One axes of a per-layer plot: its y label, its curves and, where the panels differ by more than
+    the y label, a title of its own."""
+
+    ylabel: str
+    curves: Sequence[LayerCurve]
+    title: str = ""
+
+
+def layer_curves(layers: Sequence[int], values: dict[str, Sequence[float]]) -> list[LayerCurve]:
+    """{label: value per layer} as curves that share `layers`."""
+    return [LayerCurve(label, layers, curve) for label, curve in values.items()]
+
+
+def plot_layer_curves(path: Path, panels: Sequence[LayerPanel], title: str = "") -> None:
+    """The panels side by side, layers on the x axis, saved as PNG (atomically); `title` heads the figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -172,15 +194,19 @@ def plot_layer_curves(path: Path, title: str, panels: list[tuple[str, dict[str, 
     from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
-    for ax, (ylabel, curves) in zip(axes[0], panels):
-        for label, values in curves.items():
-            ax.plot(layers, values, marker="o", markersize=3, label=label)
+    for ax, panel in zip(axes[0], panels):
+        for curve in panel.curves:
+            style = dict(color="grey", linestyle="--") if curve.reference else dict(marker="o", markersize=3)
+            ax.plot(curve.layers, curve.values, label=curve.label, **style)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("layer (output of decoder layer)")
-        ax.set_ylabel(ylabel)
+        ax.set_ylabel(panel.ylabel)
+        if panel.title:
+            ax.set_title(panel.title, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=110, format="png")

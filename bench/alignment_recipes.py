@@ -162,42 +162,38 @@ def fit(cached: dict, solver: str, pooling: str, data: str):
 DOMAINS = {"sibtest": [slice(None)], "ntrex": [NTREX_EVAL], "xcopa": list(XCOPA_FOLDS)}
 
 
-def evaluate(aligner, states: dict, pooling: str, metrics=None) -> dict:
-    """{domain: [per-layer metrics]}; XCOPA's figures are the mean over its two folds.
-
-    `metrics(src, mapped, eng) -> dict` defaults to raw and centred P@1 source->English
-    after mapping (the comparison's figures); `alignment.evaluate.layer_metrics` gives all.
-    """
-    from alignment.evaluate import retrieval_p1
-
-    def p1_after(src, mapped, eng):
-        return {"p1_after": retrieval_p1(mapped, eng),
-                "p1_after_centred": retrieval_p1(mapped - mapped.mean(0), eng - eng.mean(0))}
-
-    metrics = metrics or p1_after
+def per_domain(states: dict, pooling: str, figures) -> dict:
+    """{domain: [per-layer figures]}, `figures(src, eng, layer) -> dict` on each domain's evaluation
+    pairs; XCOPA's figures are the mean over its two folds."""
     report = {}
     for domain, parts in DOMAINS.items():
         src, eng = states[domain]["src"][pooling], states[domain]["eng"][pooling]
         rows = []
         for layer in range(src.shape[0]):
-            per_part = [metrics(src[layer, part], aligner.transform(src[layer, part], layer=layer), eng[layer, part])
-                        for part in parts]
+            per_part = [figures(src[layer, part], eng[layer, part], layer) for part in parts]
             rows.append({key: float(np.mean([m[key] for m in per_part])) for key in per_part[0]})
         report[domain] = rows
     return report
 
 
+def evaluate(aligner, states: dict, pooling: str, metrics=None) -> dict:
+    """{domain: [per-layer metrics]} after mapping the source states with `aligner`.
+
+    `metrics(src, mapped, eng) -> dict` defaults to raw and centred P@1 source->English
+    after mapping (the comparison's figures); `alignment.evaluate.layer_metrics` gives all.
+    """
+    from alignment.evaluate import retrieval_p1_raw_and_centred
+
+    metrics = metrics or (lambda src, mapped, eng: retrieval_p1_raw_and_centred(mapped, eng, "p1_after"))
+    return per_domain(states, pooling,
+                      lambda src, eng, layer: metrics(src, aligner.transform(src, layer=layer), eng))
+
+
 def unmapped(states: dict, pooling: str) -> dict:
     """P@1 before any map, raw and centred, per domain and layer."""
-    from alignment.estimator import LinearAligner
+    from alignment.evaluate import retrieval_p1_raw_and_centred
 
-    dim = states["sib"]["src"][pooling].shape[-1]
-    identity = LinearAligner(solver="meanshift").fit(np.zeros((1, 2, dim)), np.zeros((1, 2, dim)))
-    layers = states["sib"]["src"][pooling].shape[0]
-    identity.W_, identity.b_ = np.broadcast_to(np.eye(dim), (layers, dim, dim)), np.zeros((layers, dim))
-    report = evaluate(identity, states, pooling)
-    return {domain: [{k.replace("after", "before"): v for k, v in row.items()} for row in rows]
-            for domain, rows in report.items()}
+    return per_domain(states, pooling, lambda src, eng, layer: retrieval_p1_raw_and_centred(src, eng, "p1_before"))
 
 
 def best_layer(rows: list[dict], key: str = "p1_after") -> dict:
@@ -303,28 +299,22 @@ def write_reports(report: dict, out: Path, docs: Path | None) -> None:
 
 def plot(report: dict, path: Path) -> None:
     """XCOPA P@1 per layer, mean over languages: today's recipe vs the default, raw and centred."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from alignment.evaluate import LayerCurve, LayerPanel, plot_layer_curves
 
     results, codes = report["results"], report["languages"]
-    names = dict.fromkeys(["ridge|mean|sib", "lstsq|mean|sib", report["chosen"]["default"]])
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    for ax, suffix, title in ((axes[0], "", "raw states"), (axes[1], "_centred", "mean-centred states")):
-        for i, name in enumerate(names):
-            curve = lambda key: np.mean([[r[key + suffix] for r in results[name][c]["xcopa"]] for c in codes], axis=0)  # noqa: E731
-            if i == 0:
-                ax.plot(curve("p1_before"), color="grey", linestyle="--", label="no map")
-            ax.plot(curve("p1_after"), marker="o", markersize=3, label=name.replace("|", ", "))
-        ax.set_title(f"XCOPA sentences (never fitted on), {title}", fontsize=10)
-        ax.set_xlabel("layer")
-        ax.set_ylabel("P@1 source->English, mean of languages")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    names = list(dict.fromkeys(["ridge|mean|sib", "lstsq|mean|sib", report["chosen"]["default"]]))
+
+    def curve(name: str, key: str, reference: bool = False) -> LayerCurve:
+        values = np.mean([[r[key] for r in results[name][c]["xcopa"]] for c in codes], axis=0)
+        label = "no map" if reference else name.replace("|", ", ")
+        return LayerCurve(label, list(range(len(values))), values.tolist(), reference=reference)
+
+    plot_layer_curves(path, [
+        LayerPanel("P@1 source->English, mean of languages",
+                   [curve(names[0], "p1_before" + suffix, reference=True),
+                    *[curve(name, "p1_after" + suffix) for name in names]],
+                   title=f"XCOPA sentences (never fitted on), {title}")
+        for suffix, title in (("", "raw states"), ("_centred", "mean-centred states"))])
 
 
 def main(argv=None) -> int:

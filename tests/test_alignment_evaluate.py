@@ -8,7 +8,8 @@ import pytest
 from alignment.artifact import load_intervention, save_intervention
 from alignment.diagnose import diagnose_languages, write_diagnosis_report
 from alignment.estimator import LinearAligner
-from alignment.evaluate import evaluate_intervention, mean_pair_cosine, retrieval_p1, write_eval_report
+from alignment.evaluate import (evaluate_intervention, mean_pair_cosine, retrieval_p1, retrieval_p1_raw_and_centred,
+                                 write_compare_report, write_eval_report)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -89,9 +90,25 @@ def test_centred_metrics_remove_a_shared_component():
     centred = lambda x: x - x.mean(axis=0)  # noqa: E731
     assert metrics["p1_before_centred"] == numpy_p1(centred(src), centred(tgt))
     assert metrics["p1_before_centred"] < 0.5  # the shared direction's spread still hides the meaning ...
+    # the "before" figures alone, without a map, are the same two searches
+    assert retrieval_p1_raw_and_centred(src.astype(np.float32), tgt.astype(np.float32), "p1_before") == {
+        "p1_before": metrics["p1_before"], "p1_before_centred": metrics["p1_before_centred"]}
     without_spread = layer_metrics(meaning + 30.0, meaning + 30.0, meaning + 0.1 * rng.normal(size=(n, d)))
     assert (without_spread["p1_before"] < 0.6
             < without_spread["p1_before_centred"] == 1.0)  # ... the offset alone does not
+
+
+def test_compare_report_plots_interventions_fitted_on_different_layers(planted_intervention, tmp_path):
+    intervention, (X, Y) = planted_intervention
+    rows = evaluate_intervention(intervention, X, Y)["layers"]
+    comparison = {"data": "synthetic", "interventions": [
+        {"intervention": "runs/both", "solver": "ridge", "pooling": "mean", "bytes": 2048, "layers": rows},
+        {"intervention": "runs/last", "solver": "ridge", "pooling": "mean", "bytes": 1024, "layers": rows[1:]}]}
+    paths = write_compare_report(comparison, tmp_path / "compare")
+    best = max(rows, key=lambda r: r["p1_after"])
+    assert f"| runs/both | ridge | mean | 2,048 | {best['layer']} |" in paths["markdown"].read_text()
+    assert f"| runs/last | ridge | mean | 1,024 | {rows[1]['layer']} |" in paths["markdown"].read_text()
+    assert paths["plot"].read_bytes()[:8] == PNG_MAGIC
 
 
 def test_evaluation_refuses_mismatched_states(planted_intervention):

@@ -1,0 +1,59 @@
+"""bench/alignment_recipes.py's figures on synthetic states: before any map, after a map, the plot."""
+
+import runpy
+
+import numpy as np
+import pytest
+
+from alignment.estimator import LinearAligner
+from alignment.evaluate import retrieval_p1
+from lingosteer import REPO_ROOT
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def recipes():
+    return runpy.run_path(str(REPO_ROOT / "bench" / "alignment_recipes.py"))
+
+
+@pytest.fixture
+def states():
+    """Every evaluated domain, English = a fixed map near the identity of the source plus noise, 2 layers, dim 8."""
+    rng = np.random.default_rng(0)
+    mix = np.eye(8) + 0.3 * rng.normal(size=(2, 8, 8))
+    sizes = {"sib": 100, "sibtest": 30, "ntrex": 600, "xcopa": 300}
+    out = {}
+    for name, n in sizes.items():
+        src = rng.normal(size=(2, n, 8)).astype(np.float32) + 2.0
+        eng = (np.einsum("lij,lnj->lni", mix, src) + 0.5 * rng.normal(size=src.shape)).astype(np.float32)
+        out[name] = {"src": {"mean": src}, "eng": {"mean": eng}}
+    return out
+
+
+def test_unmapped_is_retrieval_of_the_states_as_they_are(recipes, states):
+    before = recipes["unmapped"](states, "mean")
+    assert set(before) == {"sibtest", "ntrex", "xcopa"}
+    src, eng = states["ntrex"]["src"]["mean"][1, 300:], states["ntrex"]["eng"]["mean"][1, 300:]
+    assert before["ntrex"][1] == {"p1_before": retrieval_p1(src, eng),
+                                  "p1_before_centred": retrieval_p1(src - src.mean(0), eng - eng.mean(0))}
+    src, eng = states["xcopa"]["src"]["mean"][0], states["xcopa"]["eng"]["mean"][0]
+    folds = [retrieval_p1(src[part], eng[part]) for part in (slice(0, 150), slice(150, 300))]
+    assert before["xcopa"][0]["p1_before"] == pytest.approx(np.mean(folds))
+
+
+def test_a_fitted_map_beats_no_map(recipes, states):
+    sib = states["sib"]
+    aligner = LinearAligner(solver="lstsq").fit(sib["src"]["mean"], sib["eng"]["mean"])
+    after, before = recipes["evaluate"](aligner, states, "mean"), recipes["unmapped"](states, "mean")
+    for domain, rows in after.items():
+        for layer, row in enumerate(rows):
+            assert row["p1_after"] > before[domain][layer]["p1_before"] + 0.2
+
+
+def test_plot_writes_a_png(recipes, tmp_path):
+    rows = [{"p1_before": 0.1, "p1_after": 0.5, "p1_before_centred": 0.2, "p1_after_centred": 0.6}] * 3
+    results = {name: {"et": {"xcopa": rows}} for name in ("ridge|mean|sib", "lstsq|mean|sib", "ridge|last|sib+ntrex")}
+    report = {"results": results, "languages": ["et"], "chosen": {"default": "ridge|last|sib+ntrex"}}
+    recipes["plot"](report, tmp_path / "recipes.png")
+    assert (tmp_path / "recipes.png").read_bytes()[:8] == PNG_MAGIC
