@@ -113,11 +113,14 @@ def balanced_pairs(topics: np.ndarray, rng: np.random.Generator, count: int) -> 
     return pairs
 
 
-def load_task(languages: list[str], corpus: SweepCorpus, tokenizer_path, data_dir, body_length: int) -> dict:
-    """Bodies (compact ids without <s> </s>) of SIB-200 train+dev and test per language, parallel; topic labels."""
+def load_task(languages: list[str], corpus: SweepCorpus, tokenizer_path, data_dir, body_length: int,
+              evaluate_on: str = "test") -> dict:
+    """Bodies (compact ids without <s> </s>) of the fine-tuning and scored SIB-200 sentences per language, parallel;
+    topic labels. Scored on "test": fine-tuned on train+dev. Scored on "dev" (choosing a recipe): train only."""
     tokenizer = load_tokenizer(tokenizer_path)
     task = {"train": {}, "test": {}}
-    for split, splits in (("train", ("train", "dev")), ("test", ("test",))):
+    fine_tune_splits = ("train", "dev") if evaluate_on == "test" else ("train",)
+    for split, splits in (("train", fine_tune_splits), ("test", (evaluate_on,))):
         english = load_sib200(ENGLISH, splits, data_dir)
         order = [row.index_id for row in english]
         names = sorted({row.category for row in english})
@@ -234,7 +237,8 @@ def markdown(summary: dict, meta: dict) -> str:
                        for e in summary[arm].values()] for arm in summary if arm != "baseline"]
     return "\n\n".join([
         "# Code-switched topic matching: accuracy (chance 0.5), 95% bootstrap CI",
-        f"Languages {', '.join(meta['languages'])}; seeds {meta['seeds']}; {meta['test_pairs']} test pairs; "
+        f"Languages {', '.join(meta['languages'])}; seeds {meta['seeds']}; {meta['test_pairs']} pairs of SIB-200 "
+        f"{meta['settings']['evaluate_on']}; "
         f"{meta['seconds']:.0f} s.",
         markdown_table(["arm", *conditions], accuracy),
         "## Difference to the baseline (paired bootstrap 95% CI)",
@@ -256,6 +260,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dropout", type=float, default=0.3, help="structured attention dropout p")
     parser.add_argument("--overlap", type=float, default=0.3, help="interfering overlap of Q_cross's mask")
     parser.add_argument("--test-pairs", type=int, default=408)
+    parser.add_argument("--evaluate-on", choices=["test", "dev"], default="test",
+                        help="dev: fine-tune on SIB-200 train and score dev pairs, to choose a recipe without test")
+    parser.add_argument("--arms", nargs="+", choices=list(arms(0.0, 0.0)),
+                        help="only these arms besides the baseline (default: all)")
     parser.add_argument("--tokenizer", help="tokenizer.json (default: the XLM-R one of the sweep)")
     parser.add_argument("--data-dir", help="data root holding sib200/ and ntrex128/")
     parser.add_argument("--threads", type=int, default=2)
@@ -267,8 +275,10 @@ def main(argv: list[str] | None = None) -> None:
         config = config.replace(steps=args.steps, warmup_steps=min(config.warmup_steps, args.steps))
     languages = [ENGLISH, *[lang for lang in args.languages if lang != ENGLISH]]
     corpus = build_corpus(languages, config.max_length, config.vocab_limit, args.tokenizer, args.data_dir)
-    task = load_task(languages, corpus, corpus.description["tokenizer"], args.data_dir, (config.max_length - 3) // 2)
-    variants = arms(args.dropout, args.overlap)
+    task = load_task(languages, corpus, corpus.description["tokenizer"], args.data_dir, (config.max_length - 3) // 2,
+                     args.evaluate_on)
+    variants = {arm: options for arm, options in arms(args.dropout, args.overlap).items()
+                if arm == "baseline" or args.arms is None or arm in args.arms}
     per_seed = [run_seed(seed, args, config, corpus, task, variants) for seed in args.seeds]
     summary = summarize(per_seed, args)
     meta = {"languages": languages, "seeds": args.seeds, "test_pairs": args.test_pairs,
