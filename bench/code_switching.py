@@ -134,6 +134,47 @@ def load_task(languages: list[str], corpus: SweepCorpus, tokenizer_path, data_di
     return task
 
 
+def lexical_reference(data_dir, evaluate_on: str, test_pairs: int, rng: np.random.Generator) -> dict:
+    """What English bag-of-character-n-grams features learn from the same labels, without any encoder.
+
+    "topic": 7-way topic of one sentence (logistic regression on TF-IDF), scored on the evaluated split.
+    "pair": the task itself, a logistic regression on [|a - b|, a * b] fitted on balanced English pairs of the
+    fine-tuning sentences, scored on the arms' pairs. "pair_by_topic": two topic predictions compared. Tells whether
+    the labels at hand carry enough signal for a pair model at all.
+    """
+    from scipy.sparse import hstack
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    fine_tune = load_sib200(ENGLISH, ("train", "dev") if evaluate_on == "test" else ("train",), data_dir)
+    scored = load_sib200(ENGLISH, (evaluate_on,), data_dir)
+    names = sorted({row.category for row in fine_tune})
+    train_topics = np.array([names.index(row.category) for row in fine_tune])
+    test_topics = np.array([names.index(row.category) for row in scored])
+    features = TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 4), min_df=2, sublinear_tf=True)
+    train_x = features.fit_transform([row.text for row in fine_tune])
+    test_x = features.transform([row.text for row in scored])
+
+    def pair_features(x, pairs):
+        first, second = x[[i for i, _, _ in pairs]], x[[j for _, j, _ in pairs]]
+        return hstack([abs(first - second), first.multiply(second)]).tocsr()
+
+    topic_model = LogisticRegression(max_iter=2000, C=10.0).fit(train_x, train_topics)
+    predicted = topic_model.predict(test_x)
+    train_pairs = balanced_pairs(train_topics, rng, 16_000)
+    pair_model = LogisticRegression(max_iter=1000).fit(pair_features(train_x, train_pairs),
+                                                        [same for _, _, same in train_pairs])
+    pairs = balanced_pairs(test_topics, np.random.default_rng(1234), test_pairs)
+    labels = np.array([same for _, _, same in pairs])
+    correct = {
+        "topic": (predicted == test_topics).astype(float),
+        "pair": (pair_model.predict(pair_features(test_x, pairs)) == labels).astype(float),
+        "pair_by_topic": ((predicted[[i for i, _, _ in pairs]] == predicted[[j for _, j, _ in pairs]]) == labels)
+        .astype(float),
+    }
+    return {name: {"accuracy": float(c.mean()), "ci95": accuracy_ci(c[None], rng)} for name, c in correct.items()}
+
+
 def accuracy_ci(correct: np.ndarray, rng: np.random.Generator, resamples: int = 2000) -> list[float]:
     """Percentile 95% CI of the mean of [groups, items] correctness, resampling items (columns)."""
     picks = rng.integers(0, correct.shape[1], size=(resamples, correct.shape[1]))
@@ -229,21 +270,31 @@ def summarize(per_seed: list[dict], args) -> dict:
     return summary
 
 
-def markdown(summary: dict, meta: dict) -> str:
-    conditions = list(summary["baseline"])
-    accuracy = [[arm] + [f"{e['accuracy']:.3f} [{e['ci95'][0]:.3f}, {e['ci95'][1]:.3f}]"
-                         for e in summary[arm].values()] for arm in summary]
-    deltas = [[arm] + [f"{e['delta']:+.3f} [{e['delta_ci95'][0]:+.3f}, {e['delta_ci95'][1]:+.3f}]"
-                       for e in summary[arm].values()] for arm in summary if arm != "baseline"]
-    return "\n\n".join([
+def markdown(summary: dict, lexical: dict, meta: dict) -> str:
+    def cell(entry: dict) -> str:
+        return f"{entry['accuracy']:.3f} [{entry['ci95'][0]:.3f}, {entry['ci95'][1]:.3f}]"
+
+    sections = [
         "# Code-switched topic matching: accuracy (chance 0.5), 95% bootstrap CI",
         f"Languages {', '.join(meta['languages'])}; seeds {meta['seeds']}; {meta['test_pairs']} pairs of SIB-200 "
-        f"{meta['settings']['evaluate_on']}; "
-        f"{meta['seconds']:.0f} s.",
-        markdown_table(["arm", *conditions], accuracy),
-        "## Difference to the baseline (paired bootstrap 95% CI)",
-        markdown_table(["arm", *conditions], deltas),
-    ]) + "\n"
+        f"{meta['settings']['evaluate_on']}; {meta['seconds']:.0f} s.",
+    ]
+    if summary:
+        conditions = list(summary["baseline"])
+        accuracy = [[arm] + [cell(e) for e in summary[arm].values()] for arm in summary]
+        deltas = [[arm] + [f"{e['delta']:+.3f} [{e['delta_ci95'][0]:+.3f}, {e['delta_ci95'][1]:+.3f}]"
+                           for e in summary[arm].values()] for arm in summary if arm != "baseline"]
+        sections.append(markdown_table(["arm", *conditions], accuracy))
+        if deltas:
+            sections += ["## Difference to the baseline (paired bootstrap 95% CI)",
+                         markdown_table(["arm", *conditions], deltas)]
+    sections += [
+        "## Reference without an encoder: English TF-IDF (character 2-4-grams) + logistic regression",
+        "topic: 7-way topic of one sentence (chance about 0.14); pair: the task itself, fitted on pairs of the "
+        "fine-tuning sentences; pair by topic: two topic predictions compared.",
+        markdown_table(["topic", "pair", "pair by topic"], [[cell(lexical[name]) for name in lexical]]),
+    ]
+    return "\n\n".join(sections) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -264,6 +315,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="dev: fine-tune on SIB-200 train and score dev pairs, to choose a recipe without test")
     parser.add_argument("--arms", nargs="+", choices=list(arms(0.0, 0.0)),
                         help="only these arms besides the baseline (default: all)")
+    parser.add_argument("--lexical-only", action="store_true",
+                        help="only the TF-IDF reference (seconds): no encoder is trained")
     parser.add_argument("--tokenizer", help="tokenizer.json (default: the XLM-R one of the sweep)")
     parser.add_argument("--data-dir", help="data root holding sib200/ and ntrex128/")
     parser.add_argument("--threads", type=int, default=2)
@@ -279,17 +332,20 @@ def main(argv: list[str] | None = None) -> None:
                      args.evaluate_on)
     variants = {arm: options for arm, options in arms(args.dropout, args.overlap).items()
                 if arm == "baseline" or args.arms is None or arm in args.arms}
-    per_seed = [run_seed(seed, args, config, corpus, task, variants) for seed in args.seeds]
-    summary = summarize(per_seed, args)
+    per_seed = [] if args.lexical_only else [run_seed(seed, args, config, corpus, task, variants)
+                                             for seed in args.seeds]
+    summary = summarize(per_seed, args) if per_seed else {}
+    lexical = lexical_reference(args.data_dir, args.evaluate_on, args.test_pairs, np.random.default_rng(0))
     meta = {"languages": languages, "seeds": args.seeds, "test_pairs": args.test_pairs,
             "seconds": time.perf_counter() - started, "training": config.to_dict(),
             "arms": {arm: vars(options) for arm, options in variants.items()},
             "settings": {k: v for k, v in vars(args).items() if k not in ("out",)}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "code_switching.json", json.dumps({"meta": meta, "summary": summary}, indent=2) + "\n")
-    write_text_atomic(out / "code_switching.md", markdown(summary, meta))
-    print(markdown(summary, meta))
+    document = {"meta": meta, "summary": summary, "lexical": lexical}
+    write_text_atomic(out / "code_switching.json", json.dumps(document, indent=2) + "\n")
+    write_text_atomic(out / "code_switching.md", markdown(summary, lexical, meta))
+    print(markdown(summary, lexical, meta))
 
 
 if __name__ == "__main__":
