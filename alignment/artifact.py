@@ -126,7 +126,7 @@ class ServingDefaults(BaseModel):
     layers: Annotated[list[int], Field(min_length=1, description="the layers steered, a subset of the artifact's")]
     positions: Literal[SERVING_POSITIONS] = Field(
         description="the tokens steered: the last prompt token (INCLINE), every prompt token, or every prompt and "
-                    "generated token")
+                    "generated token (a leading BOS never)")
 
 
 class InterventionManifest(BaseModel):

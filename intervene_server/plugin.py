@@ -78,8 +78,10 @@ def _patch_worker() -> None:
         check_runner(self.model_runner, self.vllm_config)  # before the weights load: fail fast
         load_model(self, *args, **kwargs)
         runner = self.model_runner
+        model_config = self.vllm_config.model_config
         runner.lingosteer_state = attach_to_model(
-            runner.get_model(), self.vllm_config.model_config.model, runner.device, runner.max_num_tokens
+            runner.get_model(), model_config.model, runner.device, runner.max_num_tokens,
+            getattr(model_config.hf_text_config, "bos_token_id", None),
         )
 
     model_forward = GPUModelRunner._model_forward

@@ -34,7 +34,7 @@ def scored_slices(runner, num_scheduled_tokens: dict[str, int]) -> dict[int, tup
         state = runner.requests.get(req_id)
         if num_tokens is None or state is None or state.prompt_token_ids is None:
             continue
-        score_from = runner.lingosteer_state.request(req_id, state.sampling_params).score_from
+        score_from = runner.lingosteer_state.request(req_id, state).score_from
         remaining = len(state.prompt_token_ids) - (state.num_computed_tokens + 1)
         num_logits = min(num_tokens, remaining)
         if score_from is None or num_logits <= 0:

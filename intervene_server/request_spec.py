@@ -4,8 +4,10 @@ Over HTTP the same keys arrive as `vllm_xargs`. Keys:
   language   FLORES-200 code of the loaded intervention to apply (required)
   alpha      strength; default: the intervention's manifest default
   layers     subset of the intervention's layers; default: all of them
-  positions  "last" (last prompt token, INCLINE), "prompt", "all", or [start, end)
-             prompt token ranges, nested [[0, 12], [30, 41]] or flat [0, 12, 30, 41]
+  positions  "last" (last prompt token, INCLINE), "prompt" (every prompt token after a
+             leading BOS), "all" (those and every generated token), or [start, end)
+             prompt token ranges, taken as given (BOS is position 0),
+             nested [[0, 12], [30, 41]] or flat [0, 12, 30, 41]
              (vLLM's HTTP layer types `vllm_xargs` values as scalars or flat lists)
 The engine core adds `lingosteer_version` (the intervention version bound at
 arrival), so a request keeps that version even if the language is swapped.

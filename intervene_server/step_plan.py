@@ -45,6 +45,7 @@ class ScheduledRequest:
     num_rows: int
     num_computed: int  # tokens already in the KV cache = position of first_row
     prompt_len: int
+    first_steerable: int  # 1 when the prompt starts with BOS: never steered by "prompt" / "all"
     spec: InterventionRequest
     intervention: LoadedIntervention
 
@@ -54,9 +55,9 @@ def selected_rows(req: ScheduledRequest) -> np.ndarray:
     start, end = req.num_computed, req.num_computed + req.num_rows
     positions = req.spec.positions
     if positions == "all":
-        spans = [(start, end)]
+        spans = [(max(start, req.first_steerable), end)]
     elif positions == "prompt":
-        spans = [(start, min(end, req.prompt_len))]
+        spans = [(max(start, req.first_steerable), min(end, req.prompt_len))]
     elif positions == "last":
         last = req.prompt_len - 1
         spans = [(last, last + 1)] if start <= last < end else []

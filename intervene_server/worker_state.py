@@ -39,6 +39,9 @@ class WorkerRequest:
     spec: InterventionRequest | None = None
     intervention: LoadedIntervention | None = None  # None: the request runs plain
     score_from: int | None = None  # see request_spec.SCORE_FROM_KEY
+    # 1 when the prompt starts with BOS. The maps are fitted on sentence tokens, never on BOS, and
+    # calibration (evaluation.scoring, steer mode "context") never steers it: serving matches.
+    first_steerable: int = 0
 
 
 @dataclass
@@ -48,6 +51,7 @@ class WorkerState:
     num_layers: int
     device: torch.device
     max_rows: int  # rows in one step at most (vLLM's max_num_batched_tokens)
+    bos_token_id: int | None = None  # the model config's; a leading BOS is never steered
     store: InterventionStore = field(default_factory=InterventionStore)
     requests: dict[str, WorkerRequest] = field(default_factory=dict)  # by request id, until it finishes
     _fingerprint: dict | None = None
@@ -88,7 +92,7 @@ class WorkerState:
         scheduled = []
         for i, req_id in enumerate(batch.req_ids[:num_reqs]):
             state = runner.requests[req_id]
-            request = self.request(req_id, state.sampling_params)
+            request = self.request(req_id, state)
             if request.intervention is None:
                 continue
             scheduled.append(
@@ -97,24 +101,26 @@ class WorkerState:
                     num_rows=int(query_start[i + 1] - query_start[i]),
                     num_computed=int(batch.num_computed_tokens_cpu[i]),
                     prompt_len=state.num_prompt_tokens,
+                    first_steerable=request.first_steerable,
                     spec=request.spec,
                     intervention=request.intervention,
                 )
             )
         return build_step_plan(scheduled, self.buffers) if scheduled else None
 
-    def request(self, req_id: str, sampling_params) -> WorkerRequest:
-        """The request's arguments and intervention, resolved when first seen and kept until `forget`."""
+    def request(self, req_id: str, state) -> WorkerRequest:
+        """The request's arguments and intervention (`state`: vLLM's CachedRequestState), resolved when
+        first seen and kept until `forget`."""
         request = self.requests.get(req_id)
         if request is None:
-            request = self.requests[req_id] = self._resolve(req_id, sampling_params)
+            request = self.requests[req_id] = self._resolve(req_id, state.sampling_params, state.prompt_token_ids)
         return request
 
     def forget(self, req_id: str) -> None:
         """The request finished (or was aborted): vLLM's runner dropped its state."""
         self.requests.pop(req_id, None)
 
-    def _resolve(self, req_id: str, sampling_params) -> WorkerRequest:
+    def _resolve(self, req_id: str, sampling_params, prompt_token_ids) -> WorkerRequest:
         try:
             args = parse_request_args(sampling_params.extra_args if sampling_params is not None else None)
         except RequestSpecError as error:  # validated in the front end; never crash a step
@@ -130,7 +136,8 @@ class WorkerState:
         if intervention is None and spec.language not in self._warned_languages:
             self._warned_languages.add(spec.language)
             logger.warning("no intervention loaded for %r; request runs plain", spec.language)
-        return WorkerRequest(spec, intervention, args.score_from)
+        starts_with_bos = bool(prompt_token_ids) and prompt_token_ids[0] == self.bos_token_id
+        return WorkerRequest(spec, intervention, args.score_from, first_steerable=int(starts_with_bos))
 
 
 def decoder_layers(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
@@ -138,11 +145,12 @@ def decoder_layers(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
     return [(i, inner.layers[i]) for i in range(inner.start_layer, inner.end_layer)]
 
 
-def attach_to_model(model: torch.nn.Module, model_dir: str, device: torch.device, max_rows: int) -> WorkerState:
+def attach_to_model(model: torch.nn.Module, model_dir: str, device: torch.device, max_rows: int,
+                    bos_token_id: int | None = None) -> WorkerState:
     """Route every decoder layer's output through the steering op (before compilation)."""
     architecture = type(model).__name__
     num_layers = len(model.model.layers) if hasattr(model, "model") else 0
-    state = WorkerState(architecture, model_dir, num_layers, device, max_rows)
+    state = WorkerState(architecture, model_dir, num_layers, device, max_rows, bos_token_id=bos_token_id)
     if not state.supported:
         logger.warning("lingosteer: %s is not supported; the engine runs plain", architecture)
         return state

@@ -65,15 +65,16 @@ def summarize(output) -> dict:
     }
 
 
-def steered_positions(mode, prompt_len: int, total_len: int) -> torch.Tensor:
-    """The [1, total_len] mask of positions the plugin steers for a position mode."""
+def steered_positions(mode, prompt_len: int, total_len: int, first_steerable: int = 0) -> torch.Tensor:
+    """The [1, total_len] mask of positions the plugin steers for a position mode
+    (`first_steerable` 1: the prompt starts with BOS, which "prompt" and "all" leave alone)."""
     mask = torch.zeros(1, total_len, dtype=torch.bool)
     if mode == "last":
         mask[0, prompt_len - 1] = True
     elif mode == "prompt":
-        mask[0, :prompt_len] = True
+        mask[0, first_steerable:prompt_len] = True
     elif mode == "all":
-        mask[0, :] = True
+        mask[0, first_steerable:] = True
     else:
         for start, end in mode:
             mask[0, start:min(end, prompt_len)] = True
@@ -88,7 +89,8 @@ def hf_reference_logprobs(hf_model, prompt_ids, generated_ids, intervention_dir=
             logits = hf_model(ids).logits
         else:
             intervention = load_intervention(intervention_dir)
-            mask = steered_positions(mode, len(prompt_ids), ids.shape[1])
+            starts_with_bos = len(prompt_ids) > 0 and prompt_ids[0] == hf_model.config.bos_token_id
+            mask = steered_positions(mode, len(prompt_ids), ids.shape[1], int(starts_with_bos))
             with steered(hf_model, intervention, mask, alpha=alpha):
                 logits = hf_model(ids).logits
     logprobs = torch.log_softmax(logits[0].float(), dim=-1)

@@ -69,8 +69,8 @@ def _intervention(version="v1", layers=(0, 1), dim=4, alpha=1.0):
     )
 
 
-def _scheduled(first_row, num_rows, num_computed, prompt_len, positions, **spec):
-    return ScheduledRequest(first_row, num_rows, num_computed, prompt_len,
+def _scheduled(first_row, num_rows, num_computed, prompt_len, positions, first_steerable=0, **spec):
+    return ScheduledRequest(first_row, num_rows, num_computed, prompt_len, first_steerable,
                             InterventionRequest("swh_Latn", positions=positions, **spec), _intervention())
 
 
@@ -89,6 +89,29 @@ def test_selected_rows(positions, num_computed, num_rows, expected):
     # The request's rows start at flattened row 10; its prompt has 10 tokens.
     rows = selected_rows(_scheduled(10, num_rows, num_computed, 10, positions))
     assert rows.tolist() == expected
+
+
+@pytest.mark.parametrize("positions, expected", [
+    ("prompt", [11, 12, 13, 14]), ("all", [11, 12, 13, 14]), ("last", [14]),
+    (((0, 2),), [10, 11]),  # explicit ranges are taken as given
+])
+def test_a_leading_bos_is_steered_only_when_asked_for_explicitly(positions, expected):
+    # Prompt of 5 tokens starting with BOS, prefilled in one step from flattened row 10.
+    assert selected_rows(_scheduled(10, 5, 0, 5, positions, first_steerable=1)).tolist() == expected
+
+
+def test_worker_marks_prompts_that_start_with_bos():
+    from types import SimpleNamespace
+
+    from intervene_server.worker_state import WorkerState
+
+    state = WorkerState("LlamaForCausalLM", "unused", 2, torch.device("cpu"), 16, bos_token_id=2)
+    state.store.install(_intervention("v1"))
+    extra = {"language": "swh_Latn", "lingosteer_version": "v1"}
+    with_bos = SimpleNamespace(sampling_params=SimpleNamespace(extra_args=extra), prompt_token_ids=[2, 9, 9])
+    without = SimpleNamespace(sampling_params=SimpleNamespace(extra_args=extra), prompt_token_ids=[9, 2, 9])
+    assert state.request("a", with_bos).first_steerable == 1
+    assert state.request("b", without).first_steerable == 0
 
 
 def test_plan_groups_by_intervention_and_carries_per_request_alpha():
@@ -263,7 +286,8 @@ def _steering_runner(extra_args: dict[str, dict | None], rows: dict[str, int]):
     state = WorkerState("LlamaForCausalLM", "unused", 2, torch.device("cpu"), 16)
     return SimpleNamespace(
         lingosteer_state=state,
-        requests={rid: SimpleNamespace(sampling_params=SimpleNamespace(extra_args=extra), num_prompt_tokens=8)
+        requests={rid: SimpleNamespace(sampling_params=SimpleNamespace(extra_args=extra), num_prompt_tokens=8,
+                                       prompt_token_ids=[7] * 8)
                   for rid, extra in extra_args.items()},
         input_batch=SimpleNamespace(num_reqs=len(order), req_ids=order,
                                     num_computed_tokens_cpu=np.zeros(len(order), dtype=np.int64)),
@@ -312,7 +336,7 @@ def test_worker_forgets_requests_when_vllm_drops_their_state():
 
     register()  # patches vLLM's runner, as in every vLLM process
     runner = _steering_runner({"a": None}, {"a": 1})
-    runner.lingosteer_state.request("a", runner.requests["a"].sampling_params)
+    runner.lingosteer_state.request("a", runner.requests["a"])
     GPUModelRunner._on_request_state_removed(runner, "a", None)
     assert runner.lingosteer_state.requests == {}
 
