@@ -76,7 +76,7 @@ CALIBRATION_FOLDS = 5
 SEARCH_ALPHAS = (-1.0, -0.5, 0.5, 1.0)
 SEARCH_POSITIONS = ("last", "prompt")
 # Serving position mode -> the benchmark's steering mode that steers the same prompt tokens of
-# a scoring request ("prompt": every prompt token; the benchmark leaves BOS alone, serving steers it too).
+# a scoring request ("prompt": every prompt token after BOS; neither serving nor the benchmark steers BOS).
 STEER_OF_POSITIONS = {"last": "last", "prompt": "context", "all": "all"}
 # Written before any calibration was run; docs/benchmarks.md quotes it.
 GATE_RULE = (
