@@ -1,12 +1,13 @@
 """Pydantic models of every body our routes take or return (they make the OpenAPI schema)."""
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from alignment.artifact import ServingDefaults  # the manifest's model: one owner of what serving defaults are
 
-Positions = str | list[tuple[int, int]]
+# [start, end) prompt token ranges, as lists: the form the JSON carries and the router fills in.
+Positions = str | list[Annotated[list[int], Field(min_length=2, max_length=2)]]
 
 
 class SpanReport(BaseModel):
