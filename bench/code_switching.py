@@ -113,14 +113,23 @@ def balanced_pairs(topics: np.ndarray, rng: np.random.Generator, count: int) -> 
     return pairs
 
 
+def fine_tune_splits(evaluate_on: str) -> tuple[str, ...]:
+    """SIB-200 splits fine-tuned on: train+dev when test is scored, train alone when dev is (choosing a recipe)."""
+    return ("train", "dev") if evaluate_on == "test" else ("train",)
+
+
+def scored_pairs(topics: np.ndarray, count: int) -> list[tuple[int, int, int]]:
+    """The evaluated pairs: the same for every seed, arm and the lexical reference."""
+    return balanced_pairs(topics, np.random.default_rng(1234), count)
+
+
 def load_task(languages: list[str], corpus: SweepCorpus, tokenizer_path, data_dir, body_length: int,
               evaluate_on: str = "test") -> dict:
     """Bodies (compact ids without <s> </s>) of the fine-tuning and scored SIB-200 sentences per language, parallel;
     topic labels. Scored on "test": fine-tuned on train+dev. Scored on "dev" (choosing a recipe): train only."""
     tokenizer = load_tokenizer(tokenizer_path)
     task = {"train": {}, "test": {}}
-    fine_tune_splits = ("train", "dev") if evaluate_on == "test" else ("train",)
-    for split, splits in (("train", fine_tune_splits), ("test", (evaluate_on,))):
+    for split, splits in (("train", fine_tune_splits(evaluate_on)), ("test", (evaluate_on,))):
         english = load_sib200(ENGLISH, splits, data_dir)
         order = [row.index_id for row in english]
         names = sorted({row.category for row in english})
@@ -146,7 +155,7 @@ def lexical_reference(data_dir, evaluate_on: str, test_pairs: int, rng: np.rando
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
-    fine_tune = load_sib200(ENGLISH, ("train", "dev") if evaluate_on == "test" else ("train",), data_dir)
+    fine_tune = load_sib200(ENGLISH, fine_tune_splits(evaluate_on), data_dir)
     scored = load_sib200(ENGLISH, (evaluate_on,), data_dir)
     names = sorted({row.category for row in fine_tune})
     train_topics = np.array([names.index(row.category) for row in fine_tune])
@@ -164,7 +173,7 @@ def lexical_reference(data_dir, evaluate_on: str, test_pairs: int, rng: np.rando
     train_pairs = balanced_pairs(train_topics, rng, 16_000)
     pair_model = LogisticRegression(max_iter=1000).fit(pair_features(train_x, train_pairs),
                                                         [same for _, _, same in train_pairs])
-    pairs = balanced_pairs(test_topics, np.random.default_rng(1234), test_pairs)
+    pairs = scored_pairs(test_topics, test_pairs)
     labels = np.array([same for _, _, same in pairs])
     correct = {
         "topic": (predicted == test_topics).astype(float),
@@ -208,7 +217,7 @@ def run_seed(seed: int, args, config: TrainingConfig, corpus: SweepCorpus, task:
     optimize(pretrained, config, lambda: mlm_loss(pretrained, monolingual_batch()), config.steps)
     train_bodies, topics = task["train"], task["train_topics"]
     rng = np.random.default_rng(seed)
-    test_pairs = balanced_pairs(task["test_topics"], np.random.default_rng(1234), args.test_pairs)
+    test_pairs = scored_pairs(task["test_topics"], args.test_pairs)
     labels = np.array([same for _, _, same in test_pairs])
     conditions = {"eng-eng": [(ENGLISH, ENGLISH)], "X-X": [(x, x) for x in others],
                   "eng-X": [(ENGLISH, x) for x in others], "X-eng": [(x, ENGLISH) for x in others]}
@@ -327,14 +336,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.steps:
         config = config.replace(steps=args.steps, warmup_steps=min(config.warmup_steps, args.steps))
     languages = [ENGLISH, *[lang for lang in args.languages if lang != ENGLISH]]
-    corpus = build_corpus(languages, config.max_length, config.vocab_limit, args.tokenizer, args.data_dir)
-    task = load_task(languages, corpus, corpus.description["tokenizer"], args.data_dir, (config.max_length - 3) // 2,
-                     args.evaluate_on)
     variants = {arm: options for arm, options in arms(args.dropout, args.overlap).items()
-                if arm == "baseline" or args.arms is None or arm in args.arms}
-    per_seed = [] if args.lexical_only else [run_seed(seed, args, config, corpus, task, variants)
-                                             for seed in args.seeds]
-    summary = summarize(per_seed, args) if per_seed else {}
+                if not args.lexical_only and (arm == "baseline" or args.arms is None or arm in args.arms)}
+    summary = {}
+    if variants:  # the corpus and the tokenized task are only needed to train encoders
+        corpus = build_corpus(languages, config.max_length, config.vocab_limit, args.tokenizer, args.data_dir)
+        task = load_task(languages, corpus, corpus.description["tokenizer"], args.data_dir,
+                         (config.max_length - 3) // 2, args.evaluate_on)
+        summary = summarize([run_seed(seed, args, config, corpus, task, variants) for seed in args.seeds], args)
     lexical = lexical_reference(args.data_dir, args.evaluate_on, args.test_pairs, np.random.default_rng(0))
     meta = {"languages": languages, "seeds": args.seeds, "test_pairs": args.test_pairs,
             "seconds": time.perf_counter() - started, "training": config.to_dict(),
