@@ -621,3 +621,56 @@ def test_identical_uploads_at_once_get_the_answer_of_their_content(model_dir, tm
     for response in responses:
         assert response.status_code == 422 and "format_version" in response.json()["detail"], response.json()
     assert not list((root / UPLOAD_DIR_NAME).iterdir())  # neither refused upload is kept
+
+
+def test_the_upload_directory_keeps_only_the_uploads_that_are_loaded(model_dir, tmp_path):
+    """A replaced or unloaded upload's files are removed (the engine holds loaded tensors in memory);
+    without this every hot swap by upload would leave its predecessor on disk for good."""
+    import asyncio
+
+    import httpx
+    from fastapi import FastAPI
+
+    from alignment.artifact import MANIFEST_NAME, MATRICES_NAME
+    from intervene_server.server.artifacts import DEFAULT_MAX_UPLOAD_BYTES, UPLOAD_DIR_NAME
+    from intervene_server.server.interventions_api import admin_router
+    from plugin_support import write_planted_intervention
+
+    root = tmp_path / "root"
+    uploads = root / UPLOAD_DIR_NAME
+    versions = [write_planted_intervention(root / f"swh_v{seed}", model_dir, [0, 1], "swh_Latn", seed=seed)
+                for seed in (1, 2, 3)]
+    registry = InterventionRegistry(_WorkerBehindRpc(model_dir), root)
+    app = FastAPI()
+    app.include_router(admin_router(registry, ADMIN_TOKEN, uploads, DEFAULT_MAX_UPLOAD_BYTES))
+    auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+    def files(artifact):
+        return {name: (artifact / file).read_bytes() for name, file in (("manifest", MANIFEST_NAME),
+                                                                         ("matrices", MATRICES_NAME))}
+
+    async def scenario() -> list[list[str]]:
+        seen = []
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://server") as client:
+            async def upload(artifact):
+                response = await client.post("/admin/interventions/upload", files=files(artifact), headers=auth)
+                assert response.status_code == 200, response.json()
+                return response.json()["loaded"]["path"]
+
+            first = await upload(versions[0])
+            seen.append(sorted(p.name for p in uploads.iterdir()))
+            second = await upload(versions[1])  # replaces the first: its files go
+            seen.append(sorted(p.name for p in uploads.iterdir()))
+            assert (await upload(versions[1])) == second  # the same upload again keeps its files
+            seen.append(sorted(p.name for p in uploads.iterdir()))
+            response = await client.post("/admin/interventions", json={"path": "swh_v3"}, headers=auth)
+            assert response.status_code == 200, response.json()  # a load by path replaces the upload
+            seen.append(sorted(p.name for p in uploads.iterdir()))
+            await upload(versions[0])
+            assert (await client.delete("/admin/interventions/swh_Latn", headers=auth)).status_code == 200
+            seen.append(sorted(p.name for p in uploads.iterdir()))
+            return [[first.split("/")[-1]], [second.split("/")[-1]], *seen]
+
+    first, second, *seen = asyncio.run(scenario())
+    assert seen == [first, second, second, [], []]
+    assert all(version.is_dir() for version in versions)  # artifacts in the root itself are never touched

@@ -3,13 +3,16 @@
 A load by path must stay inside the root after resolving symlinks (no `..`, no
 link pointing out). An upload (manifest.json + matrices.safetensors) is written
 to the upload directory under its content hash, atomically, and then loaded
-like any other artifact; the engine does all content validation.
+like any other artifact; the engine does all content validation. The upload
+directory keeps only uploads that are loaded: the engine holds a loaded version's
+tensors in memory, so a replaced or unloaded upload's files are removed.
 """
 
 import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from alignment.artifact import MANIFEST_NAME, MATRICES_NAME, files_outside
@@ -61,3 +64,18 @@ def store_upload(upload_dir: Path, manifest: bytes, matrices: bytes) -> Path:
         if not target.is_dir():
             raise
     return target
+
+
+def remove_unused_uploads(upload_dir: Path, in_use: Iterable[Path]) -> list[str]:
+    """Delete everything in `upload_dir` but the loaded uploads `in_use`; the names removed.
+
+    The caller holds the uploads lock, so no upload is being stored or loaded meanwhile: what
+    is left is a replaced, unloaded or refused upload, or staging left by a killed process.
+    """
+    if not upload_dir.is_dir():
+        return []
+    keep = {path.resolve() for path in in_use}
+    removed = sorted(entry.name for entry in upload_dir.iterdir() if entry.resolve() not in keep)
+    for name in removed:
+        shutil.rmtree(upload_dir / name, ignore_errors=True)
+    return removed

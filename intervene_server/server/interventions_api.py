@@ -5,7 +5,6 @@ off the event loop that serves every other request.
 """
 
 import asyncio
-import shutil
 from pathlib import Path
 from typing import Annotated
 
@@ -15,7 +14,7 @@ from starlette.datastructures import UploadFile
 
 from alignment.artifact import MANIFEST_NAME, MATRICES_NAME
 from intervene_server.server import metrics
-from intervene_server.server.artifacts import ArtifactPathError, resolve_in_root, store_upload
+from intervene_server.server.artifacts import ArtifactPathError, remove_unused_uploads, resolve_in_root, store_upload
 from intervene_server.server.auth import audit, require_token
 from intervene_server.server.path_languages import language_or_404
 from intervene_server.server.registry import InterventionRegistry, LoadError
@@ -39,10 +38,16 @@ def admin_router(
     errors = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 411, 413, 422)}
     router = APIRouter(prefix="/admin", tags=["lingosteer admin"], responses=errors)
     caller = Annotated[str, Depends(require_token(token))]
-    # Identical uploads share one directory (named by content hash): one upload's store, load and
-    # removal after a refused load must not interleave with another's, or a refused upload could
-    # delete the files an identical one is loading. Loads are one at a time in the registry anyway.
-    upload_lock = asyncio.Lock()
+    # Every change holds this lock from storing an upload to removing the uploads no longer loaded,
+    # so a clean-up never deletes files that another change is about to load (identical uploads
+    # share one directory, named by content hash). Loads are one at a time in the registry anyway.
+    uploads_lock = asyncio.Lock()
+
+    async def remove_unused(request: Request) -> None:
+        in_use = [registry.root / info.path for info in registry.loaded.values()]
+        removed = await run_in_threadpool(remove_unused_uploads, upload_dir, in_use)
+        if removed:
+            audit("uploads_removed", request, removed=removed)
 
     async def load(request: Request, path: Path, shown: str) -> LoadResult:
         try:
@@ -64,7 +69,11 @@ def admin_router(
         except ArtifactPathError as error:
             audit("load_rejected", request, artifact=body.path, error=str(error))
             raise HTTPException(400, str(error)) from None
-        return await load(request, path, body.path)
+        async with uploads_lock:
+            try:
+                return await load(request, path, body.path)
+            finally:
+                await remove_unused(request)  # the upload it replaced, if any
 
     @router.post("/interventions/upload", response_model=LoadResult, openapi_extra=_UPLOAD_BODY)
     async def load_from_upload(request: Request, _: caller) -> LoadResult:
@@ -80,20 +89,20 @@ def admin_router(
                 raise HTTPException(400, f"multipart upload lacks the file part(s) {missing}")
             manifest_bytes = await _read_limited(files["manifest"], max_upload_bytes)
             matrices_bytes = await _read_limited(files["matrices"], max_upload_bytes - len(manifest_bytes))
-        async with upload_lock:
+        async with uploads_lock:
             path = await run_in_threadpool(store_upload, upload_dir, manifest_bytes, matrices_bytes)
             try:
                 return await load(request, path, f"upload {path.name}")
-            except HTTPException:
-                if not any(info.path == str(path.relative_to(registry.root)) for info in registry.loaded.values()):
-                    await run_in_threadpool(shutil.rmtree, path, ignore_errors=True)  # keep only uploads that loaded
-                raise
+            finally:
+                await remove_unused(request)  # this upload if it was refused, and the upload it replaced
 
     @router.delete("/interventions/{language}", response_model=UnloadResult)
     async def unload(language: str, request: Request, _: caller) -> UnloadResult:
         """Unload the intervention for a language; requests already running keep their version."""
         code = language_or_404(language, registry.loaded, "languages with a loaded intervention")
-        version = await registry.unload(code)
+        async with uploads_lock:
+            version = await registry.unload(code)
+            await remove_unused(request)
         metrics.INTERVENTION_EVENTS.labels(event="unload", language=code).inc()
         audit("unload", request, language=code, version=version)
         return UnloadResult(language=code, version=version)
