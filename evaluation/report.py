@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluation.stats import bootstrap_delta_ci, mcnemar_exact
+from evaluation.stats import bootstrap_delta_ci, bootstrap_mean_ci, mcnemar_exact
 from lingosteer.files import atomic_path, write_text_atomic
 from lingosteer.markdown import markdown_table
 
@@ -84,13 +84,15 @@ def build_report(config, model_dir, eval_sets, outcomes, map_sets, timing, refer
 
 
 def _summary(pairs, resamples: int, seed: int) -> dict:
-    """baseline / intervened accuracy (mean over languages), delta, its CI and McNemar on pooled items."""
+    """baseline / intervened accuracy (mean over languages), the baseline's CI, delta, its CI and
+    McNemar on pooled items."""
     baseline = float(np.mean([b.mean() for b, _ in pairs]))
     intervened = float(np.mean([i.mean() for _, i in pairs]))
     low, high = bootstrap_delta_ci(pairs, resamples, seed)
     pooled_b = np.concatenate([b for b, _ in pairs])
     pooled_i = np.concatenate([i for _, i in pairs])
-    return {"baseline": baseline, "intervened": intervened, "delta": intervened - baseline,
+    return {"baseline": baseline, "baseline_ci95": list(bootstrap_mean_ci([b for b, _ in pairs], resamples, seed)),
+            "intervened": intervened, "delta": intervened - baseline,
             "delta_ci95": [low, high], "mcnemar": mcnemar_exact(pooled_b, pooled_i)}
 
 
@@ -160,14 +162,15 @@ def _alpha(alpha) -> str:
 def _row(name: str, r: dict, n, alpha, transfer) -> list[str]:
     low, high = r["delta_ci95"]
     m = r["mcnemar"]
-    return [name, str(n), _pct(r["baseline"]), _pct(r["intervened"]), f"{100 * r['delta']:+.1f}",
+    baseline = f"{_pct(r['baseline'])} [{_pct(r['baseline_ci95'][0])}, {_pct(r['baseline_ci95'][1])}]"
+    return [name, str(n), baseline, _pct(r["intervened"]), f"{100 * r['delta']:+.1f}",
             f"[{100 * low:+.1f}, {100 * high:+.1f}]", f"{m['p']:.3f} ({m['baseline_only']}/{m['intervened_only']})",
             transfer, _alpha(alpha)]
 
 
 def markdown(report: dict) -> str:
     """The report as markdown: settings, then one table row per language, group and the mean."""
-    header = ["language", "n", "baseline %", "intervened %", "delta pp", "delta 95% CI",
+    header = ["language", "n", "baseline % [95% CI]", "intervened %", "delta pp", "delta 95% CI",
               "McNemar p (b/c)", "transfer (base / int)", "alpha"]
     rows = []
     for code, r in report["languages"].items():
@@ -189,7 +192,7 @@ def markdown(report: dict) -> str:
         f"({report['engine']['cpu']})",
         f"- prompt: {report['prompt_style']}; steered tokens: {report['steer']}",
         f"- alpha: {report['alpha_selection']}; grid {', '.join(f'{a:g}' for a in report['alpha_grid'])}",
-        "- delta CI: paired bootstrap over items (within each language); McNemar: exact binomial on "
+        "- CIs: bootstrap over items (within each language; paired for the delta); McNemar: exact binomial on "
         "discordant items, b = baseline-only right, c = intervened-only right",
         "",
         markdown_table(header, rows),

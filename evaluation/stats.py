@@ -28,16 +28,26 @@ def bootstrap_delta_ci(pairs: list[tuple[np.ndarray, np.ndarray]], resamples: in
     the same items; items are resampled with replacement within each language, so
     the pairing is kept and every language keeps its weight.
     """
+    differences = [np.asarray(intervened, float) - np.asarray(baseline, float) for baseline, intervened in pairs]
+    return bootstrap_mean_ci(differences, resamples, seed, level)
+
+
+def bootstrap_mean_ci(samples: list[np.ndarray], resamples: int = 10000,
+                      seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile CI of the mean over languages of each language's mean (e.g. its accuracy).
+
+    Values are resampled with replacement within each language, so every language keeps its weight.
+    """
     rng = np.random.default_rng(seed)
-    deltas = np.zeros(resamples)
-    for baseline, intervened in pairs:
-        diff = np.asarray(intervened, float) - np.asarray(baseline, float)
-        if diff.size == 0:
+    means = np.zeros(resamples)
+    for values in samples:
+        values = np.asarray(values, float)
+        if values.size == 0:
             raise ValueError("a language with no items has no accuracy")
-        for chunk in np.array_split(np.arange(resamples), max(1, resamples * diff.size // 2_000_000)):
-            picks = rng.integers(0, diff.size, size=(chunk.size, diff.size))  # bounded memory for big files
-            deltas[chunk] += diff[picks].mean(axis=1)
-    deltas /= len(pairs)
+        for chunk in np.array_split(np.arange(resamples), max(1, resamples * values.size // 2_000_000)):
+            picks = rng.integers(0, values.size, size=(chunk.size, values.size))  # bounded memory for big files
+            means[chunk] += values[picks].mean(axis=1)
+    means /= len(samples)
     tail = (1.0 - level) / 2 * 100
-    low, high = np.percentile(deltas, [tail, 100 - tail])
+    low, high = np.percentile(means, [tail, 100 - tail])
     return float(low), float(high)

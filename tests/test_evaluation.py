@@ -17,7 +17,7 @@ from evaluation.calibration import choose_alpha, contiguous_folds, parse_grid
 from evaluation.report import markdown, read_report, write_report
 from evaluation.runner import BenchmarkConfig, Scorer, Timing, _score_all, run_benchmark
 from evaluation.scoring import PLAIN, Condition, Encoded, encode_examples, score_with_hf, score_with_vllm, steer_ranges
-from evaluation.stats import bootstrap_delta_ci, mcnemar_exact
+from evaluation.stats import bootstrap_delta_ci, bootstrap_mean_ci, mcnemar_exact
 from evaluation.tasks import Example, build_examples, find_files, load_items, load_prompts
 from lingosteer.backend import scoring_engine_kwargs, shutdown_engine
 from lingosteer.data import load_sib200
@@ -294,6 +294,8 @@ def test_report_contract_and_round_trip(calibrated, tmp_path):
         assert row["transfer"]["baseline"] == pytest.approx(row["baseline"] / report["english"]["accuracy"])
         low, high = row["delta_ci95"]
         assert low <= row["delta"] <= high
+        low, high = row["baseline_ci95"]
+        assert low <= row["baseline"] <= high
     assert "en" not in report["languages"] and report["english"]["n"] == N_ITEMS
     assert report["mean"]["baseline"] == pytest.approx(
         np.mean([report["languages"][c]["baseline"] for c in ("sw", "it")]))
@@ -467,6 +469,21 @@ def test_bootstrap_ci_brackets_the_delta_and_collapses_without_discordance():
     se = math.sqrt(np.var(inter.astype(float) - base) / 200)
     assert high - low == pytest.approx(2 * 1.96 * se, rel=0.2)
     assert bootstrap_delta_ci([(base, base)], resamples=500) == (0.0, 0.0)
+
+
+def test_bootstrap_mean_ci_brackets_the_accuracy_and_weighs_languages_equally():
+    rng = np.random.default_rng(2)
+    small, large = rng.random(100) < 0.8, rng.random(2000) < 0.4
+    low, high = bootstrap_mean_ci([large], resamples=2000, seed=0)
+    se = math.sqrt(large.mean() * (1 - large.mean()) / large.size)
+    assert low < large.mean() < high and high - low == pytest.approx(2 * 1.96 * se, rel=0.2)
+    low, high = bootstrap_mean_ci([small, large], resamples=2000, seed=0)
+    assert low < (small.mean() + large.mean()) / 2 < high  # not the pooled accuracy (~0.42)
+    assert low > np.concatenate([small, large]).mean() + 0.1
+    assert bootstrap_mean_ci([np.ones(50)], resamples=500) == (1.0, 1.0)
+    # The delta CI is the mean CI of the paired differences.
+    assert bootstrap_delta_ci([(large, small[:1] | large)], 500, 3) == bootstrap_mean_ci(
+        [(small[:1] | large).astype(float) - large], 500, 3)
 
 
 # ---- calibrated serving defaults (align build) ------------------------------------------
