@@ -5,7 +5,7 @@
     scoring      token ids, steered positions, summed option log-likelihoods from
                  vLLM (the serving path) or from HF transformers (the reference)
     calibration  alpha chosen per language from calibration items only
-    stats        paired bootstrap CI and exact McNemar test
+    stats        bootstrap CIs (an accuracy, a paired delta) and the exact McNemar test
     report       the report dict, its JSON / markdown / PNG files
     runner       ties them together around one vLLM engine
     cli          `lingosteer bench xcopa|xnli`
