@@ -21,7 +21,8 @@ def test_native_bfloat16_read_from_cpu_flags(tmp_path):
 @pytest.fixture
 def machine(monkeypatch):
     """Pretend to be a given machine: `machine(cpu=..., native_bfloat16=...)`; restores vLLM's environment."""
-    for name in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_USE_V2_MODEL_RUNNER"):
+    for name in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_USE_V2_MODEL_RUNNER",
+                 "VLLM_ENABLE_V1_MULTIPROCESSING"):
         monkeypatch.delenv(name, raising=False)
 
     def pretend(cpu: bool, native_bfloat16: bool = False) -> None:
@@ -60,14 +61,21 @@ def test_cpu_model_name_read_from_cpuinfo(tmp_path):
     assert cpu_model_name(cpuinfo) == "AMD EPYC 9R14 96-Core Processor"
 
 
-def test_offline_engines_use_every_core_api_servers_leave_one(tmp_path, monkeypatch):
+def test_offline_engines_use_every_core_in_process_api_servers_leave_one(tmp_path, monkeypatch):
     if not is_cpu_backend():
-        pytest.skip("the reserved core is a setting of vLLM's CPU backend")
-    monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
+        pytest.skip("the reserved core and the process layout are settings of vLLM's CPU backend")
+    for name in ("VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_ENABLE_V1_MULTIPROCESSING"):
+        monkeypatch.delenv(name, raising=False)
     engine_kwargs(tmp_path, api_server=True)
     assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in os.environ  # vLLM's default: one core for the front end
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"  # engine core and worker processes
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING")
     engine_kwargs(tmp_path)
     assert os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # the engine runs in the calling process
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # a parent's offline setting...
+    engine_kwargs(tmp_path, api_server=True)
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"  # ...never reaches a server it starts
 
 
 def test_vllm_distribution_found_by_name_whichever_build_is_installed():
