@@ -51,6 +51,25 @@ def cpu_model_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+# Set by the `lingosteer` program (`run_offline_engines_in_process`); read when an engine starts.
+_offline_engines_in_process = False
+
+
+def run_offline_engines_in_process() -> None:
+    """Let this process's offline engines run inside it on CPU (`VLLM_ENABLE_V1_MULTIPROCESSING=0`).
+
+    vLLM otherwise spawns an engine-core process and a worker process per engine,
+    each importing torch and vLLM afresh: 23 of an engine's 48 s start-up here, and
+    nothing in scoring speed. The choice holds for the process's life: once an engine
+    has started in it, vLLM caches its environment and its plugins have patched
+    classes process-wide. So only the `lingosteer` program makes it, at start;
+    processes that put a plain-vLLM engine beside ours (tests, `bench/scoring.py`,
+    `bench/throughput.py`) keep vLLM's separate processes.
+    """
+    global _offline_engines_in_process
+    _offline_engines_in_process = True
+
+
 def configure_cpu_environment(api_server: bool = False) -> None:
     """Set vLLM's CPU settings that it reads from the environment, where unset (no-op on a GPU).
 
@@ -58,21 +77,19 @@ def configure_cpu_environment(api_server: bool = False) -> None:
     refuses to start when other processes hold some. vLLM on CPU keeps one core
     free for an API server's front end; an offline engine (`api_server=False`) has
     none, and reserving the core made a plain lm-eval run 1.8x slower on 2 cores,
-    so it gets every core (`VLLM_CPU_NUM_OF_RESERVED_CPU=0`). An offline engine
-    also runs in the calling process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): vLLM
-    otherwise spawns an engine-core process and a worker process, each importing
-    torch and vLLM afresh, which cost 23 of an engine's 48 s start-up here and
-    nothing in scoring speed. An API server keeps vLLM's process layout (its
-    engine runs beside the front end), whatever a parent process set. Call it
-    before any engine starts, ours or another library's.
+    so it gets every core (`VLLM_CPU_NUM_OF_RESERVED_CPU=0`). An offline engine of
+    the `lingosteer` program runs in its process (`run_offline_engines_in_process`);
+    an API server keeps vLLM's process layout, whatever a parent process set. Call
+    it before any engine starts, ours or another library's.
     """
     if not is_cpu_backend():
         return
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(DEFAULT_CPU_KVCACHE_GIB))
     if api_server:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
-    else:
-        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+        return
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    if _offline_engines_in_process:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 

@@ -43,5 +43,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def program() -> int:
+    """The `lingosteer` program (console script, `python -m lingosteer.cli`): one command per process."""
+    from lingosteer.backend import run_offline_engines_in_process
+
+    run_offline_engines_in_process()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(program())

@@ -61,21 +61,29 @@ def test_cpu_model_name_read_from_cpuinfo(tmp_path):
     assert cpu_model_name(cpuinfo) == "AMD EPYC 9R14 96-Core Processor"
 
 
-def test_offline_engines_use_every_core_in_process_api_servers_leave_one(tmp_path, monkeypatch):
+def test_offline_engines_use_every_core_api_servers_leave_one(tmp_path, monkeypatch):
     if not is_cpu_backend():
         pytest.skip("the reserved core and the process layout are settings of vLLM's CPU backend")
     for name in ("VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_ENABLE_V1_MULTIPROCESSING"):
         monkeypatch.delenv(name, raising=False)
     engine_kwargs(tmp_path, api_server=True)
     assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in os.environ  # vLLM's default: one core for the front end
-    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"  # engine core and worker processes
-    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING")
     engine_kwargs(tmp_path)
     assert os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
-    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # the engine runs in the calling process
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # a parent's offline setting...
-    engine_kwargs(tmp_path, api_server=True)
-    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"  # ...never reaches a server it starts
+
+
+def test_the_program_runs_offline_engines_in_process_servers_keep_their_processes(tmp_path, monkeypatch):
+    if not is_cpu_backend():
+        pytest.skip("the process layout is a setting of vLLM's CPU backend")
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    monkeypatch.setattr(backend, "_offline_engines_in_process", False)
+    engine_kwargs(tmp_path)
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ  # a library user or a test: vLLM's processes
+    backend.run_offline_engines_in_process()  # what the `lingosteer` program does at start
+    engine_kwargs(tmp_path)
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    engine_kwargs(tmp_path, api_server=True)  # `lingosteer serve`, or a server the program starts
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
 
 
 def test_vllm_distribution_found_by_name_whichever_build_is_installed():
