@@ -51,6 +51,10 @@ def cpu_model_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+# Every vLLM environment variable this module may set (tests clear them to pretend to be a fresh machine).
+ENVIRONMENT_SETTINGS = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_USE_V2_MODEL_RUNNER",
+                        "VLLM_ENABLE_V1_MULTIPROCESSING")
+
 # Set by the `lingosteer` program (`run_offline_engines_in_process`); read when an engine starts.
 _offline_engines_in_process = False
 

@@ -21,8 +21,7 @@ def test_native_bfloat16_read_from_cpu_flags(tmp_path):
 @pytest.fixture
 def machine(monkeypatch):
     """Pretend to be a given machine: `machine(cpu=..., native_bfloat16=...)`; restores vLLM's environment."""
-    for name in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_USE_V2_MODEL_RUNNER",
-                 "VLLM_ENABLE_V1_MULTIPROCESSING"):
+    for name in backend.ENVIRONMENT_SETTINGS:
         monkeypatch.delenv(name, raising=False)
 
     def pretend(cpu: bool, native_bfloat16: bool = False) -> None:
@@ -53,6 +52,18 @@ def test_overrides_win(tmp_path, machine):
     machine(cpu=True)
     kwargs = engine_kwargs(tmp_path, max_model_len=64, dtype="bfloat16")
     assert kwargs["model"] == str(tmp_path) and kwargs["max_model_len"] == 64 and kwargs["dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("cpu", [True, False])
+@pytest.mark.parametrize("api_server", [True, False])
+def test_engine_settings_touch_only_the_declared_environment(tmp_path, machine, monkeypatch, cpu, api_server):
+    """Tests restore `ENVIRONMENT_SETTINGS` to pretend to be a fresh machine: nothing else may change."""
+    machine(cpu=cpu)
+    monkeypatch.setattr(backend, "_offline_engines_in_process", True)
+    before = dict(os.environ)
+    engine_kwargs(tmp_path, api_server=api_server)
+    changed = {name for name in set(before) | set(os.environ) if before.get(name) != os.environ.get(name)}
+    assert changed and changed <= set(backend.ENVIRONMENT_SETTINGS)
 
 
 def test_cpu_model_name_read_from_cpuinfo(tmp_path):

@@ -307,8 +307,7 @@ def test_serve_takes_the_machines_engine_settings_where_the_user_gave_none(cpu, 
 
     monkeypatch.setattr(backend, "is_cpu_backend", lambda: cpu)
     monkeypatch.setattr(backend, "cpu_has_native_bfloat16", lambda: False)
-    for name in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_USE_V2_MODEL_RUNNER",
-                 "VLLM_ENABLE_V1_MULTIPROCESSING"):
+    for name in backend.ENVIRONMENT_SETTINGS:
         monkeypatch.delenv(name, raising=False)
     parser = build_serve_parser()
     plain = parser.parse_args(["m", "--interventions", "x"])
