@@ -57,12 +57,11 @@ def register(subparsers) -> None:
         parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
         parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                             help="engine dtype (default %(default)s: pinned so reports compare across CPUs)")
-        if task == "xcopa":
-            parser.add_argument("--incline", type=Path, default=None, metavar="DIR",
-                                help="INCLINE-form artifacts (align fit --recipe incline): also score INCLINE as "
-                                     "published on the same items, side by side (evaluation/incline.py)")
+        parser.add_argument("--incline", type=Path, default=None, metavar="DIR",
+                            help="INCLINE-form artifacts (align fit --recipe incline): also score INCLINE as "
+                                 "published on the same items, side by side (evaluation/incline.py)")
         parser.add_argument("--json", action="store_true", help="print the report as one JSON object to stdout")
-        parser.set_defaults(func=run_bench, task=task, incline=None)
+        parser.set_defaults(func=run_bench, task=task)
 
 
 def run_bench(args) -> int:

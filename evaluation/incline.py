@@ -7,9 +7,10 @@ What makes these numbers INCLINE's protocol rather than lingosteer's (methods.md
   computed from ONE CLEAN forward pass and written into a second pass, so edits do not
   compound across layers (the serving plugin's do: each layer sees the earlier ones' edits);
   later tokens see the edit only through attention to that token;
-- the task: XCOPA asked with an English instruction prompt, the gold letter teacher-forced
-  after it, and scored by exact match of the argmax tokens at the answer positions (not a
-  log-likelihood comparison);
+- the task: asked with their English instruction prompt (`TASKS`: XCOPA from their released
+  `intervention.py`, XNLI from the data loaders released beside it), the gold answer
+  teacher-forced after it, and scored by exact match of the argmax tokens at the answer
+  positions (not a log-likelihood comparison);
 - the strength: s swept over their grid, and the best s on the evaluated items reported.
   That selection sees the labels it is scored on, so `summarise` reports it labelled as
   such and, beside it, s chosen for each fold on the other folds only.
@@ -24,6 +25,7 @@ tests compare against.
 from __future__ import annotations
 
 import copy
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -32,8 +34,25 @@ from alignment.artifact import Intervention
 from alignment.hf_steering import hidden_of, layer_hooks, with_hidden
 from evaluation.calibration import choose_alpha, cross_validate
 
-PROMPT = 'Here is a premise: "{premise}". A: "{choice1}" B: "{choice2}" What is the {question}? "A" or "B"?'
-LETTERS = ("A", "B")
+
+
+@dataclass(frozen=True)
+class Task:
+    """A task as their code asks it: an English instruction prompt around the item's fields, and the
+    answer the model should give for each label."""
+
+    prompt: str
+    answers: tuple[str, ...]  # indexed by the item's label
+
+
+TASKS = {
+    "xcopa": Task('Here is a premise: "{premise}". A: "{choice1}" B: "{choice2}" What is the {question}? "A" or "B"?',
+                  ("A", "B")),
+    # Their loader maps entailment -> true, neutral -> inconclusive, contradiction -> false;
+    # our labels are 0 entailment, 1 neutral, 2 contradiction.
+    "xnli": Task('Take the following as truth: {premise}\nThen the following statement: "{hypothesis}" is "true", '
+                 '"false", or "inconclusive"?', ("true", "inconclusive", "false")),
+}
 # Their list reads [-1, ..., -0.4, -0.3-0.2, -0.1, 0, 0.1, ..., 1]: `-0.3-0.2` evaluates to -0.5,
 # so -0.3 and -0.2 were never tried. These are the strengths their code did try.
 GRID = tuple(round(step / 10, 1) for step in range(-10, 11) if step not in (-3, -2))
@@ -42,9 +61,9 @@ PUNCTUATION = (".</s>", ".\n", ".", ";", "!", ",", "?", "\n", "</s>", "<pad>")
 FOLDS = 5
 
 
-def question(item) -> str:
-    """INCLINE's English instruction prompt for one XCOPA item (question word in English)."""
-    return PROMPT.format(premise=item.premise, choice1=item.choice1, choice2=item.choice2, question=item.question)
+def question(item, task: str = "xcopa") -> str:
+    """INCLINE's English instruction prompt for one item (XCOPA's question word in English)."""
+    return TASKS[task].prompt.format(**asdict(item))
 
 
 def normalise(answer: str) -> str:
@@ -86,37 +105,37 @@ def _targets(clean: dict[int, torch.Tensor], maps: dict, strengths: torch.Tensor
     return {layer: h + strengths[:, None] * (maps[layer][0] @ h + maps[layer][1]) for layer, h in clean.items()}
 
 
-def _encode(tokenizer, item) -> tuple[torch.Tensor, int, str]:
-    """(prompt + ' ' + gold letter ids [1, T], index of the last prompt token, gold letter)."""
-    letter = LETTERS[item.label]
-    prompt = question(item)
+def _encode(tokenizer, item, task: str = "xcopa") -> tuple[torch.Tensor, int, str]:
+    """(prompt + ' ' + gold answer ids [1, T], index of the last prompt token, gold answer)."""
+    answer = TASKS[task].answers[item.label]
+    prompt = question(item, task)
     prompt_ids = tokenizer(prompt, return_tensors="pt").input_ids
-    full_ids = tokenizer(f"{prompt} {letter}", return_tensors="pt").input_ids
+    full_ids = tokenizer(f"{prompt} {answer}", return_tensors="pt").input_ids
     last = prompt_ids.shape[1] - 1
     if not torch.equal(full_ids[0, : last + 1], prompt_ids[0]):
         raise ValueError(f"the prompt's tokens change when the answer follows it: {prompt!r}")
-    return full_ids, last, letter
+    return full_ids, last, answer
 
 
-def _correct(tokenizer, logits: torch.Tensor, letter: str) -> list[bool]:
-    # The answer positions: the last prompt token (predicts the letter) and the letter itself
-    # (predicts what follows it; their target was ' A</s>', so anything but an end or a
-    # punctuation mark there fails the match).
+def _correct(tokenizer, logits: torch.Tensor, answer: str) -> list[bool]:
+    # The answer positions: the last prompt token (predicts the answer's first token), each answer
+    # token (predicts the next; their target was ' A</s>', so anything but an end or a punctuation
+    # mark after the answer fails the match).
     texts = tokenizer.batch_decode(logits.argmax(-1), skip_special_tokens=True)
-    return [normalise(text) == letter.lower() for text in texts]
+    return [normalise(text) == answer.lower() for text in texts]
 
 
-def _setup(tokenizer, intervention: Intervention, item):
+def _setup(tokenizer, intervention: Intervention, item, task: str):
     """(steered layers, their (D, b), prompt + answer ids, last prompt index)."""
     layers = list(intervention.layers)
-    full_ids, last, _ = _encode(tokenizer, item)
+    full_ids, last, _ = _encode(tokenizer, item, task)
     return layers, _maps(intervention, layers), full_ids, last
 
 
 @torch.no_grad()
-def answer_logits(model, tokenizer, intervention: Intervention, item, grid=GRID) -> torch.Tensor:
+def answer_logits(model, tokenizer, intervention: Intervention, item, grid=GRID, task: str = "xcopa") -> torch.Tensor:
     """[len(grid), answer positions, vocab]: the logits at the answer positions under every strength s."""
-    layers, maps, full_ids, last = _setup(tokenizer, intervention, item)
+    layers, maps, full_ids, last = _setup(tokenizer, intervention, item, task)
     prefix = model(full_ids[:, :last], use_cache=True).past_key_values
     clean = {}
     with layer_hooks(model, layers, _capture(clean, 0)):
@@ -128,9 +147,10 @@ def answer_logits(model, tokenizer, intervention: Intervention, item, grid=GRID)
 
 
 @torch.no_grad()
-def answer_logits_uncached(model, tokenizer, intervention: Intervention, item, grid=GRID) -> torch.Tensor:
+def answer_logits_uncached(model, tokenizer, intervention: Intervention, item, grid=GRID,
+                           task: str = "xcopa") -> torch.Tensor:
     """The same, as their code computes it: a clean pass, then one full steered pass per strength."""
-    layers, maps, full_ids, last = _setup(tokenizer, intervention, item)
+    layers, maps, full_ids, last = _setup(tokenizer, intervention, item, task)
     clean = {}
     with layer_hooks(model, layers, _capture(clean, last)):
         model(full_ids[:, : last + 1])
@@ -144,26 +164,28 @@ def answer_logits_uncached(model, tokenizer, intervention: Intervention, item, g
 
 # The two ways a prompt's answer is read: theirs, and the log-likelihood reading lm-eval uses.
 METRICS = {
-    "exact_match": "their scoring: the argmax tokens at the answer positions, punctuation stripped, equal the letter",
-    "letter_likelihood": "the same edit and prompt, read as lm-eval reads multiple choice: the letter token "
-                         "(' A' or ' B') with the higher logit at the last prompt token",
+    "exact_match": "their scoring: the argmax tokens at the answer positions, punctuation stripped, equal the answer",
+    "answer_likelihood": "the same edit and prompt, read as lm-eval reads multiple choice: the answer (' A' / "
+                         "' B'; ' true' / ' inconclusive' / ' false') whose first token has the highest logit at "
+                         "the last prompt token",
 }
 
 
-def score_items(model, tokenizer, intervention: Intervention, items, grid=GRID,
+def score_items(model, tokenizer, intervention: Intervention, items, grid=GRID, task: str = "xcopa",
                 progress: bool = False) -> dict[str, np.ndarray]:
     """METRICS name -> [len(grid), n] bool: the correctness of every item under every strength s."""
     from tqdm.auto import tqdm
 
-    letter_ids = [tokenizer(f" {letter}", add_special_tokens=False).input_ids for letter in LETTERS]
-    if any(len(ids) != 1 for ids in letter_ids):
-        raise ValueError(f"the tokenizer splits the answer letters: {letter_ids}")
-    letter_ids = [ids[0] for ids in letter_ids]
+    answers = TASKS[task].answers
+    # Each answer's first token (Gemma's tokenizer keeps every answer whole); they must differ.
+    answer_ids = [tokenizer(f" {answer}", add_special_tokens=False).input_ids[0] for answer in answers]
+    if len(set(answer_ids)) != len(answers):
+        raise ValueError(f"the answers {answers} start with the same token under this tokenizer: {answer_ids}")
     correct = {name: np.zeros((len(grid), len(items)), dtype=bool) for name in METRICS}
     for i, item in enumerate(tqdm(items, desc="INCLINE", disable=not progress)):
-        logits = answer_logits(model, tokenizer, intervention, item, grid)
-        correct["exact_match"][:, i] = _correct(tokenizer, logits, LETTERS[item.label])
-        correct["letter_likelihood"][:, i] = logits[:, 0, letter_ids].argmax(-1).numpy() == item.label
+        logits = answer_logits(model, tokenizer, intervention, item, grid, task)
+        correct["exact_match"][:, i] = _correct(tokenizer, logits, answers[item.label])
+        correct["answer_likelihood"][:, i] = logits[:, 0, answer_ids].argmax(-1).numpy() == item.label
     return correct
 
 
@@ -207,7 +229,7 @@ def report_section(languages: dict[str, dict[str, dict]], resamples: int = 10000
                              "cross_validated": float(np.mean([r["cross_validated"]["accuracy"] for r in rows])),
                              "cross_validated_delta_ci95": list(bootstrap_delta_ci(pairs, resamples, seed))}
     return {
-        "protocol": "INCLINE as published: English instruction prompt, gold letter teacher-forced; "
+        "protocol": "INCLINE as published: English instruction prompt, gold answer teacher-forced; "
                     "h + s (h W) at the last prompt token of every layer from one clean pass (non-compounding)",
         "metrics": METRICS,
         "grid": list(GRID),

@@ -179,7 +179,7 @@ def run_incline(config: BenchmarkConfig, model_dir: Path, eval_sets: dict[str, L
     languages = {}
     for s in targets:
         items = load_items(config.task, s.path)[: config.max_items]
-        correct = incline.score_items(model, tokenizer, load_intervention(found[s.flores]), items,
+        correct = incline.score_items(model, tokenizer, load_intervention(found[s.flores]), items, task=config.task,
                                       progress=config.progress)
         languages[s.code] = {"intervention": str(found[s.flores]),
                              **{metric: incline.summarise(c, resamples=config.bootstrap, seed=config.seed)
@@ -219,8 +219,6 @@ def _check_config(config: BenchmarkConfig) -> None:
         raise ValueError(f"steer must be one of {STEER_MODES}, got {config.steer!r}")
     if config.calibrate_paths and config.cross_fit:
         raise ValueError("give either calibration files or --cross-fit, not both")
-    if config.incline is not None and config.task != "xcopa":
-        raise ValueError("--incline: INCLINE's released protocol covers XCOPA only (its code has no XNLI loader)")
     if config.max_items is not None and config.max_items < 1:
         raise ValueError("--max-items must be positive")
     if config.plain_only and (config.calibrate_paths or config.cross_fit):

@@ -14,7 +14,7 @@ from alignment.hidden_states import load_model_and_tokenizer
 from evaluation import incline
 from evaluation.stats import bootstrap_delta_ci
 from lingosteer.cli import main
-from lingosteer.data import code_switched, load_xcopa
+from lingosteer.data import code_switched, load_xcopa, load_xnli
 from lingosteer.fingerprint import model_fingerprint
 
 
@@ -31,6 +31,11 @@ def items(data_dir):
     return load_xcopa(data_dir / "xcopa" / "val.sw.jsonl")[:4]
 
 
+@pytest.fixture(scope="module")
+def task_items(data_dir, items):
+    return {"xcopa": items, "xnli": load_xnli(data_dir / "xnli" / "dev.sw.tsv")[:4]}
+
+
 def _incline_artifact(path, model_dir, layers, scale=0.5, seed=0):
     """A planted INCLINE-form artifact: W_incline a random d x d matrix of norm ~scale, no bias."""
     dim = json.loads((model_dir / "config.json").read_text())["hidden_size"]
@@ -43,17 +48,18 @@ def _incline_artifact(path, model_dir, layers, scale=0.5, seed=0):
     return load_intervention(path)
 
 
-def test_fast_path_equals_their_two_pass_protocol(gemma, items, tmp_path):
+@pytest.mark.parametrize("task", ["xcopa", "xnli"])
+def test_fast_path_equals_their_two_pass_protocol(gemma, task_items, task, tmp_path):
     model_dir, model, tokenizer = gemma
     layers = list(range(model.config.num_hidden_layers))
     intervention = _incline_artifact(tmp_path / "a", model_dir, layers)
     grid = (-1.0, 0.0, 0.5, 1.0)
-    for item in items:
-        fast = incline.answer_logits(model, tokenizer, intervention, item, grid)
-        reference = incline.answer_logits_uncached(model, tokenizer, intervention, item, grid)
+    for item in task_items[task]:
+        fast = incline.answer_logits(model, tokenizer, intervention, item, grid, task)
+        reference = incline.answer_logits_uncached(model, tokenizer, intervention, item, grid, task)
         torch.testing.assert_close(fast, reference, atol=1e-4, rtol=1e-4)
         # s = 0 writes the clean values back: the plain model's logits at the answer positions.
-        full_ids, last, _ = incline._encode(tokenizer, item)
+        full_ids, last, _ = incline._encode(tokenizer, item, task)
         plain = model(full_ids).logits[0, last:].float()
         torch.testing.assert_close(fast[1], plain, atol=1e-4, rtol=1e-4)
         # A non-zero strength changes them: the edit reaches the answer positions.
@@ -132,7 +138,9 @@ def test_fit_recipe_incline_is_their_fit(tiny_model_dir, data_dir, tmp_path, cap
     assert code == 2 and "drop --solver" in capsys.readouterr().err
 
 
-def test_bench_section_scores_every_language_and_renders_beside_ours(gemma, data_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("task, eval_file", [("xcopa", "val.sw.jsonl"), ("xnli", "dev.sw.tsv")])
+def test_bench_section_scores_every_language_and_renders_beside_ours(gemma, data_dir, tmp_path, monkeypatch,
+                                                                     task, eval_file):
     from evaluation import stats
     from evaluation.report import _incline_markdown
     from evaluation.runner import BenchmarkConfig, load_language_sets, run_incline
@@ -148,9 +156,9 @@ def test_bench_section_scores_every_language_and_renders_beside_ours(gemma, data
 
     model_dir, model, tokenizer = gemma
     _incline_artifact(tmp_path / "incline" / "sw", model_dir, [0, 1])
-    config = BenchmarkConfig(task="xcopa", model=str(model_dir), eval_paths=[data_dir / "xcopa" / "val.sw.jsonl"],
+    config = BenchmarkConfig(task=task, model=str(model_dir), eval_paths=[data_dir / task / eval_file],
                              incline=tmp_path / "incline", max_items=10, progress=False, bootstrap=200)
-    eval_sets = load_language_sets(config, config.eval_paths, tokenizer, load_prompts("xcopa"))
+    eval_sets = load_language_sets(config, config.eval_paths, tokenizer, load_prompts(task))
     section = run_incline(config, model_dir, eval_sets)
     assert resamples_used and set(resamples_used) == {200}  # every CI (per language, mean) uses --bootstrap
     for metric in incline.METRICS:
@@ -175,12 +183,26 @@ def test_bench_incline_without_an_artifact_for_a_language_is_refused(gemma, data
         run_incline(config, model_dir, eval_sets)
 
 
-def test_letter_likelihood_reads_the_letter_logits_at_the_last_prompt_token(gemma, items, tmp_path):
+@pytest.mark.parametrize("task", ["xcopa", "xnli"])
+def test_answer_likelihood_reads_the_answer_logits_at_the_last_prompt_token(gemma, task_items, task, tmp_path):
     model_dir, model, tokenizer = gemma
     intervention = _incline_artifact(tmp_path / "a", model_dir, [0, 1])
-    correct = incline.score_items(model, tokenizer, intervention, items, grid=(0.0, 1.0))
-    a, b = (tokenizer(f" {letter}", add_special_tokens=False).input_ids[0] for letter in incline.LETTERS)
+    items = task_items[task]
+    correct = incline.score_items(model, tokenizer, intervention, items, grid=(0.0, 1.0), task=task)
+    first = [tokenizer(f" {answer}", add_special_tokens=False).input_ids[0] for answer in incline.TASKS[task].answers]
     for i, item in enumerate(items):
-        full_ids, last, _ = incline._encode(tokenizer, item)
-        logits = model(full_ids).logits[0, last]
-        assert correct["letter_likelihood"][0, i] == (int(logits[b] > logits[a]) == item.label)
+        full_ids, last, _ = incline._encode(tokenizer, item, task)
+        logits = model(full_ids).logits[0, last, first]
+        assert correct["answer_likelihood"][0, i] == (int(logits.argmax()) == item.label)
+        # their exact match: the gold answer's tokens are the argmax at every answer position
+        argmax = model(full_ids).logits[0, last:].argmax(-1)
+        expected = incline.normalise(tokenizer.decode(argmax, skip_special_tokens=True))
+        assert correct["exact_match"][0, i] == (expected == incline.TASKS[task].answers[item.label].lower())
+
+
+def test_xnli_is_asked_as_their_loader_asks_it(data_dir):
+    item = load_xnli(data_dir / "xnli" / "dev.sw.tsv")[0]
+    assert incline.question(item, "xnli") == (f"Take the following as truth: {item.premise}\nThen the following "
+                                              f'statement: "{item.hypothesis}" is "true", "false", or "inconclusive"?')
+    # labels 0 entailment, 1 neutral, 2 contradiction -> their answer words
+    assert incline.TASKS["xnli"].answers == ("true", "inconclusive", "false")
