@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lingosteer.files import atomic_path, write_text_atomic
+from lingosteer.files import write_text_atomic
 from lingosteer.markdown import markdown_table
 
 
@@ -187,11 +187,11 @@ def layer_curves(layers: Sequence[int], values: dict[str, Sequence[float]]) -> l
 
 def plot_layer_curves(path: Path, panels: Sequence[LayerPanel], title: str = "") -> None:
     """The panels side by side, layers on the x axis, saved as PNG (atomically); `title` heads the figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
+
+    from lingosteer.figures import pyplot, save_figure
+
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
     for ax, panel in zip(axes[0], panels):
@@ -208,6 +208,4 @@ def plot_layer_curves(path: Path, panels: Sequence[LayerPanel], title: str = "")
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from evaluation.stats import bootstrap_delta_ci, bootstrap_mean_ci, mcnemar_exact
-from lingosteer.files import atomic_path, write_text_atomic
+from lingosteer.files import write_text_atomic
 from lingosteer.markdown import markdown_table
 
 REPORT_JSON, REPORT_MD, REPORT_PNG, ITEMS_JSONL = "report.json", "report.md", "report.png", "items.jsonl"
@@ -250,11 +250,9 @@ def _delta(delta: float, ci95) -> str:
 
 
 def _plot(report: dict, path: Path) -> None:
-    import matplotlib
+    from lingosteer.figures import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = list(report["languages"]) + (["mean"] if report["mean"] else [])
     rows = list(report["languages"].values()) + ([report["mean"]] if report["mean"] else [])
     x = np.arange(len(names))
@@ -273,6 +271,4 @@ def _plot(report: dict, path: Path) -> None:
     ax.set_title(f"{report['task']}: baseline vs intervened (steer {report['steer']}, {report['prompt_style']})")
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -6,20 +6,13 @@ from pathlib import Path
 
 import numpy as np
 
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from lingosteer.figures import pyplot, save_figure
 
 
 def heatmap(matrix: np.ndarray, labels: list[str], title: str, path: Path, cmap: str, center: float | None = None,
             colorbar_label: str = "", row_axis: str = "evaluated language",
             column_axis: str = "added language") -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     size = max(5.0, 0.45 * len(labels) + 2)
     fig, ax = plt.subplots(figsize=(size + 1, size))
     if center is not None:
@@ -38,14 +31,12 @@ def heatmap(matrix: np.ndarray, labels: list[str], title: str, path: Path, cmap:
                 text = f"{value:.3f}" if abs(value) < 10 else f"{value:.2f}"
                 ax.text(j, i, text, ha="center", va="center", fontsize=6)
     fig.colorbar(image, ax=ax, shrink=0.8, label=colorbar_label)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, bbox_inches="tight")
 
 
 def robustness_friendliness_scatter(robustness: np.ndarray, friendliness: np.ndarray, labels: list[str],
                                     groups: list[str], path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
     for group in sorted(set(groups)):
         members = [i for i, g in enumerate(groups) if g == group]
@@ -56,14 +47,12 @@ def robustness_friendliness_scatter(robustness: np.ndarray, friendliness: np.nda
     ax.set_ylabel("robustness (row mean: effect of others on this language)")
     ax.set_title("Robustness vs friendliness (higher = less interference)", fontsize=10)
     ax.legend(title="script", fontsize=7)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, bbox_inches="tight")
 
 
 def group_heatmaps(blocks: dict[str, tuple[list[str], np.ndarray]], path: Path) -> Path:
     """One panel per grouping (family, script, resource): mean I by (evaluated group, added group)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(blocks), figsize=(5 * len(blocks), 4.8))
     reach = max((np.nanmax(np.abs(b)) for _, b in blocks.values() if np.isfinite(b).any()), default=1.0)
     for ax, (name, (groups, block)) in zip(np.atleast_1d(axes), blocks.items()):
@@ -75,15 +64,13 @@ def group_heatmaps(blocks: dict[str, tuple[list[str], np.ndarray]], path: Path) 
                 ax.text(j, i, f"{value:.3f}", ha="center", va="center", fontsize=7)
         ax.set_title(f"mean interference by {name}\n(row = evaluated, column = added)", fontsize=9)
     fig.colorbar(image, ax=axes, shrink=0.8)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, bbox_inches="tight")
 
 
 def downstream_plot(summary: dict, path: Path) -> Path:
     """Left: each target's accuracy (95% CI) untrained, mono, with low- and high-interference partners.
     Right: I[A,B] against the accuracy drop mono - pair, one colour per target."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
     styles = {"untrained": "tab:gray", "mono": "black", "low": "tab:blue", "high": "tab:red"}
     for x, target in enumerate(summary["targets"]):
@@ -110,6 +97,4 @@ def downstream_plot(summary: dict, path: Path) -> Path:
     right.set_title(f"Spearman rho = {correlation['rho']:+.2f}, p = {correlation['p']:.3g}, "
                     f"{correlation['pairs']} pairs", fontsize=10)
     right.legend(fontsize=7)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, bbox_inches="tight")

@@ -1,4 +1,4 @@
-"""The shared file helpers: atomic writes, content hashes, markdown tables."""
+"""The shared file helpers: atomic writes, content hashes, markdown tables, figures."""
 
 import hashlib
 
@@ -37,3 +37,17 @@ def test_sha256_of_files_is_that_of_their_contents_one_after_another(tmp_path):
 def test_markdown_table():
     assert markdown_table(["a", "b"], [[1, "x"], [2.5, ""]]) == "| a | b |\n|---|---|\n| 1 | x |\n| 2.5 |  |"
     assert markdown_table(["n"], [[3]], right_aligned=True) == "| n |\n|---:|\n| 3 |"
+
+
+def test_a_saved_figure_is_a_whole_png_and_closed_and_a_failed_one_leaves_nothing(tmp_path):
+    from lingosteer.figures import pyplot, save_figure
+
+    plt = pyplot()
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    path = save_figure(fig, tmp_path / "curve.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not plt.fignum_exists(fig.number)
+    broken, _ = plt.subplots()
+    with pytest.raises(ValueError):
+        save_figure(broken, tmp_path / "broken.png", dpi=-1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curve.png"] and not plt.fignum_exists(broken.number)
