@@ -168,19 +168,44 @@ def run_benchmark(config: BenchmarkConfig, llm=None) -> tuple[dict, list[dict]]:
 
 def run_incline(config: BenchmarkConfig, model_dir: Path, eval_sets: dict[str, LanguageSet]) -> dict:
     """INCLINE as published (evaluation/incline.py) on the same items, with HF transformers: its
-    non-compounding edit needs a clean pass first, which the serving plugin does not run."""
+    non-compounding edit needs a clean pass first, which the serving plugin does not run.
+
+    Each language's correctness is stored under `scores_dir/incline` as soon as it is scored
+    (`ScoreStore`), so a rerun after an interruption scores only the languages still missing."""
+    from dataclasses import asdict
+
     from alignment.artifact import load_intervention
     from alignment.hidden_states import load_model_and_tokenizer
     from evaluation import incline
+    from intervene_server.store import artifact_version
+    from lingosteer.files import sha256_files
+    from lingosteer.fingerprint import model_fingerprint
 
     targets = [s for s in eval_sets.values() if not s.english]
     found = find_interventions(config.incline, [s.flores for s in targets], model_dir)
-    model, tokenizer = load_model_and_tokenizer(model_dir)
+    store = None
+    if config.scores_dir:
+        key = {"model": model_fingerprint(model_dir), "task": asdict(incline.TASKS[config.task]),
+               "grid": list(incline.GRID), "interventions": {lang: artifact_version(path)
+                                                             for lang, path in sorted(found.items())}}
+        store = ScoreStore(Path(config.scores_dir) / "incline", key)
+    model = tokenizer = None
     languages = {}
     for s in targets:
         items = load_items(config.task, s.path)[: config.max_items]
-        correct = incline.score_items(model, tokenizer, load_intervention(found[s.flores]), items, task=config.task,
-                                      progress=config.progress)
+        names = {metric: f"{s.code}:{sha256_files(s.path)[:16]}:{len(items)}:{metric}" for metric in incline.METRICS}
+        stored = {metric: store.load(name, (len(incline.GRID), len(items))) if store else None
+                  for metric, name in names.items()}
+        if all(table is not None and not np.isnan(table).any() for table in stored.values()):
+            correct = {metric: table.astype(bool) for metric, table in stored.items()}
+        else:
+            if model is None:
+                model, tokenizer = load_model_and_tokenizer(model_dir)
+            correct = incline.score_items(model, tokenizer, load_intervention(found[s.flores]), items,
+                                          task=config.task, progress=config.progress)
+            if store:
+                for metric, table in correct.items():
+                    store.save(names[metric], table.astype(float))
         languages[s.code] = {"intervention": str(found[s.flores]),
                              **{metric: incline.summarise(c, resamples=config.bootstrap, seed=config.seed)
                                 for metric, c in correct.items()}}

@@ -28,12 +28,13 @@ INDEX_NAME = "index.json"
 
 class ScoreStore:
     def __init__(self, directory: Path, key: dict):
-        self.directory, self.key = Path(directory), key
+        # Compared as JSON reads it back (a tuple in `key` is a list in index.json).
+        self.directory, self.key = Path(directory), json.loads(json.dumps(key))
         self.index: dict[str, str] = {}  # table name -> file name
         index_path = self.directory / INDEX_NAME
         if index_path.is_file():
             stored = json.loads(index_path.read_text())
-            if stored.get("key") == key:
+            if stored.get("key") == self.key:
                 self.index = stored["tables"]
             else:
                 aside = self.directory.with_name(f"{self.directory.name}.stale-{_digest(stored.get('key'))}")

@@ -1,4 +1,4 @@
-"""The shared file helpers: atomic writes, content hashes, markdown tables, figures."""
+"""The shared file helpers: atomic writes, content hashes, markdown tables, figures, the score store."""
 
 import hashlib
 
@@ -51,3 +51,18 @@ def test_a_saved_figure_is_a_whole_png_and_closed_and_a_failed_one_leaves_nothin
     with pytest.raises(ValueError):
         save_figure(broken, tmp_path / "broken.png", dpi=-1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["curve.png"] and not plt.fignum_exists(broken.number)
+
+
+def test_score_store_resumes_under_its_key_and_sets_another_key_aside(tmp_path):
+    from evaluation.score_store import ScoreStore
+
+    key = {"model": "m", "grid": (-1.0, 0.0, 1.0)}  # a tuple: index.json reads it back as a list
+    store = ScoreStore(tmp_path / "scores", key)
+    table = store.load("sw:plain", (2, 3))
+    assert np.isnan(table).all()
+    table[0] = [1.0, 2.0, 3.0]
+    store.save("sw:plain", table)
+    np.testing.assert_array_equal(ScoreStore(tmp_path / "scores", key).load("sw:plain", (2, 3)), table)
+    other = ScoreStore(tmp_path / "scores", {**key, "model": "another"})
+    assert np.isnan(other.load("sw:plain", (2, 3))).all()  # never mixed in
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("scores.stale-")]  # set aside, not deleted

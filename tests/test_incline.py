@@ -36,14 +36,14 @@ def task_items(data_dir, items):
     return {"xcopa": items, "xnli": load_xnli(data_dir / "xnli" / "dev.sw.tsv")[:4]}
 
 
-def _incline_artifact(path, model_dir, layers, scale=0.5, seed=0):
+def _incline_artifact(path, model_dir, layers, scale=0.5, seed=0, source="swh_Latn"):
     """A planted INCLINE-form artifact: W_incline a random d x d matrix of norm ~scale, no bias."""
     dim = json.loads((model_dir / "config.json").read_text())["hidden_size"]
     rng = np.random.default_rng(seed)
     X = rng.standard_normal((len(layers), 4 * dim, dim))
     W = scale * rng.standard_normal((len(layers), dim, dim)) / np.sqrt(dim)
     aligner = LinearAligner(solver="lstsq", bias=False, holdout_fraction=0).fit(X, np.einsum("lnd,lde->lne", X, W))
-    save_intervention(path, aligner, fingerprint=model_fingerprint(model_dir), source="swh_Latn", target="eng_Latn",
+    save_intervention(path, aligner, fingerprint=model_fingerprint(model_dir), source=source, target="eng_Latn",
                       layers=layers, pooling="mean", fit_data={"planted": True}, form="incline")
     return load_intervention(path)
 
@@ -206,3 +206,41 @@ def test_xnli_is_asked_as_their_loader_asks_it(data_dir):
                                               f'statement: "{item.hypothesis}" is "true", "false", or "inconclusive"?')
     # labels 0 entailment, 1 neutral, 2 contradiction -> their answer words
     assert incline.TASKS["xnli"].answers == ("true", "inconclusive", "false")
+
+
+def test_bench_incline_keeps_what_it_scored_and_a_rerun_scores_only_what_is_missing(gemma, data_dir, tmp_path,
+                                                                                   monkeypatch):
+    from evaluation.runner import BenchmarkConfig, load_language_sets, run_incline
+    from evaluation.tasks import load_prompts
+
+    model_dir, _, tokenizer = gemma
+    for code, flores in (("sw", "swh_Latn"), ("tr", "tur_Latn")):
+        _incline_artifact(tmp_path / "incline" / code, model_dir, [0, 1], source=flores)
+    config = BenchmarkConfig(task="xcopa", model=str(model_dir), incline=tmp_path / "incline", max_items=6,
+                             eval_paths=[data_dir / "xcopa" / f"val.{code}.jsonl" for code in ("sw", "tr")],
+                             progress=False, bootstrap=200, scores_dir=tmp_path / "scores")
+    eval_sets = load_language_sets(config, config.eval_paths, tokenizer, load_prompts("xcopa"))
+    score_items, scored = incline.score_items, []
+
+    def interrupted_after_one_language(model, tokenizer, intervention, items, **kwargs):
+        if scored:
+            raise KeyboardInterrupt
+        scored.append(intervention.manifest["source"])
+        return score_items(model, tokenizer, intervention, items, **kwargs)
+
+    monkeypatch.setattr(incline, "score_items", interrupted_after_one_language)
+    with pytest.raises(KeyboardInterrupt):
+        run_incline(config, model_dir, eval_sets)
+    first = scored[0]
+
+    def counted(model, tokenizer, intervention, items, **kwargs):
+        scored.append(intervention.manifest["source"])
+        return score_items(model, tokenizer, intervention, items, **kwargs)
+
+    monkeypatch.setattr(incline, "score_items", counted)
+    resumed = run_incline(config, model_dir, eval_sets)
+    assert scored[1:] == [{"swh_Latn": "tur_Latn", "tur_Latn": "swh_Latn"}[first]]  # only the missing language
+    assert run_incline(config, model_dir, eval_sets) == resumed and len(scored) == 2  # all stored: nothing scored
+    monkeypatch.setattr(incline, "score_items", score_items)
+    fresh = run_incline(BenchmarkConfig(**{**vars(config), "scores_dir": None}), model_dir, eval_sets)
+    assert fresh == resumed  # stored scores give the report a fresh run gives
