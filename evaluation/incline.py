@@ -8,7 +8,8 @@ What makes these numbers INCLINE's protocol rather than lingosteer's (methods.md
   compound across layers (the serving plugin's do: each layer sees the earlier ones' edits);
   later tokens see the edit only through attention to that token;
 - the task: asked with their English instruction prompt (`TASKS`: XCOPA from their released
-  `intervention.py`, XNLI from the data loaders released beside it), the gold answer
+  `intervention.py`; XNLI, which it lacks, from a public data-loading script of the first
+  author's with the same XCOPA prompt, docs/benchmarks.md), the gold answer
   teacher-forced after it, and scored by exact match of the argmax tokens at the answer
   positions (not a log-likelihood comparison);
 - the strength: s swept over their grid, and the best s on the evaluated items reported.
