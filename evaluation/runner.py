@@ -172,23 +172,14 @@ def run_incline(config: BenchmarkConfig, model_dir: Path, eval_sets: dict[str, L
 
     Each language's correctness is stored under `scores_dir/incline` as soon as it is scored
     (`ScoreStore`), so a rerun after an interruption scores only the languages still missing."""
-    from dataclasses import asdict
-
     from alignment.artifact import load_intervention
     from alignment.hidden_states import load_model_and_tokenizer
     from evaluation import incline
-    from intervene_server.store import artifact_version
     from lingosteer.files import sha256_files
-    from lingosteer.fingerprint import model_fingerprint
 
     targets = [s for s in eval_sets.values() if not s.english]
     found = find_interventions(config.incline, [s.flores for s in targets], model_dir)
-    store = None
-    if config.scores_dir:
-        key = {"model": model_fingerprint(model_dir), "task": asdict(incline.TASKS[config.task]),
-               "grid": list(incline.GRID), "interventions": {lang: artifact_version(path)
-                                                             for lang, path in sorted(found.items())}}
-        store = ScoreStore(Path(config.scores_dir) / "incline", key)
+    store = _incline_store(config, model_dir, found) if config.scores_dir else None
     model = tokenizer = None
     languages = {}
     for s in targets:
@@ -210,6 +201,21 @@ def run_incline(config: BenchmarkConfig, model_dir: Path, eval_sets: dict[str, L
                              **{metric: incline.summarise(c, resamples=config.bootstrap, seed=config.seed)
                                 for metric, c in correct.items()}}
     return incline.report_section(languages, config.bootstrap, config.seed)
+
+
+def _incline_store(config: BenchmarkConfig, model_dir: Path, found: dict[str, Path]) -> ScoreStore:
+    """Where INCLINE's correctness tables go as they complete, keyed by all they depend on: model,
+    INCLINE's prompt and answers for the task, the strength grid, each INCLINE artifact's version."""
+    from dataclasses import asdict
+
+    from evaluation import incline
+    from intervene_server.store import artifact_version
+    from lingosteer.fingerprint import model_fingerprint
+
+    key = {"model": model_fingerprint(model_dir), "task": asdict(incline.TASKS[config.task]),
+           "grid": list(incline.GRID),
+           "interventions": {lang: artifact_version(path) for lang, path in sorted(found.items())}}
+    return ScoreStore(Path(config.scores_dir) / "incline", key)
 
 
 def _store_key(config: BenchmarkConfig, model_dir: Path, map_sets: list[dict[str, Path]]) -> dict:
