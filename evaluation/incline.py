@@ -36,7 +36,6 @@ from alignment.hf_steering import hidden_of, layer_hooks, with_hidden
 from evaluation.calibration import choose_alpha, cross_validate
 
 
-
 @dataclass(frozen=True)
 class Task:
     """A task as their code asks it: an English instruction prompt around the item's fields, and the

@@ -184,7 +184,8 @@ def run_incline(config: BenchmarkConfig, model_dir: Path, eval_sets: dict[str, L
     languages = {}
     for s in targets:
         items = load_items(config.task, s.path)[: config.max_items]
-        names = {metric: f"{s.code}:{sha256_files(s.path)[:16]}:{len(items)}:{metric}" for metric in incline.METRICS}
+        file_version = sha256_files(s.path)[:16]
+        names = {metric: f"{s.code}:{file_version}:{len(items)}:{metric}" for metric in incline.METRICS}
         stored = {metric: store.load(name, (len(incline.GRID), len(items))) if store else None
                   for metric, name in names.items()}
         if all(table is not None and not np.isnan(table).any() for table in stored.values()):

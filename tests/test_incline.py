@@ -192,10 +192,10 @@ def test_answer_likelihood_reads_the_answer_logits_at_the_last_prompt_token(gemm
     first = [tokenizer(f" {answer}", add_special_tokens=False).input_ids[0] for answer in incline.TASKS[task].answers]
     for i, item in enumerate(items):
         full_ids, last, _ = incline._encode(tokenizer, item, task)
-        logits = model(full_ids).logits[0, last, first]
-        assert correct["answer_likelihood"][0, i] == (int(logits.argmax()) == item.label)
+        logits = model(full_ids).logits[0]
+        assert correct["answer_likelihood"][0, i] == (int(logits[last, first].argmax()) == item.label)
         # their exact match: the gold answer's tokens are the argmax at every answer position
-        argmax = model(full_ids).logits[0, last:].argmax(-1)
+        argmax = logits[last:].argmax(-1)
         expected = incline.normalise(tokenizer.decode(argmax, skip_special_tokens=True))
         assert correct["exact_match"][0, i] == (expected == incline.TASKS[task].answers[item.label].lower())
 
