@@ -50,6 +50,9 @@ def register(subparsers) -> None:
         parser.add_argument("--groups", type=Path, default=None,
                             help="language groups to average over (default configs/bench/groups.yaml)")
         parser.add_argument("--max-items", type=int, default=None, help="use only the first N items of each file")
+        parser.add_argument("--skip-items", type=int, default=0, metavar="N",
+                            help="leave out the first N items of each evaluation file, e.g. the items an artifact "
+                                 "was calibrated on (then --max-items counts from item N)")
         parser.add_argument("--reference", choices=["hf"], default=None,
                             help="also score a sample with HF transformers: cross-check and speed ratio")
         parser.add_argument("--reference-sample", type=int, default=20, help="items in the reference sample")
@@ -78,8 +81,9 @@ def run_bench(args) -> int:
         task=args.task, model=args.model, eval_paths=args.eval, interventions=args.interventions,
         calibrate_paths=args.calibrate, cross_fit=args.cross_fit, alpha_grid=args.alpha_grid, steer=args.steer,
         prompt_style=args.prompt, prompts_path=args.prompts, groups_path=args.groups, max_items=args.max_items,
-        reference=args.reference, reference_sample=args.reference_sample, bootstrap=args.bootstrap, seed=args.seed,
-        dtype=args.dtype, scores_dir=args.out / "scores", incline=args.incline,
+        skip_items=args.skip_items, reference=args.reference, reference_sample=args.reference_sample,
+        bootstrap=args.bootstrap, seed=args.seed, dtype=args.dtype, scores_dir=args.out / "scores",
+        incline=args.incline,
     )
     report, items = run_benchmark(config)
     paths = write_report(report, items, args.out)

@@ -38,7 +38,7 @@ def build_report(config, model_dir, eval_sets, outcomes, map_sets, timing, refer
         o = outcomes[s.code]
         row = _summary([(o.baseline, o.intervened)], config.bootstrap, config.seed)
         row.update(
-            n=s.n, alpha=o.alpha, file=str(s.path), flores=s.flores, calibration=o.calibration,
+            n=s.n, first_item=s.first_item, alpha=o.alpha, file=str(s.path), flores=s.flores, calibration=o.calibration,
             intervention=(None if config.plain_only else str(map_sets[0][s.flores]) if len(map_sets) == 1
                           else [str(maps[s.flores]) for maps in map_sets]),
             transfer=None if english_acc is None else {"baseline": row["baseline"] / english_acc,

@@ -52,6 +52,7 @@ class BenchmarkConfig:
     prompts_path: Path | None = None
     groups_path: Path | None = None
     max_items: int | None = None
+    skip_items: int = 0  # leave out the first N items of each evaluation file (e.g. those calibrated on)
     reference: str | None = None  # "hf": cross-check and time against HF transformers
     reference_sample: int = 20
     bootstrap: int = 10000
@@ -79,6 +80,18 @@ class LanguageSet:
     examples: list[Example]
     encoded: list[list[Encoded]]
     labels: np.ndarray
+    first_item: int = 0  # the file's index of examples[0]
+    file_version: str = ""  # sha256 prefix of the file's bytes: stored scores are valid only for it
+
+    @property
+    def file_items(self) -> np.ndarray:
+        """The file's index of each item."""
+        return self.first_item + np.arange(self.n)
+
+    @property
+    def table_prefix(self) -> str:
+        """Names the items in a score store: the file, its content, which of its items."""
+        return f"{self.path}@{self.file_version}[{self.first_item}:{self.first_item + self.n}]"
 
     @property
     def n(self) -> int:
@@ -130,7 +143,7 @@ def run_benchmark(config: BenchmarkConfig, llm=None) -> tuple[dict, list[dict]]:
     model_dir = resolve_model(config.model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompts = load_prompts(config.task, config.prompts_path)
-    eval_sets = load_language_sets(config, config.eval_paths, tokenizer, prompts)
+    eval_sets = load_language_sets(config, config.eval_paths, tokenizer, prompts, config.skip_items)
     cal_sets = load_language_sets(config, config.calibrate_paths, tokenizer, prompts) if config.calibrate_paths else {}
     targets = [s for s in eval_sets.values() if not s.english]
     missing = [s.code for s in targets if config.calibrate_paths and s.code not in cal_sets]
@@ -175,7 +188,6 @@ def run_incline(config: BenchmarkConfig, model_dir: Path, eval_sets: dict[str, L
     from alignment.artifact import load_intervention
     from alignment.hidden_states import load_model_and_tokenizer
     from evaluation import incline
-    from lingosteer.files import sha256_files
 
     targets = [s for s in eval_sets.values() if not s.english]
     found = find_interventions(config.incline, [s.flores for s in targets], model_dir)
@@ -183,10 +195,9 @@ def run_incline(config: BenchmarkConfig, model_dir: Path, eval_sets: dict[str, L
     model = tokenizer = None
     languages = {}
     for s in targets:
-        items = load_items(config.task, s.path)[: config.max_items]
-        file_version = sha256_files(s.path)[:16]
-        names = {metric: f"{s.code}:{file_version}:{len(items)}:{metric}" for metric in incline.METRICS}
-        stored = {metric: store.load(name, (len(incline.GRID), len(items))) if store else None
+        items = file_items(config, s.path, s.first_item)
+        names = {metric: f"{s.code}:{s.table_prefix}:{metric}" for metric in incline.METRICS}
+        stored = {metric: store.load(name, (len(incline.GRID), s.n)) if store else None
                   for metric, name in names.items()}
         if all(table is not None and not np.isnan(table).any() for table in stored.values()):
             correct = {metric: table.astype(bool) for metric, table in stored.items()}
@@ -253,6 +264,8 @@ def _check_config(config: BenchmarkConfig) -> None:
         raise ValueError("give either calibration files or --cross-fit, not both")
     if config.max_items is not None and config.max_items < 1:
         raise ValueError("--max-items must be positive")
+    if config.skip_items < 0:
+        raise ValueError("--skip-items must be 0 or more")
     if config.plain_only and (config.calibrate_paths or config.cross_fit):
         raise ValueError("calibration and --cross-fit choose an alpha for interventions: give --interventions too")
     if config.reference not in (None, "hf"):
@@ -261,16 +274,26 @@ def _check_config(config: BenchmarkConfig) -> None:
         raise ValueError("--reference-sample must be positive")
 
 
-def load_language_sets(config, paths, tokenizer, prompts) -> dict[str, LanguageSet]:
+def load_language_sets(config, paths, tokenizer, prompts, skip: int = 0) -> dict[str, LanguageSet]:
+    """Per language file under `paths`: its items from index `skip` on, at most `config.max_items`."""
+    from lingosteer.files import sha256_files
     from lingosteer.languages import normalize_code
 
     sets = {}
     for code, path in find_files(config.task, paths).items():
-        items = load_items(config.task, path)[: config.max_items]
+        items = file_items(config, path, skip)
+        if not items:
+            raise ValueError(f"{path}: no items left after skipping the first {skip}")
         examples = build_examples(config.task, code, items, prompts, config.prompt_style)
         sets[code] = LanguageSet(code, normalize_code(code), path, examples, encode_examples(tokenizer, examples),
-                                 np.array([ex.label for ex in examples]))
+                                 np.array([ex.label for ex in examples]), skip, sha256_files(path)[:16])
     return sets
+
+
+def file_items(config, path: Path, skip: int = 0) -> list:
+    """The items of `path` from index `skip` on, at most `config.max_items` of them."""
+    end = None if config.max_items is None else skip + config.max_items
+    return load_items(config.task, path)[skip:end]
 
 
 def find_interventions(root: Path, languages: list[str] | None, model_dir: Path) -> dict[str, Path]:
@@ -300,15 +323,33 @@ def check_not_fitted_on(artifact_dir: Path, lang_set: LanguageSet, items: np.nda
     fitted = fitted_items(artifact_dir)
     if fitted is None or fitted[0] != lang_set.path.name:
         return
-    used = np.zeros(lang_set.n, dtype=bool)
+    in_file = lang_set.file_items[np.asarray(items)]
+    used = np.zeros(in_file.size, dtype=bool)
     for start, end in fitted[1]:
-        used[max(start, 0) : min(end, lang_set.n)] = True
-    overlap = np.asarray(items)[used[np.asarray(items)]]
+        used |= (in_file >= start) & (in_file < end)
+    overlap = in_file[used]
     if overlap.size:
         raise ValueError(
             f"{artifact_dir} was fitted on items {fitted[1]} of {fitted[0]}, and items {overlap.min()}-{overlap.max()} "
             f"of {lang_set.path} would be evaluated with it; under --cross-fit K give K interventions "
             "directories, directory k fitted without fold k's items"
+        )
+
+
+def check_not_calibrated_on(artifact, lang_set: LanguageSet, task: str) -> None:
+    """Refuse to report an artifact's calibrated serving defaults on the items that chose them.
+
+    `align build` calibrates on the first `evidence["items"]` items of its file, so the file's
+    later items (`--skip-items`) or another file are fair; the calibration items are not."""
+    evidence = artifact.evidence or {}
+    if evidence.get("task") != task or Path(evidence.get("file", "")).name != lang_set.path.name:
+        return
+    calibrated = int(evidence["items"])
+    if lang_set.first_item < calibrated:
+        raise ValueError(
+            f"{artifact.path}: its serving defaults were chosen on items 0-{calibrated - 1} of {lang_set.path.name}, "
+            f"and this run would report them on items {lang_set.first_item}-{lang_set.first_item + lang_set.n - 1}; "
+            f"evaluate on items it was not calibrated on (--skip-items {calibrated}) or on another file"
         )
 
 
@@ -375,7 +416,7 @@ class Scorer:
         self._scores: dict[tuple, np.ndarray] = {}
 
     def scores(self, s: LanguageSet, condition: Condition, maps: int) -> np.ndarray:
-        key = (s.path, condition, None if condition.plain else maps)
+        key = (s.table_prefix, condition, None if condition.plain else maps)
         if key not in self._scores:
             shape = (s.n, len(s.examples[0].options))
             self._scores[key] = self.store.load(_table_name(key), shape) if self.store else np.full(shape, np.nan)
@@ -391,7 +432,7 @@ class Scorer:
         """Score the (set, condition, items) not scored yet, under intervention set `maps`, in one `generate`."""
         todo: dict[tuple, tuple[LanguageSet, Condition, set]] = {}
         for s, condition, items in wanted:
-            entry = todo.setdefault((s.path, condition), (s, condition, set()))
+            entry = todo.setdefault((s.table_prefix, condition), (s, condition, set()))
             entry[2].update(int(i) for i in items)
         pending = [(s, condition, i) for s, condition, items in todo.values()
                    for i in sorted(items) if np.isnan(self.scores(s, condition, maps)[i, 0])]
@@ -410,15 +451,15 @@ class Scorer:
                 table = self.scores(s, condition, maps)
                 table[i] = scored.scores[offset : offset + table.shape[1]]
                 offset += table.shape[1]
-                touched[(s.path, condition, None if condition.plain else maps)] = table
+                touched[(s.table_prefix, condition, None if condition.plain else maps)] = table
             if self.store:
                 for key, table in touched.items():
                     self.store.save(_table_name(key), table)
 
 
 def _table_name(key: tuple) -> str:
-    path, condition, maps = key
-    return f"{path}|{condition}|maps={maps}"
+    items, condition, maps = key
+    return f"{items}|{condition}|maps={maps}"
 
 
 def correct_choices(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -484,6 +525,7 @@ def _score_all(config, scorer: Scorer, eval_sets, cal_sets) -> dict[str, Outcome
             for s in targets:
                 # The artifact's serving defaults: what a served request naming only its language gets.
                 artifact = load_intervention(scorer.map_sets[0][s.flores])
+                check_not_calibrated_on(artifact, s, config.task)
                 serving = artifact.serving
                 alphas[s.code] = serving["alpha"]
                 conditions[s.code] = PLAIN if serving["alpha"] == 0 else Condition(
@@ -581,7 +623,7 @@ def _item_records(eval_sets, outcomes) -> list[dict]:
         o = outcomes[s.code]
         for i in range(s.n):
             records.append({
-                "language": s.code, "index": i, "label": int(s.labels[i]),
+                "language": s.code, "index": s.first_item + i, "label": int(s.labels[i]),
                 "fold": None if o.fold_of_item is None else int(o.fold_of_item[i]),
                 "alpha": None if s.english else float(o.alpha_per_item[i]),
                 "baseline_scores": [float(x) for x in o.baseline_scores[i]],

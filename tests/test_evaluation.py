@@ -418,6 +418,10 @@ def test_evaluating_items_an_intervention_was_fitted_on_is_refused(llm, model_di
     write_planted_intervention(tmp_path / "leaky" / "swh", model_dir, [0, 1], "swh_Latn", fit_data=fitted_on(0, 3))
     with pytest.raises(ValueError, match="val.sw.jsonl"):
         run_benchmark(config(model_dir, tmp_path / "leaky", [xcopa_dir / "val.sw.jsonl"], cross_fit=2), llm=llm)
+    # items are checked by their index in the file: past the fitted ones, the same maps are fair
+    report, _ = run_benchmark(config(model_dir, tmp_path / "leaky", [xcopa_dir / "val.sw.jsonl"], cross_fit=2,
+                                     skip_items=3), llm=llm)
+    assert report["languages"]["sw"]["n"] == N_ITEMS - 3
     # one set per fold, each fitted on the other fold's items only: allowed
     write_planted_intervention(tmp_path / "fold0" / "swh", model_dir, [0, 1], "swh_Latn",
                                fit_data=fitted_on(half, N_ITEMS))
@@ -428,6 +432,47 @@ def test_evaluating_items_an_intervention_was_fitted_on_is_refused(llm, model_di
     with pytest.raises(ValueError, match="one per fold"):
         run_benchmark(config(model_dir, [tmp_path / "fold0", tmp_path / "fold1"], [xcopa_dir / "val.sw.jsonl"]),
                       llm=llm)
+
+
+def test_serving_defaults_are_reported_only_on_items_they_were_not_calibrated_on(llm, model_dir, xcopa_dir,
+                                                                                  tmp_path):
+    """An artifact calibrated on the first 6 items of val.sw.jsonl: the bench refuses to report its
+    defaults on them, and with --skip-items 6 scores items 6-11 exactly as a run over the whole file does."""
+    from alignment.artifact import set_serving_defaults
+
+    sw, half = xcopa_dir / "val.sw.jsonl", N_ITEMS // 2
+    built = write_planted_intervention(tmp_path / "built" / "swh", model_dir, [0, 1], "swh_Latn", seed=1, strength=3.0)
+    set_serving_defaults(built, {"alpha": 1.0, "layers": [0, 1], "positions": "last"},
+                         {"task": "xcopa", "file": f"elsewhere/{sw.name}", "items": half, "summary": "planted"})
+    for skip in (0, half - 1):
+        with pytest.raises(ValueError, match=rf"items 0-{half - 1} of val.sw.jsonl.*--skip-items {half}"):
+            run_benchmark(config(model_dir, tmp_path / "built", [sw], skip_items=skip), llm=llm)
+    # The same maps uncalibrated (serving = alpha 1 on every layer, as set above): the whole file.
+    write_planted_intervention(tmp_path / "uncalibrated" / "swh", model_dir, [0, 1], "swh_Latn", seed=1, strength=3.0)
+    _, whole = run_benchmark(config(model_dir, tmp_path / "uncalibrated", [sw]), llm=llm)
+
+    report, records = run_benchmark(config(model_dir, tmp_path / "built", [sw], skip_items=half), llm=llm)
+    assert report["languages"]["sw"]["n"] == half and report["languages"]["sw"]["first_item"] == half
+    assert [r["index"] for r in records] == list(range(half, N_ITEMS))
+    assert_same_items(records, [r for r in whole if r["index"] >= half])
+
+    # A store that holds the first 6 items' scores never stands in for items 6-11 (same file, same count).
+    store = tmp_path / "scores"
+    run_benchmark(config(model_dir, tmp_path / "uncalibrated", [sw], max_items=half, scores_dir=store), llm=llm)
+    _, later = run_benchmark(config(model_dir, tmp_path / "uncalibrated", [sw], skip_items=half, scores_dir=store),
+                             llm=llm)
+    assert_same_items(later, [r for r in whole if r["index"] >= half])
+    with pytest.raises(ValueError, match="no items left after skipping the first 12"):
+        run_benchmark(config(model_dir, tmp_path / "uncalibrated", [sw], skip_items=N_ITEMS), llm=llm)
+
+
+def assert_same_items(records, expected):
+    """Same items, labels and choices; scores equal up to batch-dependent float rounding."""
+    scores = ("baseline_scores", "intervened_scores")
+    assert [{k: v for k, v in r.items() if k not in scores} for r in records] == [
+        {k: v for k, v in r.items() if k not in scores} for r in expected]
+    for key in scores:
+        assert np.allclose([r[key] for r in records], [r[key] for r in expected], atol=1e-4)
 
 
 # ---- bad input ------------------------------------------------------------------------
