@@ -244,3 +244,14 @@ def test_bench_incline_keeps_what_it_scored_and_a_rerun_scores_only_what_is_miss
     monkeypatch.setattr(incline, "score_items", score_items)
     fresh = run_incline(BenchmarkConfig(**{**vars(config), "scores_dir": None}), model_dir, eval_sets)
     assert fresh == resumed  # stored scores give the report a fresh run gives
+
+    # Items 6-11 of the same files (--skip-items 6) are other items: scored afresh, never read from the store.
+    later = BenchmarkConfig(**{**vars(config), "skip_items": 6, "max_items": 6})
+    later_sets = load_language_sets(later, later.eval_paths, tokenizer, load_prompts("xcopa"), later.skip_items)
+    premises = []
+    monkeypatch.setattr(incline, "score_items", lambda model, tokenizer, intervention, items, **kwargs: (
+        premises.append([item.premise for item in items]) or score_items(model, tokenizer, intervention, items,
+                                                                         **kwargs)))
+    run_incline(later, model_dir, later_sets)
+    assert premises == [[item.premise for item in load_xcopa(data_dir / "xcopa" / f"val.{code}.jsonl")[6:12]]
+                        for code in ("sw", "tr")]
