@@ -105,6 +105,10 @@ class ServingConfig:
         layers = f"{self.layers[0]}-{self.layers[-1]}" if len(self.layers) > 1 else str(self.layers[0])
         return f"alpha {self.alpha:+g}, layers {layers}, positions {self.positions}"
 
+    def weakness(self) -> tuple:
+        """GATE_RULE's tie-break, weakest first: smaller |alpha|, fewer layers, 'last', then the negative alpha."""
+        return abs(self.alpha), len(self.layers), self.positions != "last", self.alpha
+
 
 def search_space(layers: list[int]) -> list[ServingConfig]:
     """GATE_RULE's candidates for an artifact with these layers."""
@@ -141,8 +145,7 @@ def choose_serving(correct: dict[ServingConfig, np.ndarray], plain: np.ndarray,
     candidates = list(correct)
 
     def best(items: np.ndarray) -> ServingConfig:
-        return min(candidates, key=lambda c: (-correct[c][items].mean(), abs(c.alpha), len(c.layers),
-                                              c.positions != "last", c.alpha))
+        return min(candidates, key=lambda c: (-correct[c][items].mean(), *c.weakness()))
 
     cross_validated, chosen = cross_validate(correct, best, folds)
     low, high = bootstrap_delta_ci([(plain, cross_validated)], seed=seed)
@@ -153,3 +156,21 @@ def choose_serving(correct: dict[ServingConfig, np.ndarray], plain: np.ndarray,
         delta_ci95=(low, high), fold_choices=[c.describe() for c in chosen],
         candidate_accuracy={c.describe(): float(correct[c].mean()) for c in candidates},
     )
+
+
+def choose_across_languages(gains: Mapping[str, Mapping[ServingConfig, float]]) -> dict[str, ServingConfig]:
+    """One configuration for all languages, judged on languages it was not chosen on.
+
+    `gains[language][candidate]` = candidate accuracy - plain accuracy on that language's
+    calibration items. For each language, the candidate with the highest mean gain over the
+    *other* languages (ties as GATE_RULE's): that language's gain under it estimates what a
+    configuration shared across languages would do for a language it was not chosen on.
+    """
+    if len(gains) < 2:
+        raise ValueError(f"choosing across languages needs 2 or more languages, got {len(gains)}")
+    candidates = set.intersection(*(set(row) for row in gains.values()))
+    if not candidates:
+        raise ValueError("the languages share no candidate configuration")
+    return {language: min(candidates, key=lambda c: (-np.mean([gains[other][c] for other in gains
+                                                                 if other != language]), *c.weakness()))
+            for language in gains}

@@ -616,6 +616,49 @@ def test_calibration_adopts_a_planted_gain_and_stays_off_without_one(llm, model_
         assert evidence["rule"].startswith("Candidates:") and len(evidence["candidate_accuracy"]) == 16  # 2 layer sets
 
 
+def test_a_configuration_chosen_across_languages_is_judged_on_a_language_it_was_not_chosen_on():
+    from evaluation.calibration import ServingConfig, choose_across_languages
+
+    steady, spiky = ServingConfig(0.5, (1,), "last"), ServingConfig(-1.0, (0, 1), "prompt")
+    stronger_twin = ServingConfig(1.0, (1,), "last")  # the same gains as `steady`: the tie goes to the weaker
+    gains = {"x": {steady: 0.05, stronger_twin: 0.05, spiky: 0.30},
+             "y": {steady: 0.05, stronger_twin: 0.05, spiky: -0.02},
+             "z": {steady: 0.05, stronger_twin: 0.05, spiky: -0.02}}
+    chosen = choose_across_languages(gains)
+    # x's own +0.30 does not choose for x; it does choose for y and z (mean +0.14 over x and the other).
+    assert chosen == {"x": steady, "y": spiky, "z": spiky}
+    with pytest.raises(ValueError, match="2 or more languages"):
+        choose_across_languages({"x": gains["x"]})
+
+
+def test_bench_pooled_choice_reads_the_calibration_evidence_of_built_artifacts(model_dir, tmp_path):
+    import subprocess
+    import sys
+
+    from alignment.artifact import set_serving_defaults
+    from evaluation.calibration import search_space
+    from lingosteer import REPO_ROOT
+
+    candidates = search_space([0, 1])
+    for code, flores, plain in (("sw", "swh_Latn", 0.5), ("it", "ita_Latn", 0.6), ("tr", "tur_Latn", 0.4)):
+        path = write_planted_intervention(tmp_path / "built" / code, model_dir, [0, 1], flores)
+        accuracy = {c.describe(): plain + (0.1 if c == candidates[0] else -0.01 * i) for i, c in enumerate(candidates)}
+        set_serving_defaults(path, {"alpha": 0.0, "layers": [0, 1], "positions": "last"},
+                             {"task": "xcopa", "items": 100, "plain_accuracy": plain, "candidate_accuracy": accuracy})
+    done = subprocess.run([sys.executable, "bench/pooled_choice.py", str(tmp_path / "built"), "--json"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    [summary] = json.loads(done.stdout).values()
+    assert {row["chosen_on_the_others"] for row in summary["languages"].values()} == {candidates[0].describe()}
+    assert summary["mean_gain"] == pytest.approx(0.1) and summary["up"] == 3 and summary["down"] == 0
+    assert summary["mean_gain_ci95"] == pytest.approx([0.1, 0.1])  # every language moved alike
+    (tmp_path / "uncalibrated").mkdir()
+    write_planted_intervention(tmp_path / "uncalibrated" / "sw", model_dir, [0, 1], "swh_Latn")
+    done = subprocess.run([sys.executable, "bench/pooled_choice.py", str(tmp_path / "uncalibrated")],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "no calibration evidence" in done.stderr
+
+
 def test_an_interrupted_benchmark_resumes_from_its_stored_scores(llm, model_dir, interventions, xcopa_dir, tmp_path):
     """Scores are written as they complete: a rerun scores only what is missing, with the same
     result; a store made with other interventions is set aside, not mixed in."""
