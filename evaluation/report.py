@@ -168,6 +168,13 @@ def _row(name: str, r: dict, n, alpha, transfer) -> list[str]:
             transfer, _alpha(alpha)]
 
 
+def _skipped_items(report: dict) -> list[str]:
+    first = {r.get("first_item", 0) for r in report["languages"].values()}  # reports before --skip-items lack it
+    if first == {0}:
+        return []
+    return [f"- items: each file's from item {', '.join(map(str, sorted(first)))} on (`--skip-items`)"]
+
+
 def markdown(report: dict) -> str:
     """The report as markdown: settings, then one table row per language, group and the mean."""
     header = ["language", "n", "baseline % [95% CI]", "intervened %", "delta pp", "delta 95% CI",
@@ -194,6 +201,7 @@ def markdown(report: dict) -> str:
         f"- alpha: {report['alpha_selection']}; grid {', '.join(f'{a:g}' for a in report['alpha_grid'])}",
         "- CIs: bootstrap over items (within each language; paired for the delta); McNemar: exact binomial on "
         "discordant items, b = baseline-only right, c = intervened-only right",
+        *_skipped_items(report),
         "",
         markdown_table(header, rows),
         "",

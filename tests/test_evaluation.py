@@ -453,6 +453,7 @@ def test_serving_defaults_are_reported_only_on_items_they_were_not_calibrated_on
 
     report, records = run_benchmark(config(model_dir, tmp_path / "built", [sw], skip_items=half), llm=llm)
     assert report["languages"]["sw"]["n"] == half and report["languages"]["sw"]["first_item"] == half
+    assert f"each file's from item {half} on" in markdown(report)
     assert [r["index"] for r in records] == list(range(half, N_ITEMS))
     assert_same_items(records, [r for r in whole if r["index"] >= half])
 
