@@ -84,7 +84,7 @@ class LanguageSet:
     file_version: str = ""  # sha256 prefix of the file's bytes: stored scores are valid only for it
 
     @property
-    def file_items(self) -> np.ndarray:
+    def file_indices(self) -> np.ndarray:
         """The file's index of each item."""
         return self.first_item + np.arange(self.n)
 
@@ -195,7 +195,7 @@ def run_incline(config: BenchmarkConfig, model_dir: Path, eval_sets: dict[str, L
     model = tokenizer = None
     languages = {}
     for s in targets:
-        items = file_items(config, s.path, s.first_item)
+        items = load_item_range(config, s.path, s.first_item)
         names = {metric: f"{s.code}:{s.table_prefix}:{metric}" for metric in incline.METRICS}
         stored = {metric: store.load(name, (len(incline.GRID), s.n)) if store else None
                   for metric, name in names.items()}
@@ -281,7 +281,7 @@ def load_language_sets(config, paths, tokenizer, prompts, skip: int = 0) -> dict
 
     sets = {}
     for code, path in find_files(config.task, paths).items():
-        items = file_items(config, path, skip)
+        items = load_item_range(config, path, skip)
         if not items:
             raise ValueError(f"{path}: no items left after skipping the first {skip}")
         examples = build_examples(config.task, code, items, prompts, config.prompt_style)
@@ -290,7 +290,7 @@ def load_language_sets(config, paths, tokenizer, prompts, skip: int = 0) -> dict
     return sets
 
 
-def file_items(config, path: Path, skip: int = 0) -> list:
+def load_item_range(config, path: Path, skip: int = 0) -> list:
     """The items of `path` from index `skip` on, at most `config.max_items` of them."""
     end = None if config.max_items is None else skip + config.max_items
     return load_items(config.task, path)[skip:end]
@@ -323,7 +323,7 @@ def check_not_fitted_on(artifact_dir: Path, lang_set: LanguageSet, items: np.nda
     fitted = fitted_items(artifact_dir)
     if fitted is None or fitted[0] != lang_set.path.name:
         return
-    in_file = lang_set.file_items[np.asarray(items)]
+    in_file = lang_set.file_indices[np.asarray(items)]
     used = np.zeros(in_file.size, dtype=bool)
     for start, end in fitted[1]:
         used |= (in_file >= start) & (in_file < end)
