@@ -229,7 +229,8 @@ def _prefilled_scorer(tmp_path, lang, tables_per_set):
 
 def _fake_language(n):
     return SimpleNamespace(code="sw", flores="swh_Latn", labels=np.zeros(n, dtype=int), n=n, english=False,
-                           path=Path("val.sw.jsonl"), examples=[SimpleNamespace(options=("a", "b"))] * n)
+                           path=Path("val.sw.jsonl"), examples=[SimpleNamespace(options=("a", "b"))] * n,
+                           table_prefix=f"val.sw.jsonl[0:{n}]", file_indices=np.arange(n))
 
 
 def test_torch_compile_only_where_its_start_up_pays_back():
