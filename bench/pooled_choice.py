@@ -32,15 +32,15 @@ def parse_args(argv=None):
 
 def calibration_gains(roots: list[Path]) -> dict[str, dict[str, dict]]:
     """task -> language -> {candidate: accuracy - plain}, from the artifacts' evidence."""
-    from alignment.artifact import MANIFEST_NAME, load_intervention
+    from alignment.artifact import MANIFEST_NAME, discover_interventions, load_intervention
     from evaluation.calibration import search_space
 
     gains: dict[str, dict[str, dict]] = {}
     for root in roots:
-        artifacts = sorted(path.parent for path in Path(root).glob(f"*/{MANIFEST_NAME}"))
+        artifacts = discover_interventions(root)  # {source: directory}; one artifact per language
         if not artifacts:
             raise FileNotFoundError(f"{root}: no artifacts (directories with {MANIFEST_NAME})")
-        for path in artifacts:
+        for path in artifacts.values():
             artifact = load_intervention(path)
             evidence = artifact.evidence
             if not evidence:
