@@ -318,16 +318,21 @@ def fitted_items(artifact_dir: Path) -> tuple[str, list[list[int]]] | None:
     return None if not task_items else (task_items["file"], task_items["ranges"])
 
 
+def _file_indices_within(lang_set: LanguageSet, items: np.ndarray, ranges) -> np.ndarray:
+    """The file indices of `lang_set`'s `items` that fall in one of the [start, end) `ranges`."""
+    in_file = lang_set.file_indices[np.asarray(items)]
+    inside = np.zeros(in_file.size, dtype=bool)
+    for start, end in ranges:
+        inside |= (in_file >= start) & (in_file < end)
+    return in_file[inside]
+
+
 def check_not_fitted_on(artifact_dir: Path, lang_set: LanguageSet, items: np.ndarray) -> None:
     """Refuse to evaluate items whose own text went into the intervention's fit."""
     fitted = fitted_items(artifact_dir)
     if fitted is None or fitted[0] != lang_set.path.name:
         return
-    in_file = lang_set.file_indices[np.asarray(items)]
-    used = np.zeros(in_file.size, dtype=bool)
-    for start, end in fitted[1]:
-        used |= (in_file >= start) & (in_file < end)
-    overlap = in_file[used]
+    overlap = _file_indices_within(lang_set, items, fitted[1])
     if overlap.size:
         raise ValueError(
             f"{artifact_dir} was fitted on items {fitted[1]} of {fitted[0]}, and items {overlap.min()}-{overlap.max()} "
@@ -345,10 +350,11 @@ def check_not_calibrated_on(artifact, lang_set: LanguageSet, task: str) -> None:
     if evidence.get("task") != task or Path(evidence.get("file", "")).name != lang_set.path.name:
         return
     calibrated = int(evidence["items"])
-    if lang_set.first_item < calibrated:
+    overlap = _file_indices_within(lang_set, np.arange(lang_set.n), [(0, calibrated)])
+    if overlap.size:
         raise ValueError(
             f"{artifact.path}: its serving defaults were chosen on items 0-{calibrated - 1} of {lang_set.path.name}, "
-            f"and this run would report them on items {lang_set.first_item}-{lang_set.first_item + lang_set.n - 1}; "
+            f"and this run would report them on items {overlap.min()}-{overlap.max()}; "
             f"evaluate on items it was not calibrated on (--skip-items {calibrated}) or on another file"
         )
 
@@ -623,7 +629,7 @@ def _item_records(eval_sets, outcomes) -> list[dict]:
         o = outcomes[s.code]
         for i in range(s.n):
             records.append({
-                "language": s.code, "index": s.first_item + i, "label": int(s.labels[i]),
+                "language": s.code, "index": int(s.file_indices[i]), "label": int(s.labels[i]),
                 "fold": None if o.fold_of_item is None else int(o.fold_of_item[i]),
                 "alpha": None if s.english else float(o.alpha_per_item[i]),
                 "baseline_scores": [float(x) for x in o.baseline_scores[i]],
