@@ -11,7 +11,6 @@ Progress bars go to stderr; `--json` prints exactly one JSON object to stdout.
 from __future__ import annotations
 
 import json
-import signal
 import sys
 from pathlib import Path
 
@@ -68,8 +67,6 @@ def register(subparsers) -> None:
 
 
 def run_bench(args) -> int:
-    # A plain `kill` should still shut the engine's child processes down (finally blocks run on SystemExit).
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     from evaluation.report import markdown, write_report
     from evaluation.runner import BenchmarkConfig, run_benchmark
 

@@ -7,6 +7,7 @@ command functions so that `lingosteer --help` stays instant.
 
 import argparse
 import importlib
+import signal
 import sys
 
 SUBCOMMANDS = [
@@ -47,6 +48,10 @@ def program() -> int:
     """The `lingosteer` program (console script, `python -m lingosteer.cli`): one command per process."""
     from lingosteer.backend import run_offline_engines_in_process
 
+    # A plain `kill` ends a command the way Ctrl-C does, through its `finally` blocks: engines
+    # shut their processes down, builds remove their staging directories. `serve` installs
+    # its own handler (the API server's shutdown).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     run_offline_engines_in_process()
     return main()
 

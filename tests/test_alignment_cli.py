@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -153,6 +155,32 @@ def test_build_fits_calibrates_and_records_the_gate(tiny_model_dir, data_dir, tm
     assert manifest["default_alpha"] == 0.0 and manifest["format_version"] == 2
     assert "gate not cleared" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["swh_Latn"]  # no staging left behind
+
+
+def test_a_killed_build_leaves_nothing_behind(tiny_model_dir, data_dir, tmp_path):
+    """A plain `kill` (SIGTERM) in the middle of `lingosteer align build` ends it through its finally
+    blocks: exit status 143, the hidden staging directory removed, no artifact."""
+    artifacts = tmp_path / "interventions"
+    log = tmp_path / "build.log"
+    command = [sys.executable, "-m", "lingosteer.cli", "align", "build", "--model", str(tiny_model_dir("llama")),
+               "--source", "sw", "--data", f"sib200:dev@{data_dir}", "--max-pairs", "24", "--layers", "0-1",
+               "--calibrate", str(data_dir / "xcopa" / "val.sw.jsonl"), "--calibration-max-items", "40",
+               "--out", str(artifacts / "swh_Latn")]
+    with log.open("w") as stderr:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            # The staging directory exists from before the fit until the calibrated artifact is moved
+            # into place; the poll only guards against a hang, it times nothing.
+            deadline = time.monotonic() + 600
+            while not (artifacts.is_dir() and any(artifacts.glob(".swh_Latn.build.*"))):
+                assert process.poll() is None, f"the build ended before it could be killed:\n{log.read_text()}"
+                assert time.monotonic() < deadline, "no staging directory appeared"
+                time.sleep(0.05)
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=300) == 143, log.read_text()
+        finally:
+            process.kill()
+    assert list(artifacts.iterdir()) == []
 
 
 @pytest.mark.parametrize(
