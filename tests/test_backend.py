@@ -1,6 +1,8 @@
 """Engine defaults for this machine: float32 where the CPU would only emulate bfloat16, eager V1 runner on GPUs."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -107,3 +109,13 @@ def test_vllm_distribution_found_by_name_whichever_build_is_installed():
     alias_vllm_distribution()
     alias_vllm_distribution()  # idempotent
     assert metadata.version("vllm") == vllm.__version__.split("+")[0]
+
+
+def test_the_alias_leaves_vllm_s_platform_as_it_was():
+    """In a fresh process the alias comes before vLLM has chosen its platform (lm-eval's backend in
+    `bench/scoring.py`'s child process): vLLM must still recognise the build it runs on."""
+    probe = ("from lingosteer.backend import alias_vllm_distribution, is_cpu_backend; "
+             "alias_vllm_distribution(); print(is_cpu_backend())")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == str(is_cpu_backend())
