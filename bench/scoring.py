@@ -1,6 +1,6 @@
 """Log-likelihood scoring: today's path, the fast path and lm-eval's vLLM backend, side by side.
 
-One process, the same XCOPA validation items (lm-eval's prompts, float32):
+One run, the same XCOPA validation items (lm-eval's prompts, float32):
 
   lmeval   lm-evaluation-harness's own `vllm` backend on its `xcopa_<lang>` tasks,
            fed our local validation files; end to end, engine start-up included
@@ -8,6 +8,12 @@ One process, the same XCOPA validation items (lm-eval's prompts, float32):
            for the option rows); end to end on the same plain items
   current  the same engine without those (`shared_prefix=False`): every request
            computes its whole prompt and full-vocabulary logits for every row
+
+Each engine runs as its users get it: lm-eval's plain-vLLM engine in a child process
+with vLLM's own process layout (`lm_eval --model vllm`), ours in this process as the
+`lingosteer` program runs it (`run_offline_engines_in_process`). They cannot share a
+process: the plugin patches vLLM's classes process-wide. The child runs first and has
+ended before our engine starts; vLLM is imported before either clock starts.
 
 Plain scoring of every item compares `new` with `lmeval` (wall time, start-up
 included, and per-item agreement). A steering grid (5 alphas at the last
@@ -20,11 +26,13 @@ Usage: python bench/scoring.py [--model gemma-3-270m] [--data-dir ../shared/data
 
 import argparse
 import json
+import multiprocessing
 import os
 import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -69,14 +77,19 @@ def load_items(data_dir: Path, languages: list[str], items: int, tokenizer) -> d
 
 def run_lmeval(model_dir: Path, data_dir: Path, languages: list[str], items: int, dtype: str,
                enforce_eager: bool) -> dict:
-    """lm-eval's `vllm` backend on its xcopa tasks over our local files: wall time and chosen options."""
+    """lm-eval's `vllm` backend on its xcopa tasks over our local files: wall time and chosen options.
+
+    Runs in a process of its own (`lmeval_in_child`): it sets the process's environment and
+    points lm-eval's dataset loader at the local files, for good."""
     import datasets
     import lm_eval
+    import lm_eval.api.registry
     import lm_eval.api.task
     import lm_eval.tasks
+    import vllm  # noqa: F401  imported before the clock starts, as in our engine's process
     from lm_eval.tasks import TaskManager
 
-    from lingosteer.backend import alias_vllm_distribution, configure_cpu_environment
+    from lingosteer.backend import alias_vllm_distribution, configure_cpu_environment, shutdown_engine
 
     alias_vllm_distribution()
     configure_cpu_environment()  # the same KV cache and cores as our engine gets
@@ -88,26 +101,30 @@ def run_lmeval(model_dir: Path, data_dir: Path, languages: list[str], items: int
         return datasets.DatasetDict(validation=docs, test=docs)
 
     manager = TaskManager(include_path=str(Path(lm_eval.tasks.__file__).parent / "xcopa"), include_defaults=False)
-    lm_eval.api.task.datasets.load_dataset, original = local_xcopa, lm_eval.api.task.datasets.load_dataset
+    lm_eval.api.task.datasets.load_dataset = local_xcopa
     os.environ["VLLM_PLUGINS"] = ""  # lm-eval's engine is plain vLLM
     start = time.perf_counter()
-    try:
-        results = lm_eval.simple_evaluate(
-            model="vllm",
-            model_args=f"pretrained={model_dir},dtype={dtype},max_model_len=1024,seed=0,"
-                       f"enforce_eager={enforce_eager}",
-            tasks=[f"xcopa_{lang}" for lang in languages], task_manager=manager, batch_size="auto",
-            log_samples=True)
-    finally:
-        lm_eval.api.task.datasets.load_dataset = original
-        os.environ.pop("VLLM_PLUGINS", None)
+    lm = lm_eval.api.registry.get_model("vllm").create_from_arg_string(  # as simple_evaluate(model="vllm") does
+        f"pretrained={model_dir},dtype={dtype},max_model_len=1024,seed=0,enforce_eager={enforce_eager}",
+        {"batch_size": "auto", "max_batch_size": None, "device": None})
+    results = lm_eval.simple_evaluate(model=lm, tasks=[f"xcopa_{lang}" for lang in languages],
+                                      task_manager=manager, log_samples=True)
     seconds = time.perf_counter() - start
+    shutdown_engine(lm.model)  # its engine's processes would keep this process from exiting
     chosen = {}
     for lang in languages:
         samples = sorted(results["samples"][f"xcopa_{lang}"], key=lambda s: s["doc_id"])
-        chosen[lang] = np.array([int(np.argmax([ll for ll, _ in s["filtered_resps"]])) for s in samples])
+        chosen[lang] = [int(np.argmax([ll for ll, _ in s["filtered_resps"]])) for s in samples]
     return {"seconds": seconds, "chosen": chosen,
             "accuracy": {lang: results["results"][f"xcopa_{lang}"]["acc,none"] for lang in languages}}
+
+
+def lmeval_in_child(*args) -> dict:
+    """`run_lmeval` in a fresh (spawned) process, which has ended when this returns."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as child:
+        result = child.submit(run_lmeval, *args).result()
+    result["chosen"] = {lang: np.array(chosen) for lang, chosen in result["chosen"].items()}
+    return result
 
 
 def plain_requests(sets: dict, languages: list[str]) -> list:
@@ -130,8 +147,11 @@ def main(argv=None) -> int:
 
     from evaluation.runner import SCORING_STEP_TOKENS
     from evaluation.scoring import score_with_vllm
-    from lingosteer.backend import cpu_model_name, scoring_engine_kwargs, shutdown_engine
+    from lingosteer.backend import (cpu_model_name, run_offline_engines_in_process, scoring_engine_kwargs,
+                                    shutdown_engine)
     from lingosteer.models import resolve_model
+
+    run_offline_engines_in_process()
 
     model_dir = resolve_model(args.model)
     languages, grid_languages = args.languages.split(","), args.grid_languages.split(",")
@@ -141,7 +161,7 @@ def main(argv=None) -> int:
     lmeval = None
     if not args.skip_lmeval:
         log(f"scoring: lm-eval's vllm backend, {len(languages)} languages x {args.items} items")
-        lmeval = run_lmeval(model_dir, args.data_dir, languages, args.items, args.dtype, args.enforce_eager)
+        lmeval = lmeval_in_child(model_dir, args.data_dir, languages, args.items, args.dtype, args.enforce_eager)
         log(f"  lm-eval: {lmeval['seconds']:.1f} s end to end")
 
     log("scoring: our engine (plugin), plain items")
