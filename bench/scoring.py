@@ -114,7 +114,7 @@ def run_lmeval(model_dir: Path, data_dir: Path, languages: list[str], items: int
     chosen = {}
     for lang in languages:
         samples = sorted(results["samples"][f"xcopa_{lang}"], key=lambda s: s["doc_id"])
-        chosen[lang] = [int(np.argmax([ll for ll, _ in s["filtered_resps"]])) for s in samples]
+        chosen[lang] = np.array([int(np.argmax([ll for ll, _ in s["filtered_resps"]])) for s in samples])
     return {"seconds": seconds, "chosen": chosen,
             "accuracy": {lang: results["results"][f"xcopa_{lang}"]["acc,none"] for lang in languages}}
 
@@ -122,9 +122,7 @@ def run_lmeval(model_dir: Path, data_dir: Path, languages: list[str], items: int
 def lmeval_in_child(*args) -> dict:
     """`run_lmeval` in a fresh (spawned) process, which has ended when this returns."""
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as child:
-        result = child.submit(run_lmeval, *args).result()
-    result["chosen"] = {lang: np.array(chosen) for lang, chosen in result["chosen"].items()}
-    return result
+        return child.submit(run_lmeval, *args).result()
 
 
 def plain_requests(sets: dict, languages: list[str]) -> list:
