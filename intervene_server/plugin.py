@@ -11,8 +11,8 @@ worker   `Worker.load_model`: refuse a runner or CUDA-graph mode in which the op
          `GPUModelRunner._model_forward`: build the step's plan for the op.
          `GPUModelRunner._on_request_state_removed`: drop a finished request's
          parsed arguments (kept by request id from its first step on).
-         `GPUModelRunner._get_prompt_logprobs_dict`: logits only for the prompt rows
-         a scoring request reads (`prompt_logits`).
+         `GPUModelRunner._get_prompt_logprobs_dict`: logits and log-probabilities
+         only for the prompt rows a scoring request reads (`prompt_logits`).
          `Worker.lingosteer_*`: RPC methods to load / unload / list interventions.
 engine   `EngineCore.add_request`: bind each steered request to the intervention
 core     version current when it enters the scheduler, and salt its prefix-cache

@@ -177,12 +177,16 @@ def test_malformed_score_from_is_rejected(value):
 
 
 def _runner_with(requests: dict[str, tuple[int | None, int, int]], scheduled: dict[str, int]):
-    """A stand-in for vLLM's model runner: request id -> (score_from, num_computed_tokens, prompt length)."""
+    """A stand-in for vLLM's model runner (its sampler is vLLM's): request id -> (score_from,
+    num_computed_tokens, prompt length); prompt token i is i % 11."""
     from types import SimpleNamespace
+
+    from vllm.v1.sample.sampler import Sampler
 
     from intervene_server.worker_state import WorkerState
 
-    states = {rid: SimpleNamespace(num_computed_tokens=done, prompt_token_ids=[7] * length,
+    states = {rid: SimpleNamespace(num_computed_tokens=done, prompt_token_ids=[i % 11 for i in range(length)],
+                                   in_progress_prompt_logprobs_cpu=None,
                                    sampling_params=SimpleNamespace(
                                        extra_args=None if score_from is None else {SCORE_FROM_KEY: score_from}))
               for rid, (score_from, done, length) in requests.items()}
@@ -191,18 +195,19 @@ def _runner_with(requests: dict[str, tuple[int | None, int, int]], scheduled: di
     return SimpleNamespace(num_prompt_logprobs=dict.fromkeys(requests, 0), requests=states,
                            query_start_loc=SimpleNamespace(np=starts),
                            input_batch=SimpleNamespace(req_id_to_index={rid: i for i, rid in enumerate(order)}),
+                           model_config=SimpleNamespace(logprobs_mode="raw_logprobs"), sampler=Sampler,
                            lingosteer_state=WorkerState("LlamaForCausalLM", "unused", 2, torch.device("cpu"), 16))
 
 
-def test_logits_are_computed_only_for_rows_scoring_requests_read_in_one_call():
-    # a: 10 prompt rows in this step (prompt of 14), reads from position 8 (rows 7..9);
-    # b: asks for prompt logprobs without scoring (a served request): vLLM's own call;
+def test_scoring_requests_get_log_probabilities_only_for_rows_they_read_in_one_call():
+    # a: 10 prompt rows in this step (prompt of 14), reads from position 8 (rows 7..9), more chunks follow;
+    # b: asks for prompt logprobs without scoring (a served request): vLLM's own path;
     # c: last chunk (6 of 10 tokens done, 4 now, rows 6..8 have a next token), reads from position 9.
     scheduled = {"a": 10, "b": 5, "c": 4}
     runner = _runner_with({"a": (8, 0, 14), "b": (None, 0, 9), "c": (9, 6, 10)}, scheduled)
     hidden = torch.randn(19, 3)
     weight = torch.randn(3, 11)
-    computed_rows = []
+    computed_rows, vllm_path_saw = [], []
 
     def compute_logits(rows):
         computed_rows.append(rows.shape[0])
@@ -211,25 +216,30 @@ def test_logits_are_computed_only_for_rows_scoring_requests_read_in_one_call():
     runner.model = SimpleModel(compute_logits)
 
     def get_prompt_logprobs_dict(runner, hidden_states, num_scheduled_tokens):
-        # vLLM's loop, reduced: one slice per request, its rows that have a next prompt token.
-        out, offset = {}, 0
-        for rid, n in num_scheduled_tokens.items():
-            state = runner.requests[rid]
-            count = min(n, len(state.prompt_token_ids) - state.num_computed_tokens - 1)
-            out[rid] = runner.model.compute_logits(hidden_states[offset:offset + count])
-            offset += n
-        return out
+        vllm_path_saw.append(set(runner.num_prompt_logprobs))
+        return {"b": runner.model.compute_logits(hidden_states[10:15])}  # vLLM's loop, reduced to b
 
-    assert scored_slices(runner, scheduled) == {0: (7, 10), 15: (2, 3)}
-    logits = prompt_logprobs_of_scored_rows(runner, get_prompt_logprobs_dict, hidden, scheduled)
-    assert computed_rows == [3 + 1, 5]  # a's and c's read rows together, then b's whole slice
-    full = hidden @ weight
-    torch.testing.assert_close(logits["a"][7:], full[7:10])
-    torch.testing.assert_close(logits["b"], full[10:15])
-    torch.testing.assert_close(logits["c"][2:], full[17:18])
-    assert logits["c"].shape == (3, 11)
-    assert not logits["a"][:7].any() and not logits["c"][:2].any()
-    assert "compute_logits" not in vars(runner.model)  # the shadowing is undone
+    assert scored_slices(runner, scheduled) == {"a": (0, 7, 10), "c": (15, 2, 3)}
+    out = prompt_logprobs_of_scored_rows(runner, get_prompt_logprobs_dict, hidden, scheduled)
+    assert vllm_path_saw == [{"b"}] and computed_rows == [5, 3 + 1]  # b alone, then a's and c's read rows at once
+    logprobs = (hidden @ weight).log_softmax(-1)
+    torch.testing.assert_close(out["b"], hidden[10:15] @ weight)
+
+    def expect(tensors, rows, first, skip, count):
+        targets = torch.tensor([(first + i + 1) % 11 for i in range(skip, count)])
+        wanted = logprobs[rows].gather(1, targets[:, None])[:, 0]
+        torch.testing.assert_close(tensors.logprobs[first + skip:first + count, 0], wanted)
+        assert torch.equal(tensors.logprob_token_ids[first + skip:first + count, 0], targets.int())
+        ranks = (logprobs[rows] >= wanted[:, None]).sum(-1)
+        assert torch.equal(tensors.selected_token_ranks[first + skip:first + count], ranks)
+        assert torch.isneginf(tensors.logprobs[first:first + skip]).all()  # placeholders, never computed
+        assert (tensors.selected_token_ranks[first:first + skip] == -1).all()
+
+    # c's prompt is complete (returned, no longer pending); a's stays in progress for its next chunk.
+    assert set(out) == {"b", "c"} and set(runner.num_prompt_logprobs) == {"a", "b"}
+    expect(out["c"], [17], first=6, skip=2, count=3)
+    assert runner.requests["c"].in_progress_prompt_logprobs_cpu is None
+    expect(runner.requests["a"].in_progress_prompt_logprobs_cpu, [7, 8, 9], first=0, skip=7, count=10)
 
 
 class SimpleModel:
