@@ -132,7 +132,7 @@ class LingosteerLM(TemplateLM):
         self._conditions: dict[str, Condition] = {}
         self._pending: list[tuple[str, Condition]] | None = None
         self.llm = start_scoring_engine(model_dir, dtype, max_model_len=self._max_length,
-                                        enforce_eager=bool(enforce_eager))
+                                        enforce_eager=bool(enforce_eager), skip_tokenizer_init=False)  # text
         self._shutdown = weakref.finalize(self, shutdown_engine, self.llm)
         for path in self.interventions.values():
             self.llm.collective_rpc("lingosteer_load", args=(str(path),))

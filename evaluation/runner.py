@@ -383,7 +383,8 @@ def compile_pays_back(config: BenchmarkConfig, eval_sets: dict, cal_sets: dict) 
 
 
 def start_scoring_engine(model_dir: Path, dtype: str, **overrides):
-    """An offline `vllm.LLM` for `score_with_vllm` (and generation); `overrides` win."""
+    """An offline `vllm.LLM` for `score_with_vllm`: token ids in, log-probabilities out, no
+    tokenizer (`lingosteer.backend.scoring_engine_kwargs`); `overrides` win."""
     from vllm import LLM
 
     from lingosteer.backend import scoring_engine_kwargs

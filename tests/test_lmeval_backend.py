@@ -131,7 +131,8 @@ def ours(lm_eval_run, model_dir, tokenizer, interventions):
     # lm-eval's greedy generation: "." and EOS stop it, special tokens kept in the text
     sampling = dict(max_tokens=GENERATE_TOKENS, temperature=0.0, stop=[".", tokenizer.eos_token],
                     skip_special_tokens=False, spaces_between_special_tokens=False)
-    llm = start_scoring_engine(model_dir, "float32", max_model_len=512, enforce_eager=True)
+    llm = start_scoring_engine(model_dir, "float32", max_model_len=512, enforce_eager=True,
+                               skip_tokenizer_init=False)  # as the backend starts it: it returns text
     try:
         llm.collective_rpc("lingosteer_load", args=(str(interventions / "swh"),))
         scores = score_with_vllm(llm, requests, progress=False).scores
