@@ -24,7 +24,11 @@ only the necessary arithmetic is done, in the serving engine and plugin:
 - each request names its first scored position (`lingosteer_score_from`), so the
   plugin computes full-vocabulary logits only for the rows that predict the
   option, and keeps that row's block out of the cache (vLLM returns no
-  log-probabilities for rows it read from the cache).
+  log-probabilities for rows it read from the cache);
+- the prompt stops before the option's last token, which is scored as the one
+  token the request samples (its log-probability asked for by id,
+  `logprob_token_ids`): the engine computes logits for a request's last row to
+  sample from anyway, and no row is computed for what would follow the option.
 `shared_prefix=False` is the plain way: every request computes its whole prompt
 and logits for every row (the reference the fast way is checked against).
 """
@@ -134,18 +138,21 @@ def score_with_vllm(llm, requests: list[tuple[Encoded, Condition]], progress: bo
 
     from intervene_server.request_spec import SCORE_FROM_KEY
 
+    def prompt(enc: Encoded) -> Encoded:
+        """What the engine is sent: with `shared_prefix`, all but the option's last token (sampled)."""
+        return Encoded(enc.token_ids[:-1], enc.context_len, enc.num_special) if shared_prefix else enc
+
     def params(enc: Encoded, cond: Condition) -> SamplingParams:
-        extra = extra_args(enc, cond)
         if not shared_prefix:
-            return SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, extra_args=extra)
+            return SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, extra_args=extra_args(enc, cond))
         return SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False,
-                              skip_reading_prefix_cache=False,
-                              extra_args={**(extra or {}), SCORE_FROM_KEY: enc.context_len})
+                              logprob_token_ids=[enc.token_ids[-1]], skip_reading_prefix_cache=False,
+                              extra_args={**(extra_args(prompt(enc), cond) or {}), SCORE_FROM_KEY: enc.context_len})
 
     # Neighbours in submission order share their context's blocks (they are cached when allocated).
     order = sorted(range(len(requests)), key=lambda i: requests[i][0].token_ids) if shared_prefix \
         else list(range(len(requests)))
-    prompts = [{"prompt_token_ids": list(requests[i][0].token_ids)} for i in order]
+    prompts = [{"prompt_token_ids": list(prompt(requests[i][0]).token_ids)} for i in order]
     start = time.perf_counter()
     outputs = llm.generate(prompts, [params(*requests[i]) for i in order], use_tqdm=progress)
     seconds = time.perf_counter() - start
@@ -159,10 +166,15 @@ def score_with_vllm(llm, requests: list[tuple[Encoded, Condition]], progress: bo
                 f"row ({enc.context_len - 1}): is the lingosteer plugin installed in this engine?")
         cached += output.num_cached_tokens or 0
         # Rows before the option are placeholders (or were never computed): read only the option's.
-        option = [output.prompt_logprobs[j][enc.token_ids[j]] for j in range(enc.context_len, len(enc.token_ids))]
-        scores[i] = float(sum(entry.logprob for entry in option))
-        greedy[i] = all(entry.rank == 1 for entry in option)
-    return VllmScores(scores, greedy, seconds, sum(len(enc.token_ids) for enc, _ in requests), cached)
+        sent = len(output.prompt_token_ids)
+        option = [output.prompt_logprobs[j][enc.token_ids[j]] for j in range(enc.context_len, sent)]
+        logprobs, top_ranked = [entry.logprob for entry in option], [entry.rank == 1 for entry in option]
+        if sent < len(enc.token_ids):  # the last token was sampled, its log-probability asked for by id
+            last, sampled = enc.token_ids[-1], output.outputs[0]
+            logprobs.append(sampled.logprobs[0][last].logprob)
+            top_ranked.append(sampled.token_ids[0] == last)  # greedy: sampling picked it
+        scores[i], greedy[i] = float(sum(logprobs)), all(top_ranked)
+    return VllmScores(scores, greedy, seconds, sum(len(p["prompt_token_ids"]) for p in prompts), cached)
 
 
 def score_with_hf(model, requests: list[tuple[Encoded, Condition]], interventions: dict, pad_id: int,

@@ -348,14 +348,17 @@ def test_reference_check_agrees_with_vllm(llm, model_dir, interventions, xcopa_d
 
 
 def test_shared_prefix_scoring_equals_the_plain_way(llm, tokenizer, interventions, data_dir):
-    """Contexts of 70+ tokens (whole KV blocks to share) and options with a common first word (so a
-    block past the context could match): the fast way gives today's scores, and really shares."""
+    """Contexts of 70+ tokens (whole KV blocks to share), options with a common first word (so a
+    block past the context could match) and one-token options (nothing left to read from the prompt):
+    the fast way gives today's scores, and really shares."""
     llm.collective_rpc("lingosteer_load", args=(str(interventions / "swh"),))
     sentences = _sentences("swh_Latn", data_dir, 12)
     examples = [Example(" ".join(sentences[i:i + 3]), (" na " + sentences[i + 3], " na " + sentences[i + 4]), 0)
                 for i in range(0, 8, 2)]
+    examples.append(Example(" ".join(sentences[8:11]), (" na", " ya"), 1))  # one-token options: all sampled
     encoded = [enc for options in encode_examples(tokenizer, examples) for enc in options]
     assert min(enc.context_len for enc in encoded) > 64
+    assert len(encoded[-1].token_ids) - encoded[-1].context_len == 1
     conditions = [PLAIN, *(Condition("swh_Latn", a, "last") for a in (-1.0, 1.0, 2.0)),
                   Condition("swh_Latn", 1.0, "context"), Condition("swh_Latn", 1.0, "all")]
     requests = [(enc, condition) for condition in conditions for enc in encoded]
