@@ -57,3 +57,16 @@ def test_plot_writes_a_png(recipes, tmp_path):
     report = {"results": results, "languages": ["et"], "chosen": {"default": "ridge|last|sib+ntrex"}}
     recipes["plot"](report, tmp_path / "recipes.png")
     assert (tmp_path / "recipes.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_short_fit_takes_distinct_xnli_hypothesis_pairs_and_refuses_unaligned_files(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "bench"))  # it imports alignment_recipes as the script does
+    short_fit = runpy.run_path(str(REPO_ROOT / "bench" / "alignment_short_fit.py"))
+    (tmp_path / "xnli").mkdir()
+    rows = lambda hyps: "".join(f"premise {i}\t{h}\tneutral\n" for i, h in enumerate(hyps))  # noqa: E731
+    (tmp_path / "xnli" / "dev.en.tsv").write_text(rows(["a", "a", "b", "c", "d"]), encoding="utf-8")
+    (tmp_path / "xnli" / "dev.sw.tsv").write_text(rows(["A", "A", "B", "C", "D"]), encoding="utf-8")
+    assert short_fit["xnli_pairs"]("sw", tmp_path, 3) == (["A", "B", "C"], ["a", "b", "c"])
+    (tmp_path / "xnli" / "dev.sw.tsv").write_text(rows(["A", "B"]), encoding="utf-8")
+    with pytest.raises(ValueError, match="not line-aligned"):
+        short_fit["xnli_pairs"]("sw", tmp_path, 3)
