@@ -365,6 +365,8 @@ def check_not_calibrated_on(artifact, lang_set: LanguageSet, task: str) -> None:
 SCORING_STEP_TOKENS = 1024
 # torch.compile made Gemma 3 270M's engine start 85 s later and scored XCOPA 24 s faster
 # per 48,765 prompt tokens (bench/scoring.py, 2 cores): it pays back past ~170k tokens.
+# Re-measured on the fast path (2026-12-01, docs/benchmarks.md): ~37 s later, 77 s faster on
+# XNLI sw's 424k prompt tokens (past ~205k), and nothing gained on XCOPA's short items.
 COMPILE_PAYS_BACK_TOKENS = 200_000
 # Items (of any condition) per `generate` between writes of the score store: big enough
 # to keep the engine's batches full, small enough that an interruption loses little.
