@@ -10,7 +10,7 @@ case W = I + W_incline^T (see `alignment.artifact`, which records the form).
 
 Streaming: `partial_fit` only adds sufficient statistics per layer,
 
-    X^T X, X^T Y, sum x, sum y, sum ||y||^2, n          (float64)
+    X^T X, X^T Y, sum x, sum y, sum y^2 (per dimension), n          (float64)
 
 so memory is O(L d^2) whatever the number of sentences, and the statistics of
 several shards add up (`merge` or `+`) to exactly those of the whole. `solve()`
@@ -39,6 +39,16 @@ Solvers (row form A = W^T, so that X A ~ Y):
 - `bias=True` fits an intercept (centred statistics; the intercept is not penalised).
   The default (None) is each solver's own: without for ridge and lstsq, with for
   meanshift (which is nothing but a bias) and procrustes.
+- `standardise=True` (ridge only) fits the ridge on per-dimension z-scores of both
+  sides, z = (h - mean) / std, and converts the map back to W h + b. LLM states
+  carry a few "massive activation" dimensions (Gemma 3 270M: one dimension near
+  6,000 in every token, against ~1 elsewhere) that dominate a squared error in raw
+  coordinates, so a raw ridge spends its fit on them; on z-scores every dimension
+  counts alike. The identity the penalty pulls toward is then "match each
+  dimension's mean and spread" (W = diag(std_y / std_x)), the map's intercept is
+  fitted, and lambda is chosen on held-out error in z-scores (with the training
+  part's moments). Needs the bias; cannot be truncated to a rank (W - I would not
+  be low-rank).
 - `rank=r` constrains the delta W - I to rank r (reduced-rank ridge: the ridge
   solution projected on the top-r directions of its fitted values), stored as
   factors U (d x r), V (r x d) with W = I + U V. Lambda is chosen for the
@@ -67,7 +77,7 @@ class SufficientStats:
     xty: np.ndarray  # [L, d, d]
     sx: np.ndarray  # [L, d]
     sy: np.ndarray  # [L, d]
-    yy: np.ndarray  # [L]  sum of ||y||^2
+    yy: np.ndarray  # [L, d]  sum of y^2 per dimension
     n: int
 
     @classmethod
@@ -77,7 +87,7 @@ class SufficientStats:
             xty=np.zeros((num_layers, dim, dim)),
             sx=np.zeros((num_layers, dim)),
             sy=np.zeros((num_layers, dim)),
-            yy=np.zeros(num_layers),
+            yy=np.zeros((num_layers, dim)),
             n=0,
         )
 
@@ -91,7 +101,7 @@ class SufficientStats:
         self.xty += x.transpose(0, 2, 1) @ y
         self.sx += x.sum(axis=1)
         self.sy += y.sum(axis=1)
-        self.yy += np.einsum("lmi,lmi->l", y, y)
+        self.yy += np.einsum("lmi,lmi->li", y, y)
         self.n += x.shape[1]
 
     def layer(self, index: int) -> "SufficientStats":
@@ -109,7 +119,7 @@ class SufficientStats:
         """sum over these sentences of ||x A + b - y||^2 for one layer (row form)."""
         xtx, xty, sx, sy = self.xtx[layer], self.xty[layer], self.sx[layer], self.sy[layer]
         value = (
-            self.yy[layer]
+            self.yy[layer].sum()
             - 2.0 * np.sum(a * xty)
             + np.sum(a * (xtx @ a))
             + 2.0 * b @ (a.T @ sx)
@@ -125,6 +135,44 @@ class SufficientStats:
         xty = self.xty[layer] - self.n * np.outer(mx, my)
         return xtx, xty, mx, my
 
+    def moments(self, layer: int) -> "Standardisation":
+        """Per-dimension means and standard deviations of x and y (a constant dimension gets std 1)."""
+        mx, my = self.sx[layer] / self.n, self.sy[layer] / self.n
+        var_x = np.diag(self.xtx[layer]) / self.n - mx**2
+        var_y = self.yy[layer] / self.n - my**2
+        std = lambda var: np.where(var > 0, np.sqrt(np.maximum(var, 0.0)), 1.0)  # noqa: E731
+        return Standardisation(mx, std(var_x), my, std(var_y))
+
+    def standardised(self, layer: int, z: "Standardisation") -> "SufficientStats":
+        """One-layer statistics of the z-scores (x - z.mean_x) / z.std_x and (y - z.mean_y) / z.std_y."""
+        n, sx, sy = self.n, self.sx[layer], self.sy[layer]
+        xtx = self.xtx[layer] - np.outer(sx, z.mean_x) - np.outer(z.mean_x, sx) + n * np.outer(z.mean_x, z.mean_x)
+        xty = self.xty[layer] - np.outer(sx, z.mean_y) - np.outer(z.mean_x, sy) + n * np.outer(z.mean_x, z.mean_y)
+        yy = self.yy[layer] - 2.0 * z.mean_y * sy + n * z.mean_y**2
+        return SufficientStats(
+            xtx=(xtx / np.outer(z.std_x, z.std_x))[None],
+            xty=(xty / np.outer(z.std_x, z.std_y))[None],
+            sx=((sx - n * z.mean_x) / z.std_x)[None],
+            sy=((sy - n * z.mean_y) / z.std_y)[None],
+            yy=(yy / z.std_y**2)[None],
+            n=n,
+        )
+
+
+@dataclass(frozen=True)
+class Standardisation:
+    """Per-dimension moments that turn states into z-scores, and z-score maps back into raw ones."""
+
+    mean_x: np.ndarray
+    std_x: np.ndarray
+    mean_y: np.ndarray
+    std_y: np.ndarray
+
+    def to_raw(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Row form: (y - my) / sy = ((x - mx) / sx) a + b  <=>  y = x A + B."""
+        raw_a = a * (self.std_y[None, :] / self.std_x[:, None])
+        return raw_a, self.mean_y - self.mean_x @ raw_a + b * self.std_y
+
 
 class LinearAligner:
     """Per-layer linear maps x -> W x + b fitted on paired states [n_layers, n, d]."""
@@ -136,6 +184,7 @@ class LinearAligner:
         rank: int | None = None,
         lambdas=DEFAULT_LAMBDAS,
         holdout_fraction: float = 0.2,
+        standardise: bool = False,
     ):
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
@@ -146,7 +195,13 @@ class LinearAligner:
         if solver == "meanshift" and bias is False:
             raise ValueError("meanshift is a bias alone (W = I, b = mean(target) - mean(source)); "
                              "bias=False does not apply")
-        bias = solver in BIASED_SOLVERS if bias is None else bool(bias)
+        if standardise and solver != "ridge":
+            raise ValueError(f"standardise applies to the ridge solver, not {solver}")
+        if standardise and rank is not None:
+            raise ValueError("standardise cannot be combined with rank (W - I of a standardised map is not low-rank)")
+        if standardise and bias is False:
+            raise ValueError("standardise fits the intercept (z-scores are centred); bias=False does not apply")
+        bias = solver in BIASED_SOLVERS or standardise if bias is None else bool(bias)
         if not 0.0 <= holdout_fraction < 1.0:
             raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
         lambdas = tuple(float(lam) for lam in np.atleast_1d(lambdas))
@@ -159,6 +214,7 @@ class LinearAligner:
         self.rank = rank
         self.lambdas = lambdas
         self.holdout_fraction = holdout_fraction
+        self.standardise = bool(standardise)
         self.reset()
 
     # ---- statistics -------------------------------------------------------------
@@ -230,7 +286,7 @@ class LinearAligner:
 
     def get_params(self) -> dict:
         return dict(solver=self.solver, bias=self.bias, rank=self.rank, lambdas=self.lambdas,
-                    holdout_fraction=self.holdout_fraction)
+                    holdout_fraction=self.holdout_fraction, standardise=self.standardise)
 
     # ---- solving ----------------------------------------------------------------
 
@@ -250,10 +306,10 @@ class LinearAligner:
         self.lambdas_ = np.full(num_layers, np.nan)
         self.heldout_error_ratio_ = np.full(num_layers, np.nan)
         for layer in range(num_layers):
-            self.lambdas_[layer], self.heldout_error_ratio_[layer] = self._choose_lambda(layer)
+            train, held = self.train_stats_.layer(layer), self.heldout_stats_.layer(layer)
+            self.lambdas_[layer], self.heldout_error_ratio_[layer] = self._choose_lambda(train, held)
             # All pairs, one layer at a time: summing every layer at once would add another O(L d^2).
-            whole = self.train_stats_.layer(layer) + self.heldout_stats_.layer(layer)
-            A[layer], b[layer], factors = self._solve_layer(whole, 0, self.lambdas_[layer])
+            A[layer], b[layer], factors = self._solve_layer(train + held, self.lambdas_[layer])
             if factors is not None:
                 self.U_[layer], self.V_[layer] = factors
         self.W_ = np.ascontiguousarray(A.transpose(0, 2, 1))
@@ -262,19 +318,24 @@ class LinearAligner:
         self._solved = True
         return self
 
-    def _choose_lambda(self, layer: int) -> tuple[float, float]:
-        """(lambda, held-out error ratio) for one layer.
+    def _choose_lambda(self, train: SufficientStats, held: SufficientStats) -> tuple[float, float]:
+        """(lambda, held-out error ratio) for one layer's statistics.
 
         The ratio is the held-out squared distance left by the map fitted on the
-        training part, over that left by the identity (no intervention): below 1
-        means the map generalises. NaN without held-out pairs. lstsq has no lambda (NaN).
-        With a rank limit, lambda is chosen for the full-rank map, then truncated.
+        training part, over that left by the identity (no intervention), both in raw
+        coordinates: below 1 means the map generalises. NaN without held-out pairs.
+        lstsq has no lambda (NaN). With a rank limit, lambda is chosen for the
+        full-rank map, then truncated. A standardised ridge scores the grid in z-scores
+        (the objective it minimises), with the training part's moments.
         """
-        train, held = self.train_stats_, self.heldout_stats_
+        fitted_train, fitted_held = train, held
+        if self.standardise:
+            z = train.moments(0)
+            fitted_train, fitted_held = train.standardised(0, z), held.standardised(0, z)
         if self.solver != "ridge":
             grid = [np.nan]
         else:
-            scale = np.trace(train.xtx[layer]) / train.xtx.shape[1]
+            scale = np.trace(fitted_train.xtx[0]) / fitted_train.xtx.shape[1]
             grid = [lam * scale for lam in self.lambdas]
         if held.n == 0:
             if len(grid) > 1:
@@ -282,52 +343,59 @@ class LinearAligner:
             return grid[0], np.nan
         if train.n == 0:
             raise ValueError(f"all {held.n} pairs went to the held-out part: fit more pairs")
-        best = int(np.argmin(self._ridge_heldout_errors(layer, grid))) if len(grid) > 1 else 0
+        best = int(np.argmin(self._ridge_heldout_errors(fitted_train, fitted_held, grid))) if len(grid) > 1 else 0
         dim = train.sx.shape[1]
-        identity = held.squared_error(layer, np.eye(dim), np.zeros(dim))
-        chosen = held.squared_error(layer, *self._solve_layer(train, layer, grid[best])[:2])
+        identity = held.squared_error(0, np.eye(dim), np.zeros(dim))
+        chosen = held.squared_error(0, *self._solve_layer(train, grid[best])[:2])
         return grid[best], chosen / identity
 
-    def _ridge_heldout_errors(self, layer: int, grid: list[float]) -> np.ndarray:
-        """Held-out squared error of the training-part ridge map for every lambda in `grid`.
+    def _ridge_heldout_errors(self, train: SufficientStats, held: SufficientStats, grid: list[float]) -> np.ndarray:
+        """Held-out squared error of the training-part ridge map for every lambda in `grid` (one layer).
 
         One eigendecomposition XtX = Q diag(e) Q^T serves the whole grid: with
         M = Q^T (XtY - XtX) and s = 1 / (e + lam), the delta is Q diag(s) M and every
         term of the held-out error is a cheap function of s (O(d^2) per lambda).
         """
-        train, held = self.train_stats_, self.heldout_stats_
         dim = train.sx.shape[1]
         if self.bias:
-            xtx, xty, mx, my = train.centred(layer)
+            xtx, xty, mx, my = train.centred(0)
         else:
-            xtx, xty, mx, my = train.xtx[layer], train.xty[layer], np.zeros(dim), np.zeros(dim)
+            xtx, xty, mx, my = train.xtx[0], train.xty[0], np.zeros(dim), np.zeros(dim)
         e, Q = np.linalg.eigh(xtx)
         M = Q.T @ (xty - xtx)
-        H, C = held.xtx[layer], held.xty[layer]
+        H, C = held.xtx[0], held.xty[0]
         HQ = H @ Q
         cross_c = np.sum((Q.T @ C) * M, axis=1)  # tr(delta^T C) = s . cross_c
         cross_h = np.sum(HQ.T * M, axis=1)  # tr(delta^T H) = s . cross_h
         quad = (Q.T @ HQ) * (M @ M.T)  # tr(delta^T H delta) = s^T quad s
-        base = held.yy[layer] - 2.0 * np.trace(C) + np.trace(H)  # error of A = I, b = 0
-        mx_q, sx_q = mx @ Q, Q.T @ held.sx[layer]
+        base = held.yy[0].sum() - 2.0 * np.trace(C) + np.trace(H)  # error of A = I, b = 0
+        mx_q, sx_q = mx @ Q, Q.T @ held.sx[0]
         errors = []
         for lam in grid:
             s = 1.0 / (e + lam)
             error = base - 2.0 * s @ cross_c + 2.0 * s @ cross_h + s @ quad @ s
             if self.bias:
                 b = my - mx - (mx_q * s) @ M  # my - mx A
-                at_sx = held.sx[layer] + M.T @ (s * sx_q)  # A^T sx
-                error += 2.0 * b @ at_sx - 2.0 * b @ held.sy[layer] + held.n * (b @ b)
+                at_sx = held.sx[0] + M.T @ (s * sx_q)  # A^T sx
+                error += 2.0 * b @ at_sx - 2.0 * b @ held.sy[0] + held.n * (b @ b)
             errors.append(error)
         return np.array(errors)
 
-    def _solve_layer(self, stats: SufficientStats, layer: int, lam: float):
-        """Row-form (A, b, low-rank factors or None) minimising the objective on `stats`."""
+    def _solve_layer(self, stats: SufficientStats, lam: float):
+        """Row-form (A, b, low-rank factors or None) minimising the objective on one layer's `stats`."""
+        if self.standardise:
+            z = stats.moments(0)
+            a, b, _ = self._solve_raw(stats.standardised(0, z), lam)
+            return (*z.to_raw(a, b), None)
+        return self._solve_raw(stats, lam)
+
+    def _solve_raw(self, stats: SufficientStats, lam: float):
+        """`_solve_layer` in the coordinates `stats` were accumulated in."""
         dim = stats.sx.shape[1]
         if self.bias:
-            xtx, xty, mx, my = stats.centred(layer)
+            xtx, xty, mx, my = stats.centred(0)
         else:
-            xtx, xty, mx, my = stats.xtx[layer], stats.xty[layer], np.zeros(dim), np.zeros(dim)
+            xtx, xty, mx, my = stats.xtx[0], stats.xty[0], np.zeros(dim), np.zeros(dim)
         if self.solver == "meanshift":
             return np.eye(dim), my - mx, None
         if self.solver == "procrustes":

@@ -133,8 +133,8 @@ def test_low_rank_recovers_planted_low_rank_delta():
 def test_memory_of_statistics_does_not_grow_with_pairs():
     X, Y, _, _ = planted(n=300)
     num_layers, _, d = X.shape
-    # Training and held-out split each: float64 X^T X, X^T Y [L, d, d], sums of x and y [L, d], sum of ||y||^2 [L].
-    expected = 2 * num_layers * (2 * d * d + 2 * d + 1) * 8
+    # Training and held-out split each: float64 X^T X, X^T Y [L, d, d], sums of x, y and y^2 [L, d].
+    expected = 2 * num_layers * (2 * d * d + 3 * d) * 8
     for n in (30, 300):
         aligner = LinearAligner().partial_fit(X[:, :n], Y[:, :n])
         splits = (aligner.train_stats_, aligner.heldout_stats_)
@@ -149,6 +149,9 @@ def test_memory_of_statistics_does_not_grow_with_pairs():
         (dict(holdout_fraction=1.0), "holdout_fraction"),
         (dict(lambdas=[0.0]), "positive"),
         (dict(holdout_fraction=0.0), "held-out"),
+        (dict(solver="lstsq", standardise=True), "standardise applies to the ridge"),
+        (dict(standardise=True, rank=3), "rank"),
+        (dict(standardise=True, bias=False), "bias=False"),
     ],
 )
 def test_bad_settings_are_refused(kwargs, message):
@@ -178,8 +181,8 @@ def test_fast_lambda_path_equals_explicit_solutions(bias):
     aligner = LinearAligner(bias=bias).partial_fit(X, Y)
     scale = np.trace(aligner.train_stats_.xtx[0]) / 20
     grid = [1e-3 * scale, 0.1 * scale, 10 * scale]
-    fast = aligner._ridge_heldout_errors(0, grid)
-    explicit = [aligner.heldout_stats_.squared_error(0, *aligner._solve_layer(aligner.train_stats_, 0, lam)[:2])
+    fast = aligner._ridge_heldout_errors(aligner.train_stats_, aligner.heldout_stats_, grid)
+    explicit = [aligner.heldout_stats_.squared_error(0, *aligner._solve_layer(aligner.train_stats_, lam)[:2])
                 for lam in grid]
     np.testing.assert_allclose(fast, explicit, rtol=1e-8)
     assert len(set(np.round(explicit, 6))) == 3  # the lambdas really give different maps
@@ -237,3 +240,47 @@ def test_options_that_do_not_apply_are_refused(kwargs, message):
 def test_default_bias_follows_the_solver():
     solvers = ("ridge", "lstsq", "meanshift", "procrustes")
     assert [LinearAligner(solver=s).bias for s in solvers] == [False, False, True, True]
+
+
+def massive(num_layers=1, n=400, d=16, seed=5):
+    """Planted pairs whose first dimension is ~1000x the others, as in LLM states."""
+    X, Y, W, b = planted(num_layers=num_layers, n=n, d=d, bias=True, noise=1e-3, seed=seed)
+    scale = np.ones(d)
+    scale[0] = 1000.0
+    return X * scale, Y * scale, W, b, scale
+
+
+def test_standardised_statistics_equal_those_of_z_scores():
+    X, Y, _, _, _ = massive(n=120)
+    stats = SufficientStats.zeros(1, X.shape[2])
+    stats.add(X, Y)
+    z = stats.moments(0)
+    np.testing.assert_allclose(z.mean_x, X[0].mean(0), rtol=1e-9)
+    np.testing.assert_allclose(z.std_y, Y[0].std(0), rtol=1e-6)
+    direct = SufficientStats.zeros(1, X.shape[2])
+    direct.add((X - z.mean_x) / z.std_x, (Y - z.mean_y) / z.std_y)
+    derived = stats.standardised(0, z)
+    for name in ("xtx", "xty", "sx", "sy", "yy"):
+        np.testing.assert_allclose(getattr(derived, name), getattr(direct, name), atol=1e-6, err_msg=name)
+
+
+def test_standardised_ridge_is_a_ridge_on_z_scores_mapped_back():
+    X, Y, _, _, _ = massive(num_layers=2, n=200, d=12)
+    X = X + np.random.default_rng(6).normal(size=X.shape)  # a noisy fit: lambda matters
+    aligner = LinearAligner(standardise=True, lambdas=[0.3], holdout_fraction=0).fit(X, Y)
+    assert aligner.bias and aligner.get_params()["standardise"]
+    for layer in range(2):
+        mx, sx, my, sy = X[layer].mean(0), X[layer].std(0), Y[layer].mean(0), Y[layer].std(0)
+        on_z = LinearAligner(bias=True, lambdas=[0.3], holdout_fraction=0).fit((X[layer] - mx) / sx,
+                                                                               (Y[layer] - my) / sy)
+        expected = my + sy * on_z.transform((X[layer] - mx) / sx, layer=0)
+        np.testing.assert_allclose(aligner.transform(X[layer], layer=layer), expected, rtol=1e-4, atol=1e-3)
+
+
+def test_standardised_ridge_recovers_a_planted_map_under_massive_activations():
+    X, Y, W, b, scale = massive(num_layers=2)
+    aligner = LinearAligner(standardise=True).fit(X, Y)
+    # In raw coordinates the planted map is diag(scale) W diag(1 / scale), b * scale.
+    np.testing.assert_allclose(aligner.W_, scale[:, None] * W / scale[None, :], rtol=1e-2, atol=5e-3)
+    np.testing.assert_allclose(aligner.b_, b * scale, rtol=1e-2, atol=0.5)
+    assert (aligner.heldout_error_ratio_ < 1e-3).all()
