@@ -267,6 +267,7 @@ def save_intervention(
         "pooling": pooling,
         "solver": aligner.solver,
         "bias": bool(aligner.bias),
+        "standardise": aligner.standardise,
         "lambdas": [None if np.isnan(lam) else float(lam) for lam in aligner.lambdas_],
         "default_alpha": float(default_alpha),
         "serving": serving or {"alpha": float(default_alpha), "layers": [int(layer_index) for layer_index in layers],

@@ -92,6 +92,9 @@ def _add_fit_arguments(parser) -> None:
     parser.add_argument("--bias", action=argparse.BooleanOptionalAction, default=None,
                         help="fit an affine map (default: the solver's own, on for meanshift and procrustes)")
     parser.add_argument("--rank", type=int, default=None, help="store W - I as rank-r factors (ridge and lstsq)")
+    parser.add_argument("--standardise", action=argparse.BooleanOptionalAction, default=None,
+                        help="ridge on per-dimension z-scores of the states, so that a few massive-activation "
+                             "dimensions do not dominate the fit (ridge only; fits the bias)")
     parser.add_argument("--code-switch", action="store_true", default=None,
                         help="INCLINE's code-switched lines: every odd pair becomes 'source target' -> 'target target'")
     parser.add_argument("--holdout-fraction", type=float, default=0.2,
@@ -217,7 +220,7 @@ def fit_artifact(args, out: Path, overwrite: bool) -> None:
     max_pairs = args.max_pairs or recipe.max_pairs
     # Settings are checked before the slow part: a solver option that does not apply fails here.
     aligner = LinearAligner(solver=recipe.solver, bias=recipe.bias, rank=recipe.rank,
-                            holdout_fraction=args.holdout_fraction)
+                            standardise=recipe.standardise, holdout_fraction=args.holdout_fraction)
     sources, pairs = [], []
     for spec in recipe.data:
         data = parse_parallel_source(spec)
@@ -271,7 +274,7 @@ def fit_artifact(args, out: Path, overwrite: bool) -> None:
 
 # The fit options a recipe sets (argparse names); a named --recipe refuses them. --max-pairs is
 # not one of them: it only shortens the recipe's data (INCLINE's recipe itself takes the first 500).
-RECIPE_OPTIONS = ("solver", "pooling", "data", "bias", "rank", "form", "code_switch")
+RECIPE_OPTIONS = ("solver", "pooling", "data", "bias", "rank", "standardise", "form", "code_switch")
 
 
 def fit_recipe(args) -> tuple[str, Recipe, bool]:
@@ -371,7 +374,8 @@ def run_compare(args) -> int:
         X_src, X_tgt = (s[intervention.layers] for s in states[key])
         report = evaluate_intervention(intervention, X_src, X_tgt, alpha=1.0)
         rows.append({"intervention": str(path), "solver": intervention.manifest["solver"],
-                     "pooling": key[2], "source": intervention.source, "num_pairs": report["num_pairs"],
+                     "standardise": bool(intervention.manifest.get("standardise", False)), "pooling": key[2],
+                     "source": intervention.source, "num_pairs": report["num_pairs"],
                      "bytes": sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file()),
                      "layers": report["layers"]})
     comparison = {"data": args.data, "interventions": rows}

@@ -145,7 +145,8 @@ def write_compare_report(comparison: dict, out_dir: str | Path) -> dict[str, Pat
     rows = []
     for item in comparison["interventions"]:
         raw, centred = best_layer_row(item["layers"]), best_layer_row(item["layers"], "_centred")
-        rows.append([item["intervention"], item["solver"], item["pooling"], f"{item['bytes']:,}", raw["layer"],
+        solver = item["solver"] + (" (standardised)" if item.get("standardise") else "")
+        rows.append([item["intervention"], solver, item["pooling"], f"{item['bytes']:,}", raw["layer"],
                      f"{raw['p1_before']:.3f}", f"{raw['p1_after']:.3f}", f"{raw['p1_after'] - raw['p1_before']:+.3f}",
                      f"{centred['p1_before_centred']:.3f}", f"{centred['p1_after_centred']:.3f}"])
     header = ["intervention", "solver", "pooling", "bytes", "best layer", "P@1 before", "P@1 after", "gain",

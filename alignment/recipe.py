@@ -2,7 +2,9 @@
 
 RECOMMENDED was chosen by out-of-domain retrieval over 8 languages in 4 scripts on
 Gemma 3 270M (`bench/alignment_recipes.py`; the table, the selection rule and the
-reasoning are in docs/alignment.md). Change it only with a new comparison.
+reasoning are in docs/alignment.md). Change it only with a new comparison. The second
+comparison's retrieval pick, the ridge on z-scores (`standardise`), did not pass the
+downstream check on XCOPA, so RECOMMENDED stays the raw ridge.
 
 INCLINE is the released code's fit (methods.md, section 1): min-norm lstsq without bias on
 mean-pooled states of the first 500 parallel lines, every odd line code-switched, stored in
@@ -21,6 +23,7 @@ class Recipe:
     data: tuple[str, ...]  # parallel-source specs (see lingosteer.data.parse_parallel_source)
     bias: bool | None = None  # None: the solver's own default
     rank: int | None = None
+    standardise: bool = False  # ridge on per-dimension z-scores (alignment.estimator)
     form: str = "map"
     max_pairs: int | None = None
     code_switch: bool = False  # lingosteer.data.code_switched

@@ -37,6 +37,7 @@ def test_fit_writes_a_valid_artifact(fitted, data_dir):
     assert manifest["fit_data"]["corpus"] == "sib200" and manifest["fit_data"]["splits"] == ["train"]
     assert set(manifest["metrics"]["heldout_error_ratio"]) == {"0", "1"}
     assert all(lam > 0 for lam in manifest["lambdas"])
+    assert manifest["bias"] is True and manifest["standardise"] is False
 
 
 def test_eval_json_is_one_object_on_stdout(fitted, data_dir, tmp_path):
@@ -96,6 +97,7 @@ def test_diagnose_writes_table_and_plot(tiny_model_dir, data_dir, tmp_path, caps
         (["--source", "swh_Latn", "--rank", "0"], "rank"),
         (["--source", "swh_Latn", "--solver", "meanshift", "--rank", "4"], "rank applies to the ridge and lstsq"),
         (["--source", "swh_Latn", "--solver", "meanshift", "--no-bias"], "bias=False does not apply"),
+        (["--source", "swh_Latn", "--solver", "lstsq", "--standardise"], "standardise applies to the ridge solver"),
         (["--source", "quy_Latn", "--data", "ntrex"], "no NTREX-128 file for language 'quy_Latn'"),
     ],
 )
@@ -206,21 +208,25 @@ def test_bad_build_input_is_refused_before_anything_slow(tiny_model_dir, data_di
 
 def test_compare_reports_each_intervention_at_its_best_layer(fitted, data_dir, tmp_path, capsys):
     model_dir, ridge = fitted
-    shift = tmp_path / "shift"
-    assert main(["align", "fit", "--model", str(model_dir), "--source", "sw", "--data", f"sib200:train@{data_dir}",
-                 "--max-pairs", "40", "--layers", "0-1", "--solver", "meanshift", "--out", str(shift)]) == 0
+    shift, standardised = tmp_path / "shift", tmp_path / "standardised"
+    for out, options in ((shift, ["--solver", "meanshift"]), (standardised, ["--standardise"])):
+        assert main(["align", "fit", "--model", str(model_dir), "--source", "sw", "--data",
+                     f"sib200:train@{data_dir}", "--max-pairs", "40", "--layers", "0-1", *options,
+                     "--out", str(out)]) == 0
     capsys.readouterr()
     assert main(["align", "compare", "--model", str(model_dir), "--interventions", str(ridge), str(shift),
-                 "--data", f"sib200:test@{data_dir}", "--max-pairs", "30", "--out", str(tmp_path / "c"),
-                 "--json"]) == 0
+                 str(standardised), "--data", f"sib200:test@{data_dir}", "--max-pairs", "30",
+                 "--out", str(tmp_path / "c"), "--json"]) == 0
     comparison = json.loads(capsys.readouterr().out)
-    assert [row["solver"] for row in comparison["interventions"]] == ["ridge", "meanshift"]
-    ridge_row, shift_row = comparison["interventions"]
+    assert [(row["solver"], row["standardise"]) for row in comparison["interventions"]] == [
+        ("ridge", False), ("meanshift", False), ("ridge", True)]
+    ridge_row, shift_row, _ = comparison["interventions"]
     assert shift_row["bytes"] < ridge_row["bytes"]  # a bias per layer against a full matrix
     for row in comparison["interventions"]:
         assert [r["layer"] for r in row["layers"]] == [0, 1] and row["num_pairs"] == 30
         assert all(r["p1_after_centred"] == r["p1_before_centred"] for r in row["layers"]) is (row is shift_row)
     assert "| meanshift |" in (tmp_path / "c" / "compare.md").read_text()
+    assert "| ridge (standardised) |" in (tmp_path / "c" / "compare.md").read_text()
     assert (tmp_path / "c" / "compare.png").read_bytes()[:4] == b"\x89PNG"
 
 
