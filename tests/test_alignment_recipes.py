@@ -53,7 +53,8 @@ def test_a_fitted_map_beats_no_map(recipes, states):
 
 def test_plot_writes_a_png(recipes, tmp_path):
     rows = [{"p1_before": 0.1, "p1_after": 0.5, "p1_before_centred": 0.2, "p1_after_centred": 0.6}] * 3
-    results = {name: {"et": {"xcopa": rows}} for name in ("ridge|mean|sib", "lstsq|mean|sib", "ridge|last|sib+ntrex")}
+    results = {name: {"et": {"xcopa": rows}}
+               for name in ("ridge|mean|sib", "lstsq|mean|sib", "ridge|mean|sib+ntrex", "ridge|last|sib+ntrex")}
     report = {"results": results, "languages": ["et"], "chosen": {"default": "ridge|last|sib+ntrex"}}
     recipes["plot"](report, tmp_path / "recipes.png")
     assert (tmp_path / "recipes.png").read_bytes()[:8] == PNG_MAGIC
@@ -70,3 +71,34 @@ def test_short_fit_takes_distinct_xnli_hypothesis_pairs_and_refuses_unaligned_fi
     (tmp_path / "xnli" / "dev.sw.tsv").write_text(rows(["A", "B"]), encoding="utf-8")
     with pytest.raises(ValueError, match="not line-aligned"):
         short_fit["xnli_pairs"]("sw", tmp_path, 3)
+
+
+def test_artifacts_are_the_compared_fits_and_load_as_interventions(recipes, tiny_model_dir, data_dir, tmp_path):
+    """`artifacts` writes a candidate exactly as `compare` fitted it, servable for the tiny model it names."""
+    from alignment.artifact import load_intervention
+    from lingosteer.fingerprint import model_fingerprint
+
+    model_dir = tiny_model_dir("llama")  # 2 layers, hidden size 128
+    rng = np.random.default_rng(1)
+    (tmp_path / "states").mkdir()
+    for name in recipes["SETS"]:
+        for side in ("src", "eng"):
+            n = 600 if name == "ntrex" else 60
+            np.savez(tmp_path / "states" / f"sw.{name}.{side}.npz",
+                     **{p: rng.normal(size=(2, n, 128)).astype(np.float32) + 1.0 for p in recipes["POOLINGS"]})
+    args = recipes["parse_args"](["artifacts", "--model", str(model_dir), "--langs", "sw", "--out", str(tmp_path),
+                                  "--data-dir", str(data_dir), "--candidates", "ridge-std|mean|sib+ntrex"])
+    recipes["artifacts"](args)
+    written = load_intervention(tmp_path / "artifacts" / "ridge-std-mean-sib+ntrex" / "swh_Latn",
+                                expected_fingerprint=model_fingerprint(model_dir))
+    expected = recipes["fit"](recipes["statistics"](recipes["load_states"](tmp_path / "states", "sw")),
+                              "ridge-std", "mean", "sib+ntrex")
+    assert written.manifest["standardise"] is True and written.layers == [0, 1]
+    assert [s["spec"] for s in written.manifest["fit_data"]["sources"]] == ["sib200:train,dev", "ntrex:0-299"]
+    x = rng.normal(size=(5, 128)).astype(np.float32)
+    for layer in (0, 1):  # the artifact, applied as serving applies it at alpha 1, is the fitted map
+        np.testing.assert_allclose(written.apply(x, layer, alpha=1.0), expected.transform(x, layer=layer),
+                                   rtol=1e-4, atol=1e-4)
+    args.candidates = ["nope|mean|sib"]
+    with pytest.raises(SystemExit, match="unknown candidate"):
+        recipes["artifacts"](args)
