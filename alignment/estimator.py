@@ -41,8 +41,8 @@ Solvers (row form A = W^T, so that X A ~ Y):
   meanshift (which is nothing but a bias) and procrustes.
 - `standardise=True` (ridge only) fits the ridge on per-dimension z-scores of both
   sides, z = (h - mean) / std, and converts the map back to W h + b. LLM states
-  carry a few "massive activation" dimensions (Gemma 3 270M: one dimension near
-  6,000 in every token, against ~1 elsewhere) that dominate a squared error in raw
+  carry a few "massive activation" dimensions (Gemma 3 270M, layer 9: one dimension
+  near 6,000 in every sentence's pooled state, against ~1 elsewhere) that dominate a squared error in raw
   coordinates, so a raw ridge spends its fit on them; on z-scores every dimension
   counts alike. The identity the penalty pulls toward is then "match each
   dimension's mean and spread" (W = diag(std_y / std_x)), the map's intercept is
