@@ -337,19 +337,22 @@ def artifacts(args) -> None:
     from lingosteer.languages import normalize_code
     from lingosteer.models import resolve_model
 
-    fingerprint = model_fingerprint(resolve_model(args.model))
-    specs = {"sib": "sib200:train,dev", "ntrex": f"ntrex:{NTREX_FIT.start}-{NTREX_FIT.stop - 1}",
-             "codeswitch": f"sib200:train,dev (first {args.codeswitch_pairs}, code-switched)"}
-    for candidate in args.candidates:
-        solver, pooling, data = candidate.split("|")
-        if solver not in SOLVER_OPTIONS or pooling not in POOLINGS or data not in DATA_OPTIONS:
+    candidates = [candidate.split("|") for candidate in args.candidates]
+    for candidate, parts in zip(args.candidates, candidates):
+        known = (SOLVER_OPTIONS, POOLINGS, DATA_OPTIONS)
+        if len(parts) != 3 or any(part not in names for part, names in zip(parts, known)):
             raise SystemExit(f"unknown candidate {candidate!r}: solver in {list(SOLVER_OPTIONS)}, pooling in "
                              f"{list(POOLINGS)}, data in {list(DATA_OPTIONS)}")
-        for code in args.langs.split(","):
-            aligner = fit(statistics(load_states(args.out / "states", code)), solver, pooling, data)
-            sources = [{**parse_parallel_source(specs[name].split(" ")[0],
-                                                args.data_dir or DEFAULT_DATA_DIR).describe(), "spec": specs[name]}
-                       for name in DATA_OPTIONS[data]]
+    fingerprint = model_fingerprint(resolve_model(args.model))
+    # Each cached set as the corpus spec it was read from (the code-switched lines are SIB-200 pairs).
+    specs = {"sib": "sib200:train,dev", "ntrex": f"ntrex:{NTREX_FIT.start}-{NTREX_FIT.stop - 1}",
+             "codeswitch": "sib200:train,dev"}
+    for code in args.langs.split(","):
+        cached = statistics(load_states(args.out / "states", code))  # once per language, shared by the candidates
+        for candidate, (solver, pooling, data) in zip(args.candidates, candidates):
+            aligner = fit(cached, solver, pooling, data)
+            sources = [{**parse_parallel_source(specs[name], args.data_dir or DEFAULT_DATA_DIR).describe(),
+                        "spec": specs[name], "code_switched": name == "codeswitch"} for name in DATA_OPTIONS[data]]
             out = args.out / "artifacts" / candidate.replace("|", "-") / normalize_code(code)
             save_intervention(out, aligner, fingerprint=fingerprint, source=normalize_code(code), target="eng_Latn",
                               layers=list(range(aligner.W_.shape[0])), pooling=pooling,

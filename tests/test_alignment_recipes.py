@@ -99,6 +99,8 @@ def test_artifacts_are_the_compared_fits_and_load_as_interventions(recipes, tiny
     for layer in (0, 1):  # the artifact, applied as serving applies it at alpha 1, is the fitted map
         np.testing.assert_allclose(written.apply(x, layer, alpha=1.0), expected.transform(x, layer=layer),
                                    rtol=1e-4, atol=1e-4)
-    args.candidates = ["nope|mean|sib"]
-    with pytest.raises(SystemExit, match="unknown candidate"):
-        recipes["artifacts"](args)
+    for bad in ("nope|mean|sib", "ridge-std"):
+        args.candidates = ["ridge|mean|sib", bad]  # refused before anything is fitted or written
+        with pytest.raises(SystemExit, match="unknown candidate"):
+            recipes["artifacts"](args)
+        assert not (tmp_path / "artifacts" / "ridge-mean-sib").exists()
