@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(PYTHON) -m lingosteer.demo --data $(DATA)
+	$(PYTHON) -m lingosteer.entrypoints.demo --data $(DATA)
 
 bench: $(STAMP)
 	bash bench/run_all.sh $(PYTHON) $(DATA)

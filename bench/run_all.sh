@@ -7,7 +7,7 @@ data="${2:-../shared/data}"
 cd "$(dirname "$0")/.."
 
 echo "== prepare the real model (instant once done)"
-"$python" -m lingosteer.cli models prepare gemma-3-270m
+"$python" -m lingosteer.entrypoints.main models prepare gemma-3-270m
 
 echo "== plugin throughput: plain vLLM vs plugin idle / last / all (issue: serving overhead)"
 "$python" bench/throughput.py

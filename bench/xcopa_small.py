@@ -43,7 +43,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     import fit_xcopa_interventions  # bench/, next to this script
-    from lingosteer.cli import main as lingosteer
+    from lingosteer.entrypoints.main import main as lingosteer
 
     args = parse_args(argv)
     langs = [code.strip() for code in args.langs.split(",") if code.strip()]

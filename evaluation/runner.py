@@ -221,7 +221,7 @@ def _incline_store(config: BenchmarkConfig, model_dir: Path, found: dict[str, Pa
     from dataclasses import asdict
 
     from evaluation import incline
-    from intervene_server.store import artifact_version
+    from intervene_engine.store import artifact_version
     from lingosteer.fingerprint import model_fingerprint
 
     key = {"model": model_fingerprint(model_dir), "task": asdict(incline.TASKS[config.task]),
@@ -232,7 +232,7 @@ def _incline_store(config: BenchmarkConfig, model_dir: Path, found: dict[str, Pa
 
 def _store_key(config: BenchmarkConfig, model_dir: Path, map_sets: list[dict[str, Path]]) -> dict:
     """What stored scores depend on: model, dtype, prompts, and each intervention set's versions."""
-    from intervene_server.store import artifact_version
+    from intervene_engine.store import artifact_version
     from lingosteer.fingerprint import model_fingerprint
 
     return {"model": model_fingerprint(model_dir), "dtype": config.dtype, "prompt_style": config.prompt_style,

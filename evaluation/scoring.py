@@ -136,7 +136,7 @@ def score_with_vllm(llm, requests: list[tuple[Encoded, Condition]], progress: bo
     """Summed option log-likelihoods of every request, through the engine (see the module notes)."""
     from vllm import SamplingParams
 
-    from intervene_server.request_spec import SCORE_FROM_KEY
+    from intervene_engine.request_spec import SCORE_FROM_KEY
 
     def prompt(enc: Encoded) -> Encoded:
         """What the engine is sent: with `shared_prefix`, all but the option's last token (sampled)."""

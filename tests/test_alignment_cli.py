@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from alignment.artifact import load_intervention
-from lingosteer.cli import main
+from lingosteer.entrypoints.main import main
 from lingosteer.fingerprint import model_fingerprint
 
 
@@ -44,7 +44,8 @@ def test_eval_json_is_one_object_on_stdout(fitted, data_dir, tmp_path):
     model_dir, out = fitted
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "lingosteer.cli", "align", "eval", "--model", str(model_dir), "--intervention", str(out),
+        [sys.executable, "-m", "lingosteer.entrypoints.main",
+         "align", "eval", "--model", str(model_dir), "--intervention", str(out),
          "--data", f"sib200:test@{data_dir}", "--max-pairs", "30", "--json", "--report-dir", str(tmp_path / "r")],
         capture_output=True, text=True, env=env, timeout=600,
     )
@@ -164,7 +165,8 @@ def test_a_killed_build_leaves_nothing_behind(tiny_model_dir, data_dir, tmp_path
     blocks: exit status 143, the hidden staging directory removed, no artifact."""
     artifacts = tmp_path / "interventions"
     log = tmp_path / "build.log"
-    command = [sys.executable, "-m", "lingosteer.cli", "align", "build", "--model", str(tiny_model_dir("llama")),
+    command = [sys.executable, "-m", "lingosteer.entrypoints.main",
+               "align", "build", "--model", str(tiny_model_dir("llama")),
                "--source", "sw", "--data", f"sib200:dev@{data_dir}", "--max-pairs", "24", "--layers", "0-1",
                "--calibrate", str(data_dir / "xcopa" / "val.sw.jsonl"), "--calibration-max-items", "40",
                "--out", str(artifacts / "swh_Latn")]

@@ -484,7 +484,7 @@ def assert_same_items(records, expected):
 
 
 def test_malformed_file_fails_naming_file_and_line(model_dir, interventions, xcopa_dir, tmp_path, capsys):
-    from lingosteer.cli import main
+    from lingosteer.entrypoints.main import main
 
     lines = (xcopa_dir / "val.sw.jsonl").read_text(encoding="utf-8").splitlines()
     lines[2] = '{"premise": "no choices"'

@@ -13,7 +13,7 @@ from alignment.hf_steering import layer_hooks
 from alignment.hidden_states import load_model_and_tokenizer
 from evaluation import incline
 from evaluation.stats import bootstrap_delta_ci
-from lingosteer.cli import main
+from lingosteer.entrypoints.main import main
 from lingosteer.data import code_switched, load_xcopa, load_xnli
 from lingosteer.fingerprint import model_fingerprint
 

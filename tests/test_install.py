@@ -16,11 +16,11 @@ from lingosteer import REPO_ROOT, config_path
 
 # Run by the installed interpreter: where the packages and the configs they read come from.
 WHERE_FROM = """
-import json, alignment, intervene_server.cli, lingosteer
+import json, alignment, lingosteer.entrypoints.serve, lingosteer
 configs = lingosteer.config_path()
 print(json.dumps({
     "lingosteer": lingosteer.__file__, "alignment": alignment.__file__, "configs": str(configs),
-    "interference": str(intervene_server.cli.default_interference_file()),
+    "interference": str(lingosteer.entrypoints.serve.default_interference_file()),
     "files": sorted(str(p.relative_to(configs)) for p in configs.rglob("*") if p.is_file()),
 }))
 """

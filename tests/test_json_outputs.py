@@ -29,7 +29,8 @@ def test_bench_throughput_json_is_one_object(tiny_model_dir):
 
 
 def test_lingosteer_bench_json_is_one_object(tiny_model_dir, data_dir, tmp_path):
-    result = run([sys.executable, "-m", "lingosteer.cli", "bench", "xcopa", "--model", str(tiny_model_dir("llama")),
+    result = run([sys.executable, "-m", "lingosteer.entrypoints.main",
+                  "bench", "xcopa", "--model", str(tiny_model_dir("llama")),
                   "--eval", str(data_dir / "xcopa" / "val.sw.jsonl"), "--max-items", "4", "--out", str(tmp_path),
                   "--json"])
     assert result["languages"]["sw"]["n"] == 4

@@ -75,7 +75,7 @@ def write_tasks(root, items: list[dict]):
 
 
 def run_lm_eval(tmp_path, model_args: str, tasks: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "lingosteer.cli", "lm-eval", "--model", "lingosteer",
+    command = [sys.executable, "-m", "lingosteer.entrypoints.main", "lm-eval", "--model", "lingosteer",
                "--model_args", model_args, "--include_path", str(tmp_path / "tasks"), "--tasks", tasks,
                "--output_path", str(tmp_path / "out"), "--log_samples"]
     return subprocess.run(command, capture_output=True, text=True, timeout=900,

@@ -107,7 +107,7 @@ def _tiny_data(root: Path) -> Path:
 
 
 def _lingosteer(*args):
-    command = [sys.executable, "-m", "lingosteer.cli", *map(str, args)]
+    command = [sys.executable, "-m", "lingosteer.entrypoints.main", *map(str, args)]
     return subprocess.run(command, capture_output=True, text=True, timeout=600)
 
 

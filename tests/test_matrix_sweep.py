@@ -32,7 +32,7 @@ def _sweep_config(tmp_path: Path, data_dir: Path, steps: int) -> Path:
 
 
 def _lingosteer(*args, **kwargs):
-    command = [sys.executable, "-m", "lingosteer.cli", *map(str, args)]
+    command = [sys.executable, "-m", "lingosteer.entrypoints.main", *map(str, args)]
     return subprocess.run(command, capture_output=True, text=True, **kwargs)
 
 
@@ -95,7 +95,7 @@ def _training_workers(driver: psutil.Process) -> list[psutil.Process]:
 
 def test_killed_worker_and_killed_driver_lose_and_duplicate_nothing(tmp_path, data_dir):
     config, results = _sweep_config(tmp_path, data_dir, steps=400), tmp_path / "results"
-    command = [sys.executable, "-m", "lingosteer.cli", "sweep", "run", "--config", str(config),
+    command = [sys.executable, "-m", "lingosteer.entrypoints.main", "sweep", "run", "--config", str(config),
                "--results", str(results)]
 
     # 1. Kill the driver (SIGKILL, no cleanup) as soon as the first record is written.

@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 
-from lingosteer import cli
+from lingosteer.entrypoints.main import main
 from lingosteer.fingerprint import FingerprintMismatch, check_fingerprint, model_fingerprint
 from lingosteer import models
 from lingosteer.models import KNOWN_MODELS, MANIFEST_NAME, GGUFSource, list_prepared, prepare_model, resolve_model
@@ -121,13 +121,13 @@ def test_prepared_models_are_listed_resolved_and_not_prepared_twice(tmp_path, ca
     assert prepare_model("gemma-3-270m", cache_dir=tmp_path) == directory
 
     monkeypatch.setenv("LINGOSTEER_CACHE_DIR", str(tmp_path))
-    assert cli.main(["models", "list"]) == 0
+    assert main(["models", "list"]) == 0
     out = capsys.readouterr().out
     assert "gemma-3-270m" in out and str(directory) in out and "smollm2" not in out
 
 
 def test_cli_reports_bad_names_in_one_line(tmp_path, capsys):
-    assert cli.main(["models", "prepare", "nope", "--cache-dir", str(tmp_path)]) == 2
+    assert main(["models", "prepare", "nope", "--cache-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "unknown model 'nope'" in err and "gemma-3-270m" in err
 

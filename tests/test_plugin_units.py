@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from intervene_server.prompt_logits import prompt_logprobs_of_scored_rows, scored_slices
-from intervene_server.request_spec import (
+from intervene_engine.prompt_logits import prompt_logprobs_of_scored_rows, scored_slices
+from intervene_engine.request_spec import (
     SCORE_FROM_KEY, InterventionRequest, RequestSpecError, parse_request_spec, parse_score_from,
 )
-from intervene_server.step_plan import ScheduledRequest, StepBuffers, build_step_plan, selected_rows
-from intervene_server.store import LoadedIntervention
+from intervene_engine.step_plan import ScheduledRequest, StepBuffers, build_step_plan, selected_rows
+from intervene_engine.store import LoadedIntervention
 
 
 def test_no_language_means_no_intervention():
@@ -103,7 +103,7 @@ def test_a_leading_bos_is_steered_only_when_asked_for_explicitly(positions, expe
 def test_worker_marks_prompts_that_start_with_bos():
     from types import SimpleNamespace
 
-    from intervene_server.worker_state import WorkerState
+    from intervene_engine.worker_state import WorkerState
 
     state = WorkerState("LlamaForCausalLM", "unused", 2, torch.device("cpu"), 16, bos_token_id=2)
     state.store.install(_intervention("v1"))
@@ -146,7 +146,7 @@ def test_step_plans_are_filled_into_buffers_allocated_once():
 
 
 def test_op_updates_only_selected_rows_with_the_formula():
-    from intervene_server.residual_op import active_plan
+    from intervene_engine.residual_op import active_plan
 
     torch.manual_seed(0)
     hidden, residual = torch.randn(6, 4), torch.randn(6, 4)
@@ -183,7 +183,7 @@ def _runner_with(requests: dict[str, tuple[int | None, int, int]], scheduled: di
 
     from vllm.v1.sample.sampler import Sampler
 
-    from intervene_server.worker_state import WorkerState
+    from intervene_engine.worker_state import WorkerState
 
     states = {rid: SimpleNamespace(num_computed_tokens=done, prompt_token_ids=[i % 11 for i in range(length)],
                                    in_progress_prompt_logprobs_cpu=None,
@@ -262,7 +262,7 @@ def _save_shift(path, source, fingerprint):
 
 
 def test_preloading_finds_nested_artifacts_of_this_model_and_refuses_empty_entries(tmp_path, monkeypatch):
-    from intervene_server.worker_state import PRELOAD_ENV, WorkerState, _preload_paths
+    from intervene_engine.worker_state import PRELOAD_ENV, WorkerState, _preload_paths
 
     fingerprint = {"architecture": "LlamaForCausalLM", "hidden_size": 4, "num_hidden_layers": 2}
     state = WorkerState("LlamaForCausalLM", "unused", 2, torch.device("cpu"), 16, _fingerprint=fingerprint)
@@ -290,7 +290,7 @@ def _steering_runner(extra_args: dict[str, dict | None], rows: dict[str, int]):
     """A stand-in for vLLM's runner mid-prefill: request id -> extra_args, scheduled rows (prompts of 8)."""
     from types import SimpleNamespace
 
-    from intervene_server.worker_state import WorkerState
+    from intervene_engine.worker_state import WorkerState
 
     order = list(rows)
     state = WorkerState("LlamaForCausalLM", "unused", 2, torch.device("cpu"), 16)
@@ -306,7 +306,7 @@ def _steering_runner(extra_args: dict[str, dict | None], rows: dict[str, int]):
 
 
 def test_worker_parses_each_request_once_and_forgets_it_when_it_finishes(monkeypatch):
-    from intervene_server import worker_state
+    from intervene_engine import worker_state
 
     calls = []
     parse = worker_state.parse_request_args
@@ -342,7 +342,7 @@ def test_worker_keeps_a_request_on_its_bound_version_and_runs_unbound_requests_p
 def test_worker_forgets_requests_when_vllm_drops_their_state():
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    from intervene_server.plugin import register
+    from intervene_engine.plugin import register
 
     register()  # patches vLLM's runner, as in every vLLM process
     runner = _steering_runner({"a": None}, {"a": 1})
@@ -354,8 +354,8 @@ def test_worker_forgets_requests_when_vllm_drops_their_state():
 def test_engine_directory_follows_load_and_unload_answers_and_binds_each_request_once():
     from types import SimpleNamespace
 
-    from intervene_server.engine_directory import EngineDirectory
-    from intervene_server.request_spec import VERSION_KEY
+    from intervene_engine.engine_directory import EngineDirectory
+    from intervene_engine.request_spec import VERSION_KEY
 
     directory = EngineDirectory([{"language": "swh_Latn", "version": "s1"}])
     directory.follow("lingosteer_load", {"language": "ita_Latn", "version": "i1"})

@@ -92,7 +92,7 @@ def server(plain_reference, model_dir, root, tmp_path_factory):
     save_interference(InterferenceMatrix.from_loss(["swh_Latn", "eng_Latn", "ita_Latn"], loss), work / "i.json")
     port = free_port()
     command = [
-        sys.executable, "-m", "lingosteer.cli", "serve", str(model_dir), "--interventions", str(root),
+        sys.executable, "-m", "lingosteer.entrypoints.main", "serve", str(model_dir), "--interventions", str(root),
         "--admin-token-file", str(work / "token"), "--chat-template", str(work / "chat.jinja"),
         "--interference", str(work / "i.json"), "--max-upload-mb", "1", "--host", "127.0.0.1", "--port", str(port),
         *ENGINE_FLAGS,
@@ -555,7 +555,7 @@ def test_unload_then_400_then_reload(server, admin, client, model_name):
 
 
 def test_interventions_cli_drives_the_api(server, capsys):
-    from lingosteer.cli import main
+    from lingosteer.entrypoints.main import main
 
     common = ["--server", server["base"]]
     assert main(["interventions", "list", *common]) == 0

@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 
 from alignment.artifact import discover_interventions
-from intervene_server.server.artifacts import ArtifactPathError, resolve_in_root, store_upload
-from intervene_server.server.detection import LanguageDetector, split_sentences
-from intervene_server.server.prompt_tokens import PromptTokenizer
-from intervene_server.request_spec import parse_request_spec
-from intervene_server.server.registry import InterventionRegistry
-from intervene_server.server.routing import LanguageRouter, RoutingError
-from intervene_server.server.schemas import InterventionInfo
+from intervene_server.artifacts import ArtifactPathError, resolve_in_root, store_upload
+from intervene_server.detection import LanguageDetector, split_sentences
+from intervene_server.prompt_tokens import PromptTokenizer
+from intervene_engine.request_spec import parse_request_spec
+from intervene_server.registry import InterventionRegistry
+from intervene_server.routing import LanguageRouter, RoutingError
+from intervene_server.schemas import InterventionInfo
 
 SWAHILI = "Habari ya asubuhi, rafiki yangu. Leo tunazungumza kuhusu elimu na afya ya watoto wetu."
 ITALIAN = "Buongiorno a tutti, oggi parliamo della scuola e della salute dei nostri bambini."
@@ -227,7 +227,7 @@ def interference_client(tmp_path):
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from intervene_server.server.interference_api import interference_router, read_interference
+    from intervene_server.interference_api import interference_router, read_interference
     from matrix.artifact import InterferenceMatrix, save_interference
 
     languages = ["swh_Latn", "eng_Latn", "ita_Latn", "zho_Hans"]
@@ -279,7 +279,7 @@ def test_admin_routes_exist_only_with_a_token(router, tmp_path, token):
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from intervene_server.server.app import ServerOptions, mount
+    from intervene_server.app import ServerOptions, mount
 
     app = FastAPI()
     mount(app, router.registry, router, ServerOptions(interventions=tmp_path, admin_token=token))
@@ -302,7 +302,7 @@ def test_admin_routes_exist_only_with_a_token(router, tmp_path, token):
 
 @pytest.mark.parametrize("cpu", [True, False])
 def test_serve_takes_the_machines_engine_settings_where_the_user_gave_none(cpu, monkeypatch):
-    from intervene_server.cli import apply_machine_defaults, build_serve_parser
+    from lingosteer.entrypoints.serve import apply_machine_defaults, build_serve_parser
     from lingosteer import backend
 
     monkeypatch.setattr(backend, "is_cpu_backend", lambda: cpu)
@@ -380,7 +380,7 @@ def _echo_app(seen: list):
 def test_bodies_over_the_limit_are_413_without_reading_the_rest(router):
     import json
 
-    from intervene_server.server.middleware import LanguageRoutingMiddleware
+    from intervene_server.middleware import LanguageRoutingMiddleware
 
     seen = []
     app = LanguageRoutingMiddleware(_echo_app(seen), router, max_request_bytes=1000)
@@ -403,7 +403,7 @@ def test_routing_runs_off_the_event_loop(router, monkeypatch):
     import json
     import threading
 
-    from intervene_server.server.middleware import LanguageRoutingMiddleware
+    from intervene_server.middleware import LanguageRoutingMiddleware
 
     routed_on = []
     route = router.route
@@ -433,14 +433,14 @@ class _WorkerBehindRpc:
 
         import torch
 
-        from intervene_server.worker_state import WorkerState
+        from intervene_engine.worker_state import WorkerState
 
         layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
         state = WorkerState("LlamaForCausalLM", str(model_dir), layers, torch.device("cpu"), max_rows=64)
         self.worker = SimpleNamespace(model_runner=SimpleNamespace(lingosteer_state=state))
 
     async def collective_rpc(self, method: str, args: tuple = ()) -> list:
-        from intervene_server import worker_rpc
+        from intervene_engine import worker_rpc
 
         return [getattr(worker_rpc, method)(self.worker, *args)]
 
@@ -478,7 +478,7 @@ def fleet(router, model_dir, tmp_path):
 
     from fastapi import FastAPI
 
-    from intervene_server.server.app import ServerOptions, mount
+    from intervene_server.app import ServerOptions, mount
     from plugin_support import write_planted_intervention
 
     artifact = write_planted_intervention(tmp_path / "a" / "llama" / "swh", model_dir, [0, 1], "swh_Latn")
@@ -498,7 +498,7 @@ def fleet(router, model_dir, tmp_path):
 def test_push_and_rm_reach_every_server_of_a_fleet_and_name_those_that_failed(fleet, tmp_path, capsys):
     import socket
 
-    from lingosteer.cli import main
+    from lingosteer.entrypoints.main import main
 
     [(first, first_registry), (second, second_registry)], artifact = fleet
     with socket.socket() as unused:
@@ -538,7 +538,7 @@ def test_registry_follows_loads_and_unloads_from_their_answers_alone(model_dir, 
     (no list RPC after a change), replacing its dict so a reader's snapshot never changes."""
     import asyncio
 
-    from intervene_server.server.registry import LoadError
+    from intervene_server.registry import LoadError
     from plugin_support import write_planted_intervention
 
     engine = _WorkerBehindRpc(model_dir)
@@ -582,8 +582,8 @@ def test_identical_uploads_at_once_get_the_answer_of_their_content(model_dir, tm
     from fastapi import FastAPI
 
     from alignment.artifact import MANIFEST_NAME, MATRICES_NAME
-    from intervene_server.server.artifacts import DEFAULT_MAX_UPLOAD_BYTES, UPLOAD_DIR_NAME
-    from intervene_server.server.interventions_api import admin_router
+    from intervene_server.artifacts import DEFAULT_MAX_UPLOAD_BYTES, UPLOAD_DIR_NAME
+    from intervene_server.interventions_api import admin_router
     from plugin_support import write_planted_intervention
 
     artifact = write_planted_intervention(tmp_path / "made", model_dir, [0, 1], "swh_Latn")
@@ -632,8 +632,8 @@ def test_the_upload_directory_keeps_only_the_uploads_that_are_loaded(model_dir, 
     from fastapi import FastAPI
 
     from alignment.artifact import MANIFEST_NAME, MATRICES_NAME
-    from intervene_server.server.artifacts import DEFAULT_MAX_UPLOAD_BYTES, UPLOAD_DIR_NAME
-    from intervene_server.server.interventions_api import admin_router
+    from intervene_server.artifacts import DEFAULT_MAX_UPLOAD_BYTES, UPLOAD_DIR_NAME
+    from intervene_server.interventions_api import admin_router
     from plugin_support import write_planted_intervention
 
     root = tmp_path / "root"

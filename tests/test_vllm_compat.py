@@ -7,7 +7,7 @@ import vllm
 from vllm.config.compilation import CUDAGraphMode
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-from intervene_server.vllm_compat import UnsupportedVllmError, check_runner, check_version, check_vllm, require
+from intervene_engine.vllm_compat import UnsupportedVllmError, check_runner, check_version, check_vllm, require
 
 
 def test_installed_vllm_has_every_name_the_plugin_patches():

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from intervene_server.request_spec import InterventionRequest, RequestSpecError, parse_request_args
-from intervene_server.step_plan import ScheduledRequest, StepBuffers, StepPlan, build_step_plan
-from intervene_server.store import InterventionStore, LoadedIntervention, read_intervention
+from intervene_engine.request_spec import InterventionRequest, RequestSpecError, parse_request_args
+from intervene_engine.step_plan import ScheduledRequest, StepBuffers, StepPlan, build_step_plan
+from intervene_engine.store import InterventionStore, LoadedIntervention, read_intervention
 
 logger = logging.getLogger("lingosteer.plugin")
 

@@ -13,12 +13,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from alignment.artifact import MANIFEST_NAME, MATRICES_NAME
-from intervene_server.server import metrics
-from intervene_server.server.artifacts import ArtifactPathError, remove_unused_uploads, resolve_in_root, store_upload
-from intervene_server.server.auth import audit, require_token
-from intervene_server.server.path_languages import language_or_404
-from intervene_server.server.registry import InterventionRegistry, LoadError
-from intervene_server.server.schemas import ErrorBody, InterventionList, LoadRequest, LoadResult, UnloadResult
+from intervene_server import metrics
+from intervene_server.artifacts import ArtifactPathError, remove_unused_uploads, resolve_in_root, store_upload
+from intervene_server.auth import audit, require_token
+from intervene_server.path_languages import language_or_404
+from intervene_server.registry import InterventionRegistry, LoadError
+from intervene_server.schemas import ErrorBody, InterventionList, LoadRequest, LoadResult, UnloadResult
 
 
 def public_router(registry: InterventionRegistry) -> APIRouter:

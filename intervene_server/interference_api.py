@@ -5,8 +5,8 @@ from pathlib import Path
 
 from fastapi import APIRouter, Query
 
-from intervene_server.server.path_languages import language_or_404
-from intervene_server.server.schemas import (
+from intervene_server.path_languages import language_or_404
+from intervene_server.schemas import (
     ErrorBody, InterferenceData, LanguageInterference, Recommendation, RecommendationList,
 )
 

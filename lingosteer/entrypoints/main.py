@@ -11,12 +11,12 @@ import signal
 import sys
 
 SUBCOMMANDS = [
-    "lingosteer.model_commands",
-    "matrix.cli",
-    "alignment.cli",
-    "evaluation.cli",
-    "evaluation.lmeval_cli",
-    "intervene_server.cli",
+    "lingosteer.entrypoints.models",
+    "lingosteer.entrypoints.sweep",
+    "lingosteer.entrypoints.align",
+    "lingosteer.entrypoints.bench",
+    "lingosteer.entrypoints.lmeval",
+    "lingosteer.entrypoints.serve",
 ]
 
 
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def program() -> int:
-    """The `lingosteer` program (console script, `python -m lingosteer.cli`): one command per process."""
+    """The `lingosteer` program (console script, `python -m lingosteer.entrypoints.main`): one command per process."""
     from lingosteer.backend import run_offline_engines_in_process
 
     # A plain `kill` ends a command the way Ctrl-C does, through its `finally` blocks: engines

@@ -1,6 +1,6 @@
 """The front end's view of the engine's interventions, and the one door to change them.
 
-The worker's store (`intervene_server.store`) is the one record of which version of
+The worker's store (`intervene_engine.store`) is the one record of which version of
 which language is loaded; `loaded` here is a view of it, read once at start-up
 (`refresh`) and then updated from the answer of each load and unload, which all go
 through this registry one at a time. Each update replaces the dict, so a reader
@@ -17,8 +17,8 @@ import logging
 from contextvars import ContextVar
 from pathlib import Path
 
-from intervene_server.request_spec import LANGUAGE_KEY, VERSION_KEY
-from intervene_server.server.schemas import AppliedIntervention, InterventionInfo
+from intervene_engine.request_spec import LANGUAGE_KEY, VERSION_KEY
+from intervene_server.schemas import AppliedIntervention, InterventionInfo
 
 logger = logging.getLogger("lingosteer.server")
 

@@ -49,7 +49,7 @@ def lingosteer(*args: str, capture: bool = False, log: Path | None = None) -> st
         log.parent.mkdir(parents=True, exist_ok=True)
         stderr = log.open("w")
     try:
-        done = subprocess.run([sys.executable, "-m", "lingosteer.cli", *args], stderr=stderr, text=True,
+        done = subprocess.run([sys.executable, "-m", "lingosteer.entrypoints.main", *args], stderr=stderr, text=True,
                               stdout=subprocess.PIPE if capture else None)
     finally:
         if stderr is not None:
@@ -122,7 +122,7 @@ def start_server(model_dir: Path, interventions_root: Path, log_path: Path) -> t
     print("$ lingosteer " + " ".join(args) + f"   (log: {log_path})", flush=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
-    server = subprocess.Popen([sys.executable, "-m", "lingosteer.cli", *args], env=env,
+    server = subprocess.Popen([sys.executable, "-m", "lingosteer.entrypoints.main", *args], env=env,
                               stdout=log_path.open("w"), stderr=subprocess.STDOUT)
     base_url = f"http://127.0.0.1:{port}"
     started = time.monotonic()

@@ -1,6 +1,6 @@
 """The engine core's view of which intervention version serves each language.
 
-A view of the worker's store (`intervene_server.store`, the one record of what is
+A view of the worker's store (`intervene_engine.store`, the one record of what is
 loaded): read once when the engine core first needs it, then updated from the
 answer of each load and unload RPC as it passes through the engine core.
 
@@ -18,8 +18,8 @@ from dataclasses import replace
 
 from vllm.v1.request import Request
 
-from intervene_server.prefix_cache import BlockSalter
-from intervene_server.request_spec import VERSION_KEY, RequestSpecError, parse_request_args
+from intervene_engine.prefix_cache import BlockSalter
+from intervene_engine.request_spec import VERSION_KEY, RequestSpecError, parse_request_args
 
 logger = logging.getLogger("lingosteer.plugin")
 

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import torch
 
-from intervene_server.step_plan import StepPlan
+from intervene_engine.step_plan import StepPlan
 
 _active_plan: StepPlan | None = None
 

@@ -15,7 +15,7 @@ import sys
 
 
 def register(subparsers) -> None:
-    # No options of its own, no -h: everything after `lm-eval` is lm-eval's (see `lingosteer.cli.main`).
+    # No options of its own, no -h: everything after `lm-eval` is lm-eval's (see `lingosteer.entrypoints.main.main`).
     parser = subparsers.add_parser("lm-eval", add_help=False,
                                    help="lm-evaluation-harness's CLI with the `lingosteer` model registered")
     parser.set_defaults(func=run_lm_eval, forwards_arguments=True)

@@ -56,9 +56,9 @@ def build_serve_parser():
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    from intervene_server.server.artifacts import DEFAULT_MAX_UPLOAD_BYTES
-    from intervene_server.server.detection import DEFAULT_MIN_CONFIDENCE
-    from intervene_server.server.middleware import DEFAULT_MAX_REQUEST_BYTES
+    from intervene_server.artifacts import DEFAULT_MAX_UPLOAD_BYTES
+    from intervene_server.detection import DEFAULT_MIN_CONFIDENCE
+    from intervene_server.middleware import DEFAULT_MAX_REQUEST_BYTES
 
     parser = make_arg_parser(FlexibleArgumentParser(
         prog="lingosteer serve", usage="lingosteer serve MODEL --interventions DIR [options]",
@@ -111,9 +111,9 @@ def serve_command(args) -> int:
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
     from vllm.logger import configure_logging_from_args
 
-    from intervene_server.server.app import ServerOptions, run_server
-    from intervene_server.server.auth import read_token_file
-    from intervene_server.server.interference_api import read_interference
+    from intervene_server.app import ServerOptions, run_server
+    from intervene_server.auth import read_token_file
+    from intervene_server.interference_api import read_interference
     from lingosteer.models import resolve_model
 
     parser = build_serve_parser()
@@ -154,7 +154,7 @@ def _headers(args) -> dict[str, str]:
     token_file = getattr(args, "token_file", None)
     if not token_file:
         return {}
-    from intervene_server.server.auth import read_token_file
+    from intervene_server.auth import read_token_file
 
     return {"Authorization": f"Bearer {read_token_file(token_file)}"}
 

@@ -25,7 +25,7 @@ from vllm.v1.core.kv_cache_utils import (
 from vllm.v1.request import Request
 from vllm.utils.hashing import get_hash_fn_by_name
 
-from intervene_server.vllm_compat import REQUEST_ATTRIBUTES, require
+from intervene_engine.vllm_compat import REQUEST_ATTRIBUTES, require
 
 
 class BlockSalter:

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from vllm.v1.utils import CpuGpuBuffer
 
-from intervene_server.request_spec import InterventionRequest
-from intervene_server.store import LoadedIntervention
+from intervene_engine.request_spec import InterventionRequest
+from intervene_engine.store import LoadedIntervention
 
 
 @dataclass(frozen=True)

@@ -11,14 +11,14 @@ language). Server-only keys are consumed here and never reach the engine:
 
 from dataclasses import dataclass
 
-from intervene_server.request_spec import (
+from intervene_engine.request_spec import (
     LANGUAGE_KEY, VERSION_KEY, RequestSpecError, flatten_ranges, parse_request_spec,
 )
-from intervene_server.server import metrics
-from intervene_server.server.detection import LanguageDetector
-from intervene_server.server.prompt_tokens import PromptError, PromptTokenizer, user_text_parts
-from intervene_server.server.registry import InterventionRegistry
-from intervene_server.server.schemas import AppliedIntervention, InterventionInfo, SpanReport
+from intervene_server import metrics
+from intervene_server.detection import LanguageDetector
+from intervene_server.prompt_tokens import PromptError, PromptTokenizer, user_text_parts
+from intervene_server.registry import InterventionRegistry
+from intervene_server.schemas import AppliedIntervention, InterventionInfo, SpanReport
 from lingosteer.languages import UnknownLanguageError, normalize_code
 
 AUTO, AUTO_SPANS = "auto", "auto-spans"

@@ -22,10 +22,10 @@ from http import HTTPStatus
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, MutableHeaders
 
-from intervene_server.server import metrics
-from intervene_server.server.registry import current_applied
-from intervene_server.server.routing import LanguageRouter, RoutingError
-from intervene_server.server.schemas import AppliedIntervention
+from intervene_server import metrics
+from intervene_server.registry import current_applied
+from intervene_server.routing import LanguageRouter, RoutingError
+from intervene_server.schemas import AppliedIntervention
 
 logger = logging.getLogger("lingosteer.server")
 

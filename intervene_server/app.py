@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alignment.artifact import discover_interventions
-from intervene_server.server.artifacts import DEFAULT_MAX_UPLOAD_BYTES, UPLOAD_DIR_NAME
-from intervene_server.server.auth import configure_audit_log
-from intervene_server.server.detection import DEFAULT_MIN_CONFIDENCE, LanguageDetector
-from intervene_server.server.middleware import DEFAULT_MAX_REQUEST_BYTES, LanguageRoutingMiddleware
-from intervene_server.server.prompt_tokens import PromptTokenizer
-from intervene_server.server.registry import InterventionRegistry, LoadError
-from intervene_server.server.routing import LanguageRouter
+from intervene_server.artifacts import DEFAULT_MAX_UPLOAD_BYTES, UPLOAD_DIR_NAME
+from intervene_server.auth import configure_audit_log
+from intervene_server.detection import DEFAULT_MIN_CONFIDENCE, LanguageDetector
+from intervene_server.middleware import DEFAULT_MAX_REQUEST_BYTES, LanguageRoutingMiddleware
+from intervene_server.prompt_tokens import PromptTokenizer
+from intervene_server.registry import InterventionRegistry, LoadError
+from intervene_server.routing import LanguageRouter
 
 logger = logging.getLogger("lingosteer.server")
 
@@ -55,7 +55,7 @@ def mount(app, registry: InterventionRegistry, router: LanguageRouter, options: 
     """The routing middleware and our routes, on an app that may already have been built."""
     from starlette.middleware import Middleware
 
-    from intervene_server.server.interventions_api import admin_router, public_router
+    from intervene_server.interventions_api import admin_router, public_router
 
     # Innermost, so vLLM's own middleware (API key, CORS) runs first. vLLM has already
     # built the stack (SageMaker bootstrap), so rebuild it from the list as that does.
@@ -71,7 +71,7 @@ def mount(app, registry: InterventionRegistry, router: LanguageRouter, options: 
     else:
         logger.info("lingosteer: admin routes disabled (no --admin-token-file, or --no-admin)")
     if options.interference is not None:
-        from intervene_server.server.interference_api import interference_router
+        from intervene_server.interference_api import interference_router
 
         app.include_router(interference_router(options.interference))
     app.openapi_schema = None  # rebuilt with our routes on the next /openapi.json

@@ -36,10 +36,10 @@ def register() -> None:
     if _registered:
         return
     _registered = True
-    from intervene_server.vllm_compat import check_vllm
+    from intervene_engine.vllm_compat import check_vllm
 
     check_vllm()
-    import intervene_server.residual_op  # noqa: F401  (registers torch.ops.lingosteer)
+    import intervene_engine.residual_op  # noqa: F401  (registers torch.ops.lingosteer)
 
     _patch_front_end()
     _patch_worker()
@@ -49,7 +49,7 @@ def register() -> None:
 def _patch_front_end() -> None:
     from vllm.v1.engine.input_processor import InputProcessor
 
-    from intervene_server.request_spec import parse_request_args
+    from intervene_engine.request_spec import parse_request_args
 
     process_inputs = InputProcessor.process_inputs
 
@@ -65,11 +65,11 @@ def _patch_worker() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
     from vllm.v1.worker.gpu_worker import Worker
 
-    from intervene_server import worker_rpc
-    from intervene_server.prompt_logits import prompt_logprobs_of_scored_rows
-    from intervene_server.residual_op import active_plan
-    from intervene_server.vllm_compat import check_runner
-    from intervene_server.worker_state import attach_to_model
+    from intervene_engine import worker_rpc
+    from intervene_engine.prompt_logits import prompt_logprobs_of_scored_rows
+    from intervene_engine.residual_op import active_plan
+    from intervene_engine.vllm_compat import check_runner
+    from intervene_engine.worker_state import attach_to_model
 
     load_model = Worker.load_model
 
@@ -118,9 +118,9 @@ def _patch_worker() -> None:
 def _patch_engine_core() -> None:
     from vllm.v1.engine.core import EngineCore
 
-    from intervene_server.engine_directory import EngineDirectory, versions_in_use
-    from intervene_server.prefix_cache import BlockSalter
-    from intervene_server.vllm_compat import ENGINE_CORE_ATTRIBUTES, require
+    from intervene_engine.engine_directory import EngineDirectory, versions_in_use
+    from intervene_engine.prefix_cache import BlockSalter
+    from intervene_engine.vllm_compat import ENGINE_CORE_ATTRIBUTES, require
 
     add_request = EngineCore.add_request
     collective_rpc = EngineCore.collective_rpc

@@ -1,2 +1,0 @@
-"""The lingosteer HTTP server: vLLM's OpenAI-compatible app plus language routing,
-the interventions ops API, interference data and metrics (see docs/server.md)."""
