@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lingosteer.figures import pyplot, save_figure
 from lingosteer.files import write_text_atomic
 from lingosteer.markdown import markdown_table
 
@@ -190,7 +191,6 @@ def plot_layer_curves(path: Path, panels: Sequence[LayerPanel], title: str = "")
     """The panels side by side, layers on the x axis, saved as PNG (atomically); `title` heads the figure."""
     from matplotlib.ticker import MaxNLocator
 
-    from lingosteer.figures import pyplot, save_figure
 
     plt = pyplot()
 

@@ -14,6 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
+import alignment
+import lingosteer
+from alignment.estimator import LinearAligner
+from alignment.hidden_states import extract_hidden_states, load_model_and_tokenizer
+from lingosteer.ray_runtime import ray_session
+
 
 @dataclass(frozen=True)
 class ExtractionSettings:
@@ -31,8 +37,6 @@ def accumulate_statistics(model_dir: str | Path, pairs: list[tuple[str, str]], s
     """An unsolved `LinearAligner` holding the statistics of `pairs` (ids `sample_ids`)."""
     from tqdm.auto import tqdm
 
-    from alignment.estimator import LinearAligner
-    from alignment.hidden_states import extract_hidden_states, load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(model_dir)
     aligner = LinearAligner(holdout_fraction=settings.holdout_fraction)
@@ -56,9 +60,6 @@ def fit_statistics(model_dir: str | Path, pairs: list[tuple[str, str]], settings
         return accumulate_statistics(model_dir, pairs, ids, settings, progress)
     if workers < 0 or workers > len(pairs):
         raise ValueError(f"cannot cut {len(pairs)} pairs into {workers} Ray shards")
-    import alignment
-    import lingosteer
-    from lingosteer.ray_runtime import ray_session
 
     shards = np.array_split(ids, workers)
     address = None if ray_address == "local" else ray_address

@@ -31,6 +31,18 @@ from pathlib import Path
 
 import numpy as np
 
+from alignment.artifact import save_intervention
+from alignment.estimator import LinearAligner
+from alignment.evaluate import LayerCurve, LayerPanel, plot_layer_curves, retrieval_p1_raw_and_centred
+from alignment.hidden_states import extract_pooled_states, load_model_and_tokenizer
+from lingosteer import DEFAULT_DATA_DIR
+from lingosteer.data import parallel_ntrex, parallel_sib200, parallel_xcopa, parse_parallel_source
+from lingosteer.files import atomic_path, write_text_atomic
+from lingosteer.fingerprint import model_fingerprint
+from lingosteer.languages import normalize_code
+from lingosteer.markdown import markdown_table
+from lingosteer.models import resolve_model
+
 LANGUAGES = "et,id,sw,ta,th,tr,vi,zh"  # 8 languages, 4 scripts (Latin, Tamil, Thai, Han)
 SETS = ("sib", "sibtest", "ntrex", "xcopa", "codeswitch")
 
@@ -52,9 +64,6 @@ def parse_args(argv=None):
 
 def sentence_pairs(code: str, data_dir: Path | None, ntrex_pairs: int, codeswitch_pairs: int) -> dict:
     """{set name: (source sentences, English sentences)} for one XCOPA language."""
-    from lingosteer import DEFAULT_DATA_DIR
-    from lingosteer.data import parallel_ntrex, parallel_sib200, parallel_xcopa
-    from lingosteer.languages import normalize_code
 
     lang = normalize_code(code)
     unzip = lambda pairs: ([s for s, _ in pairs], [t for _, t in pairs])  # noqa: E731
@@ -70,9 +79,6 @@ def sentence_pairs(code: str, data_dir: Path | None, ntrex_pairs: int, codeswitc
 
 
 def extract(args) -> None:
-    from alignment.hidden_states import extract_pooled_states, load_model_and_tokenizer
-    from lingosteer.files import atomic_path
-    from lingosteer.models import resolve_model
 
     model, tokenizer = load_model_and_tokenizer(resolve_model(args.model))
     cache = args.out / "states"
@@ -145,7 +151,6 @@ def load_states(cache: Path, code: str) -> dict:
 def statistics(states: dict) -> dict:
     """{(set, pooling): unsolved aligner holding that set's statistics}: computed once,
     merged per recipe (statistics add, and do not depend on the solver)."""
-    from alignment.estimator import LinearAligner
 
     cached, offset = {}, 0
     for name in ("sib", "ntrex", "codeswitch"):
@@ -160,7 +165,6 @@ def statistics(states: dict) -> dict:
 
 
 def fit(cached: dict, solver: str, pooling: str, data: str):
-    from alignment.estimator import LinearAligner
 
     aligner = LinearAligner(**SOLVER_OPTIONS[solver])
     for name in DATA_OPTIONS[data]:
@@ -191,7 +195,6 @@ def evaluate(aligner, states: dict, pooling: str, metrics=None) -> dict:
     `metrics(src, mapped, eng) -> dict` defaults to raw and centred P@1 source->English
     after mapping (the comparison's figures); `alignment.evaluate.layer_metrics` gives all.
     """
-    from alignment.evaluate import retrieval_p1_raw_and_centred
 
     metrics = metrics or (lambda src, mapped, eng: retrieval_p1_raw_and_centred(mapped, eng, "p1_after"))
     return per_domain(states, pooling,
@@ -200,7 +203,6 @@ def evaluate(aligner, states: dict, pooling: str, metrics=None) -> dict:
 
 def unmapped(states: dict, pooling: str) -> dict:
     """P@1 before any map, raw and centred, per domain and layer."""
-    from alignment.evaluate import retrieval_p1_raw_and_centred
 
     return per_domain(states, pooling, lambda src, eng, layer: retrieval_p1_raw_and_centred(src, eng, "p1_before"))
 
@@ -265,8 +267,6 @@ def select(summary: dict) -> dict:
 def write_reports(report: dict, out: Path, docs: Path | None) -> None:
     import json
 
-    from lingosteer.files import write_text_atomic
-    from lingosteer.markdown import markdown_table
 
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "recipes.json", json.dumps(report, indent=1) + "\n")
@@ -310,7 +310,6 @@ def write_reports(report: dict, out: Path, docs: Path | None) -> None:
 def plot(report: dict, path: Path) -> None:
     """XCOPA P@1 per layer, mean over languages: the first recipe, INCLINE's solver, the default
     (alignment.recipe.RECOMMENDED) and retrieval's pick, raw and centred."""
-    from alignment.evaluate import LayerCurve, LayerPanel, plot_layer_curves
 
     results, codes = report["results"], report["languages"]
     names = list(dict.fromkeys(["ridge|mean|sib", "lstsq|mean|sib", "ridge|mean|sib+ntrex",
@@ -330,12 +329,6 @@ def plot(report: dict, path: Path) -> None:
 
 
 def artifacts(args) -> None:
-    from alignment.artifact import save_intervention
-    from lingosteer import DEFAULT_DATA_DIR
-    from lingosteer.data import parse_parallel_source
-    from lingosteer.fingerprint import model_fingerprint
-    from lingosteer.languages import normalize_code
-    from lingosteer.models import resolve_model
 
     candidates = [candidate.split("|") for candidate in args.candidates]
     for candidate, parts in zip(args.candidates, candidates):

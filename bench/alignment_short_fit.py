@@ -21,9 +21,16 @@ import sys
 import time
 from pathlib import Path
 
+import alignment_recipes as recipes
 import numpy as np
 
-import alignment_recipes as recipes
+from alignment.estimator import LinearAligner
+from alignment.evaluate import retrieval_p1
+from alignment.hidden_states import extract_pooled_states, load_model_and_tokenizer
+from lingosteer import DEFAULT_DATA_DIR
+from lingosteer.data import load_xnli
+from lingosteer.files import atomic_path
+from lingosteer.models import resolve_model
 
 LANGUAGES = "sw,th,tr,vi,zh"  # the XCOPA languages XNLI has
 FITS = {"sib+ntrex (default)": ("sib", "ntrex"), "sib+ntrex+xnli": ("sib", "ntrex", "xnli"), "xnli": ("xnli",)}
@@ -41,7 +48,6 @@ def parse_args(argv=None):
 
 def xnli_pairs(code: str, data_dir: Path, limit: int) -> tuple[list[str], list[str]]:
     """The first `limit` distinct (hypothesis, English hypothesis) pairs of XNLI dev (line-aligned files)."""
-    from lingosteer.data import load_xnli
 
     source, english = load_xnli(data_dir / "xnli" / f"dev.{code}.tsv"), load_xnli(data_dir / "xnli" / "dev.en.tsv")
     if len(source) != len(english):
@@ -51,12 +57,6 @@ def xnli_pairs(code: str, data_dir: Path, limit: int) -> tuple[list[str], list[s
 
 
 def main(argv=None) -> int:
-    from alignment.estimator import LinearAligner
-    from alignment.evaluate import retrieval_p1
-    from alignment.hidden_states import extract_pooled_states, load_model_and_tokenizer
-    from lingosteer import DEFAULT_DATA_DIR
-    from lingosteer.files import atomic_path
-    from lingosteer.models import resolve_model
 
     args = parse_args(argv)
     data_dir = args.data_dir or DEFAULT_DATA_DIR

@@ -27,6 +27,13 @@ import tracemalloc
 
 import numpy as np
 
+from alignment.estimator import LinearAligner
+from alignment.hidden_states import extract_hidden_states, load_model_and_tokenizer
+from lingosteer.data import parallel_ntrex, parallel_sib200
+from lingosteer.files import atomic_path
+from lingosteer.markdown import markdown_table
+from lingosteer.models import resolve_model
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -45,7 +52,6 @@ def parse_args(argv=None):
 
 
 def load_pairs(source: str, target: str, count: int, data_dir) -> list[tuple[str, str]]:
-    from lingosteer.data import parallel_ntrex, parallel_sib200
 
     pairs = parallel_sib200(source, target, ("train", "dev", "test"), data_dir)
     if len(pairs) < count:
@@ -57,8 +63,6 @@ def load_pairs(source: str, target: str, count: int, data_dir) -> list[tuple[str
 
 def extract(model_name, pairs, chunk_size, batch_size):
     """States [L, n, d] for sources and targets, and cumulative extraction seconds after each chunk."""
-    from alignment.hidden_states import extract_hidden_states, load_model_and_tokenizer
-    from lingosteer.models import resolve_model
 
     model, tokenizer = load_model_and_tokenizer(resolve_model(model_name))
     src_parts, tgt_parts, elapsed = [], [], {}
@@ -78,7 +82,6 @@ def cached_extract(args, pairs):
     """`extract`, or its saved result when --states-cache names a file written for the same inputs."""
     from pathlib import Path
 
-    from lingosteer.files import atomic_path
 
     key = f"{args.model}|{args.source}|{args.target}|{len(pairs)}|{args.chunk_size}"
     cache = Path(args.states_cache) if args.states_cache else None
@@ -95,7 +98,6 @@ def cached_extract(args, pairs):
 
 
 def fit_streaming(X, Y, n, chunk_size):
-    from alignment.estimator import LinearAligner
 
     tracemalloc.start()
     start = time.perf_counter()
@@ -123,7 +125,6 @@ def fit_incline(X, Y, n):
 
 
 def main(argv=None) -> int:
-    from lingosteer.markdown import markdown_table
 
     args = parse_args(argv)
     sizes = sorted({int(s) for s in args.sizes.split(",")})

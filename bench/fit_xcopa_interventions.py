@@ -31,6 +31,16 @@ import sys
 import time
 from pathlib import Path
 
+from alignment.artifact import MANIFEST_NAME, save_intervention
+from alignment.estimator import LinearAligner
+from alignment.hidden_states import extract_hidden_states, load_model_and_tokenizer
+from evaluation.calibration import contiguous_folds
+from lingosteer import DEFAULT_DATA_DIR
+from lingosteer.data import load_ntrex, load_sib200, load_xcopa
+from lingosteer.fingerprint import model_fingerprint
+from lingosteer.languages import get_language, normalize_code
+from lingosteer.models import resolve_model
+
 XCOPA_LANGUAGES = "et,ht,id,it,qu,sw,ta,th,tr,vi,zh"
 
 
@@ -50,7 +60,6 @@ def parse_args(argv=None):
 
 def xcopa_pairs(code: str, xcopa: Path, max_items: int) -> list[tuple[list[str], list[str]]] | None:
     """Per item, (its 3 sentences, their English translations); None without a translation file."""
-    from lingosteer.data import load_xcopa
 
     source, english = xcopa / f"val.{code}.jsonl", xcopa / "translated-en" / f"val.{code}.jsonl"
     if not english.is_file():
@@ -65,15 +74,6 @@ def xcopa_pairs(code: str, xcopa: Path, max_items: int) -> list[tuple[list[str],
 def main(argv=None) -> int:
     import numpy as np
 
-    from alignment.artifact import MANIFEST_NAME, save_intervention
-    from alignment.estimator import LinearAligner
-    from alignment.hidden_states import extract_hidden_states, load_model_and_tokenizer
-    from evaluation.calibration import contiguous_folds
-    from lingosteer import DEFAULT_DATA_DIR
-    from lingosteer.data import load_ntrex, load_sib200
-    from lingosteer.fingerprint import model_fingerprint
-    from lingosteer.languages import get_language, normalize_code
-    from lingosteer.models import resolve_model
 
     args = parse_args(argv)
     if args.xcopa_folds < 0:

@@ -22,6 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from alignment.artifact import MANIFEST_NAME, discover_interventions, load_intervention
+from evaluation.calibration import choose_across_languages, search_space
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -32,8 +35,6 @@ def parse_args(argv=None):
 
 def calibration_gains(roots: list[Path]) -> dict[str, dict[str, dict]]:
     """task -> language -> {candidate: accuracy - plain}, from the artifacts' evidence."""
-    from alignment.artifact import MANIFEST_NAME, discover_interventions, load_intervention
-    from evaluation.calibration import search_space
 
     gains: dict[str, dict[str, dict]] = {}
     for root in roots:
@@ -57,7 +58,6 @@ def calibration_gains(roots: list[Path]) -> dict[str, dict[str, dict]]:
 def summarise(gains: dict[str, dict]) -> dict:
     from scipy import stats
 
-    from evaluation.calibration import choose_across_languages
 
     chosen = choose_across_languages(gains)
     held_out = {language: gains[language][config] for language, config in chosen.items()}

@@ -36,10 +36,15 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-
 from throughput import synthetic_intervention  # bench/, this script's directory
 
+from evaluation.runner import SCORING_STEP_TOKENS
+from evaluation.scoring import PLAIN, Condition, encode_examples, score_with_vllm
+from evaluation.tasks import build_examples, load_prompts
+from evaluation.tasks import load_items as load_task_items
 from lingosteer import DEFAULT_DATA_DIR
+from lingosteer.backend import alias_vllm_distribution, configure_cpu_environment, shutdown_engine
+from lingosteer.models import resolve_model
 
 GRID = (-1.0, -0.5, 0.5, 1.0, 2.0)
 log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
@@ -63,8 +68,6 @@ def parse_args(argv=None):
 
 def load_items(data_dir: Path, languages: list[str], items: int, tokenizer) -> dict:
     """Language -> (encoded options per item, labels)."""
-    from evaluation.scoring import encode_examples
-    from evaluation.tasks import build_examples, load_items as load_task_items, load_prompts
 
     prompts = load_prompts("xcopa")
     sets = {}
@@ -89,7 +92,6 @@ def run_lmeval(model_dir: Path, data_dir: Path, languages: list[str], items: int
     import vllm  # noqa: F401  imported before the clock starts, as in our engine's process
     from lm_eval.tasks import TaskManager
 
-    from lingosteer.backend import alias_vllm_distribution, configure_cpu_environment, shutdown_engine
 
     alias_vllm_distribution()
     configure_cpu_environment()  # the same KV cache and cores as our engine gets
@@ -126,13 +128,11 @@ def lmeval_in_child(*args) -> dict:
 
 
 def plain_requests(sets: dict, languages: list[str]) -> list:
-    from evaluation.scoring import PLAIN
 
     return [(enc, PLAIN) for lang in languages for options in sets[lang][0] for enc in options]
 
 
 def grid_requests(sets: dict, languages: list[str], items: int) -> list:
-    from evaluation.scoring import Condition
 
     return [(enc, Condition("swh_Latn", alpha, "last"))
             for alpha in GRID for lang in languages for options in sets[lang][0][:items] for enc in options]
@@ -143,11 +143,12 @@ def main(argv=None) -> int:
     from transformers import AutoTokenizer
     from vllm import LLM
 
-    from evaluation.runner import SCORING_STEP_TOKENS
-    from evaluation.scoring import score_with_vllm
-    from lingosteer.backend import (cpu_model_name, run_offline_engines_in_process, scoring_engine_kwargs,
-                                    shutdown_engine)
-    from lingosteer.models import resolve_model
+    from lingosteer.backend import (
+        cpu_model_name,
+        run_offline_engines_in_process,
+        scoring_engine_kwargs,
+        shutdown_engine,
+    )
 
     run_offline_engines_in_process()
 

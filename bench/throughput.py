@@ -28,6 +28,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from alignment.artifact import save_intervention
+from alignment.estimator import LinearAligner
+from lingosteer.backend import engine_kwargs, shutdown_engine
+from lingosteer.fingerprint import model_fingerprint
+from lingosteer.models import resolve_model
+
 PROMPTS = [
     "Habari ya asubuhi. Leo tutazungumza kuhusu",
     "The history of the city begins in the year",
@@ -58,9 +64,6 @@ def synthetic_intervention(model_dir: Path, out_dir: Path) -> Path:
     """A valid artifact on every layer with a random full-rank map near identity."""
     import numpy as np
 
-    from alignment.artifact import save_intervention
-    from alignment.estimator import LinearAligner
-    from lingosteer.fingerprint import model_fingerprint
 
     fingerprint = model_fingerprint(model_dir)
     layers, dim = fingerprint["num_hidden_layers"], fingerprint["hidden_size"]
@@ -78,7 +81,6 @@ def start_engine(model_dir: Path, plugins: bool, enforce_eager: bool):
     """An engine whose processes see VLLM_PLUGINS as set here at their start."""
     from vllm import LLM
 
-    from lingosteer.backend import engine_kwargs
 
     previous = os.environ.pop("VLLM_PLUGINS", None)
     if not plugins:
@@ -109,8 +111,6 @@ def run_batch(llm, mode: str, args, language: str) -> float:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from lingosteer.backend import shutdown_engine
-    from lingosteer.models import resolve_model
 
     model_dir = resolve_model(args.model)
     with tempfile.TemporaryDirectory() as tmp:

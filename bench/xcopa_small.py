@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from lingosteer import DEFAULT_DATA_DIR, REPO_ROOT
+from lingosteer.entrypoints.main import main as lingosteer
 
 
 def parse_args(argv=None):
@@ -43,7 +44,6 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     import fit_xcopa_interventions  # bench/, next to this script
-    from lingosteer.entrypoints.main import main as lingosteer
 
     args = parse_args(argv)
     langs = [code.strip() for code in args.langs.split(",") if code.strip()]

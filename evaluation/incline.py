@@ -34,6 +34,7 @@ import torch
 from alignment.artifact import Intervention
 from alignment.hf_steering import hidden_of, layer_hooks, with_hidden
 from evaluation.calibration import choose_alpha, cross_validate
+from evaluation.stats import bootstrap_delta_ci
 
 
 @dataclass(frozen=True)
@@ -192,7 +193,6 @@ def score_items(model, tokenizer, intervention: Intervention, items, grid=GRID, 
 def summarise(correct: np.ndarray, grid=GRID, folds: int = FOLDS, resamples: int = 10000, seed: int = 0) -> dict:
     """Plain (s = 0), the best s on these very items (as published), and s chosen by cross-validation;
     CIs from `resamples` paired bootstrap resamples (the bench's --bootstrap)."""
-    from evaluation.stats import bootstrap_delta_ci
 
     correct = np.asarray(correct, dtype=bool)
     plain = correct[list(grid).index(0.0)]
@@ -217,7 +217,6 @@ def report_section(languages: dict[str, dict[str, dict]], resamples: int = 10000
     """The benchmark report's "incline" section. `languages`: code -> metric -> `summarise` output (plus
     "intervention"). Per language and metric, and the mean over languages, both selections against
     plain with paired bootstrap CIs; per-item lists stay out of the report."""
-    from evaluation.stats import bootstrap_delta_ci
 
     means = {}
     for metric in METRICS:

@@ -35,7 +35,10 @@ from lm_eval.api.instance import Instance
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import (
-    handle_stop_sequences, has_bos_prefix, normalize_gen_kwargs, postprocess_generated_text,
+    handle_stop_sequences,
+    has_bos_prefix,
+    normalize_gen_kwargs,
+    postprocess_generated_text,
 )
 
 from alignment.artifact import load_intervention
@@ -44,6 +47,7 @@ from evaluation.runner import ENGLISH, find_interventions, start_scoring_engine
 from evaluation.scoring import PLAIN, STEER_MODES, Condition, Encoded, extra_args, leading_special, score_with_vllm
 from lingosteer.backend import DEFAULT_MAX_MODEL_LEN, shutdown_engine
 from lingosteer.languages import UnknownLanguageError, normalize_code
+from lingosteer.models import resolve_model
 
 AUTO, NONE = "auto", "none"
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's vLLM backend's default
@@ -115,7 +119,6 @@ class LingosteerLM(TemplateLM):
                  batch_size=None, max_batch_size=None, device=None) -> None:
         from transformers import AutoTokenizer
 
-        from lingosteer.models import resolve_model
 
         super().__init__()
         if positions is not None and positions not in STEER_MODES:

@@ -16,7 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from evaluation.stats import bootstrap_delta_ci, bootstrap_mean_ci, mcnemar_exact
+from lingosteer import config_path
+from lingosteer.figures import pyplot, save_figure
 from lingosteer.files import write_text_atomic
+from lingosteer.fingerprint import model_fingerprint
 from lingosteer.markdown import markdown_table
 
 REPORT_JSON, REPORT_MD, REPORT_PNG, ITEMS_JSONL = "report.json", "report.md", "report.png", "items.jsonl"
@@ -27,7 +30,6 @@ FORMAT_VERSION = 1
 def build_report(config, model_dir, eval_sets, outcomes, map_sets, timing, reference, engine: dict) -> dict:
     """`map_sets`: the intervention directories per language, one dict per set (one set per fold, or one);
     `engine`: dtype, device, CPU and vLLM version the scores were computed with."""
-    from lingosteer.fingerprint import model_fingerprint
 
     english = next((s for s in eval_sets.values() if s.english), None)
     english_acc = float(outcomes[english.code].baseline.mean()) if english else None
@@ -99,7 +101,6 @@ def _summary(pairs, resamples: int, seed: int) -> dict:
 def _groups(config) -> dict[str, list[str]]:
     import yaml
 
-    from lingosteer import config_path
 
     path = Path(config.groups_path) if config.groups_path else config_path("bench", "groups.yaml")
     if not path.is_file():
@@ -258,7 +259,6 @@ def _delta(delta: float, ci95) -> str:
 
 
 def _plot(report: dict, path: Path) -> None:
-    from lingosteer.figures import pyplot, save_figure
 
     plt = pyplot()
     names = list(report["languages"]) + (["mean"] if report["mean"] else [])

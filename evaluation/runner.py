@@ -27,13 +27,27 @@ from pathlib import Path
 
 import numpy as np
 
-from alignment.artifact import MANIFEST_NAME
+from alignment.artifact import MANIFEST_NAME, discover_interventions, load_intervention
+from alignment.hidden_states import load_model_and_tokenizer
 from evaluation.calibration import DEFAULT_GRID, STEER_OF_POSITIONS, choose_alpha, contiguous_folds
+from evaluation.report import build_report
 from evaluation.score_store import ScoreStore
 from evaluation.scoring import (
-    PLAIN, STEER_MODES, Condition, Encoded, VllmScores, encode_examples, score_with_hf, score_with_vllm,
+    PLAIN,
+    STEER_MODES,
+    Condition,
+    Encoded,
+    VllmScores,
+    encode_examples,
+    score_with_hf,
+    score_with_vllm,
 )
 from evaluation.tasks import Example, build_examples, find_files, load_items, load_prompts
+from lingosteer.backend import cpu_model_name, is_cpu_backend, scoring_engine_kwargs, shutdown_engine
+from lingosteer.files import sha256_files
+from lingosteer.fingerprint import model_fingerprint
+from lingosteer.languages import normalize_code
+from lingosteer.models import resolve_model
 
 ENGLISH = "eng_Latn"
 
@@ -137,7 +151,6 @@ def run_benchmark(config: BenchmarkConfig, llm=None) -> tuple[dict, list[dict]]:
     """Run the benchmark; returns (report, per-item records). Creates the vLLM engine unless given one."""
     from transformers import AutoTokenizer
 
-    from lingosteer.models import resolve_model
 
     _check_config(config)
     model_dir = resolve_model(config.model)
@@ -167,11 +180,9 @@ def run_benchmark(config: BenchmarkConfig, llm=None) -> tuple[dict, list[dict]]:
             reference = _reference_check(config, scorer, model_dir, tokenizer, eval_sets, outcomes)
     finally:
         if own_engine:
-            from lingosteer.backend import shutdown_engine
 
             shutdown_engine(llm)
 
-    from evaluation.report import build_report
 
     report = build_report(config, model_dir, eval_sets, outcomes, map_sets, timing, reference, engine_facts(llm))
     if config.incline is not None:
@@ -185,9 +196,7 @@ def run_incline(config: BenchmarkConfig, model_dir: Path, eval_sets: dict[str, L
 
     Each language's correctness is stored under `scores_dir/incline` as soon as it is scored
     (`ScoreStore`), so a rerun after an interruption scores only the languages still missing."""
-    from alignment.artifact import load_intervention
-    from alignment.hidden_states import load_model_and_tokenizer
-    from evaluation import incline
+    from evaluation import incline  # local: loads torch and transformers, which only INCLINE runs need
 
     targets = [s for s in eval_sets.values() if not s.english]
     found = find_interventions(config.incline, [s.flores for s in targets], model_dir)
@@ -220,9 +229,9 @@ def _incline_store(config: BenchmarkConfig, model_dir: Path, found: dict[str, Pa
     INCLINE's prompt and answers for the task, the strength grid, each INCLINE artifact's version."""
     from dataclasses import asdict
 
+    # local: both load torch, which `lingosteer --help` (it imports this module) must not pay for
     from evaluation import incline
     from intervene_engine.store import artifact_version
-    from lingosteer.fingerprint import model_fingerprint
 
     key = {"model": model_fingerprint(model_dir), "task": asdict(incline.TASKS[config.task]),
            "grid": list(incline.GRID),
@@ -232,8 +241,7 @@ def _incline_store(config: BenchmarkConfig, model_dir: Path, found: dict[str, Pa
 
 def _store_key(config: BenchmarkConfig, model_dir: Path, map_sets: list[dict[str, Path]]) -> dict:
     """What stored scores depend on: model, dtype, prompts, and each intervention set's versions."""
-    from intervene_engine.store import artifact_version
-    from lingosteer.fingerprint import model_fingerprint
+    from intervene_engine.store import artifact_version  # local: loads torch (see _incline_store)
 
     return {"model": model_fingerprint(model_dir), "dtype": config.dtype, "prompt_style": config.prompt_style,
             "prompts": load_prompts(config.task, config.prompts_path),
@@ -276,8 +284,6 @@ def _check_config(config: BenchmarkConfig) -> None:
 
 def load_language_sets(config, paths, tokenizer, prompts, skip: int = 0) -> dict[str, LanguageSet]:
     """Per language file under `paths`: its items from index `skip` on, at most `config.max_items`."""
-    from lingosteer.files import sha256_files
-    from lingosteer.languages import normalize_code
 
     sets = {}
     for code, path in find_files(config.task, paths).items():
@@ -300,9 +306,6 @@ def find_interventions(root: Path, languages: list[str] | None, model_dir: Path)
     """FLORES code -> artifact directory under `root` fitted on the model, for each language (None:
     every language found; see `alignment.artifact.discover_interventions`), each validated in full
     now rather than when the engine first loads it."""
-    from alignment.artifact import discover_interventions, load_intervention
-    from lingosteer.fingerprint import model_fingerprint
-
     found = discover_interventions(root, languages, model_fingerprint(model_dir))
     for path in found.values():
         load_intervention(path)
@@ -389,7 +392,6 @@ def start_scoring_engine(model_dir: Path, dtype: str, **overrides):
     tokenizer (`lingosteer.backend.scoring_engine_kwargs`); `overrides` win."""
     from vllm import LLM
 
-    from lingosteer.backend import scoring_engine_kwargs
 
     return LLM(**scoring_engine_kwargs(model_dir, dtype=dtype, max_num_batched_tokens=SCORING_STEP_TOKENS,
                                        **overrides))
@@ -399,7 +401,6 @@ def engine_facts(llm) -> dict:
     """What the numbers depend on besides the model and the items: dtype, CPU, vLLM."""
     import vllm
 
-    from lingosteer.backend import cpu_model_name, is_cpu_backend
 
     model_config = llm.llm_engine.model_config
     return {"dtype": str(model_config.dtype).removeprefix("torch."), "device": "cpu" if is_cpu_backend() else "gpu",
@@ -529,7 +530,6 @@ def _score_all(config, scorer: Scorer, eval_sets, cal_sets) -> dict[str, Outcome
                 alphas[s.code], conditions[s.code] = alpha, _condition(s, alpha, steer)
                 calibration[s.code] = {"file": str(c.path), "n": c.n, "grid_accuracy": accuracy}
         else:
-            from alignment.artifact import load_intervention
 
             for s in targets:
                 # The artifact's serving defaults: what a served request naming only its language gets.
@@ -584,8 +584,6 @@ def _reference_check(config, scorer: Scorer, model_dir, tokenizer, eval_sets, ou
     `reference_sample` items, among those evaluated with the intervention set loaded
     last; each is scored plain and under the alpha it was evaluated with.
     """
-    from alignment.artifact import load_intervention
-    from alignment.hidden_states import load_model_and_tokenizer
 
     maps = scorer.loaded if scorer.loaded is not None else 0
     sets = list(eval_sets.values())

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from evaluation.tasks import Example
+from intervene_engine.request_spec import SCORE_FROM_KEY
 
 STEER_MODES = ("last", "context", "all")
 
@@ -136,7 +137,6 @@ def score_with_vllm(llm, requests: list[tuple[Encoded, Condition]], progress: bo
     """Summed option log-likelihoods of every request, through the engine (see the module notes)."""
     from vllm import SamplingParams
 
-    from intervene_engine.request_spec import SCORE_FROM_KEY
 
     def prompt(enc: Encoded) -> Encoded:
         """What the engine is sent: with `shared_prefix`, all but the option's last token (sampled)."""
@@ -188,7 +188,7 @@ def score_with_hf(model, requests: list[tuple[Encoded, Condition]], intervention
     from torch.nn.utils.rnn import pad_sequence
     from tqdm.auto import tqdm
 
-    from alignment.hf_steering import steered
+    from alignment.hf_steering import steered  # local: loads torch; only the HF reference path needs it
 
     batches, current = [], []
     for index, (enc, cond) in enumerate(requests):

@@ -14,6 +14,22 @@ from pathlib import Path
 
 import numpy as np
 
+from alignment.artifact import load_intervention, set_serving_defaults
+from evaluation.calibration import GATE_RULE, MIN_CALIBRATION_ITEMS, STEER_OF_POSITIONS, choose_serving, search_space
+from evaluation.runner import (
+    BenchmarkConfig,
+    Scorer,
+    Timing,
+    correct_choices,
+    engine_facts,
+    load_language_sets,
+    start_scoring_engine,
+)
+from evaluation.scoring import PLAIN, Condition
+from evaluation.tasks import load_prompts
+from lingosteer.backend import shutdown_engine
+from lingosteer.models import resolve_model
+
 
 def infer_task(paths: list[Path]) -> str:
     """xcopa or xnli from the calibration paths' names (as the shared data names them)."""
@@ -28,10 +44,6 @@ def load_calibration_items(model: str, calibrate_paths: list[Path], language: st
     """The calibration items of `language` (a `LanguageSet`), checked before anything slow runs."""
     from transformers import AutoTokenizer
 
-    from evaluation.calibration import MIN_CALIBRATION_ITEMS
-    from evaluation.runner import BenchmarkConfig, load_language_sets
-    from evaluation.tasks import load_prompts
-    from lingosteer.models import resolve_model
 
     task = task or infer_task(calibrate_paths)
     config = BenchmarkConfig(task=task, model=model, eval_paths=list(calibrate_paths), max_items=max_items)
@@ -52,12 +64,6 @@ def calibrate_serving(artifact_dir: Path, model: str, task: str, items, dtype: s
                       progress: bool = True, llm=None) -> dict:
     """Choose and record `artifact_dir`'s serving defaults on `items`; returns the evidence written.
     Starts a scoring engine unless given one (`llm`, as `evaluation.runner.start_scoring_engine` makes)."""
-    from alignment.artifact import load_intervention, set_serving_defaults
-    from evaluation.calibration import GATE_RULE, STEER_OF_POSITIONS, choose_serving, search_space
-    from evaluation.runner import Scorer, Timing, correct_choices, engine_facts, start_scoring_engine
-    from evaluation.scoring import PLAIN, Condition
-    from lingosteer.backend import shutdown_engine
-    from lingosteer.models import resolve_model
 
     artifact = load_intervention(artifact_dir)
     if artifact.source != items.flores:

@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from lingosteer import config_path
+from lingosteer.data import load_xcopa, load_xnli
 
 TASKS = ("xcopa", "xnli")
 PROMPT_STYLES = ("lm-eval", "mc")
@@ -88,7 +89,6 @@ def find_files(task: str, paths: list[str | Path]) -> dict[str, Path]:
 
 
 def load_items(task: str, path: Path) -> list:
-    from lingosteer.data import load_xcopa, load_xnli
 
     _check_task(task)
     items = load_xcopa(path) if task == "xcopa" else load_xnli(path)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from alignment.artifact import ARTIFACT_FILES
+from alignment.artifact import ARTIFACT_FILES, load_intervention
 from lingosteer.files import sha256_files
 
 
@@ -70,7 +70,6 @@ def read_intervention(
     path: str | Path, fingerprint: dict, num_layers: int, device: torch.device
 ) -> LoadedIntervention:
     """Validate and load an artifact for this model; raises ValueError subclasses on bad input."""
-    from alignment.artifact import load_intervention
 
     path = Path(path).resolve()
     artifact = load_intervention(path, expected_fingerprint=fingerprint)

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import torch
 
+from alignment.artifact import discover_interventions, find_artifact_dirs
 from intervene_engine.request_spec import InterventionRequest, RequestSpecError, parse_request_args
 from intervene_engine.step_plan import ScheduledRequest, StepBuffers, StepPlan, build_step_plan
 from intervene_engine.store import InterventionStore, LoadedIntervention, read_intervention
+from lingosteer.fingerprint import model_fingerprint
 
 logger = logging.getLogger("lingosteer.plugin")
 
@@ -67,7 +69,6 @@ class WorkerState:
     @property
     def fingerprint(self) -> dict:
         if self._fingerprint is None:
-            from lingosteer.fingerprint import model_fingerprint
 
             self._fingerprint = model_fingerprint(self.model_dir)
         return self._fingerprint
@@ -174,7 +175,6 @@ def _route_through_op(layer: torch.nn.Module, index: int) -> None:
 
 def _preload_paths(state: WorkerState) -> list[Path]:
     """The artifacts `PRELOAD_ENV` names for this model: each entry is an artifact or a folder of them."""
-    from alignment.artifact import discover_interventions, find_artifact_dirs
 
     value = os.environ.get(PRELOAD_ENV, "")
     if not value:

@@ -7,12 +7,17 @@ from fastapi import APIRouter, Query
 
 from intervene_server.path_languages import language_or_404
 from intervene_server.schemas import (
-    ErrorBody, InterferenceData, LanguageInterference, Recommendation, RecommendationList,
+    ErrorBody,
+    InterferenceData,
+    LanguageInterference,
+    Recommendation,
+    RecommendationList,
 )
+from matrix.artifact import load_interference
+from matrix.recommend import recommend_sources
 
 
 def read_interference(path: Path):
-    from matrix.artifact import load_interference
 
     return load_interference(path)
 
@@ -37,7 +42,6 @@ def interference_router(matrix) -> APIRouter:
     ) -> RecommendationList:
         """Source languages to align `target` toward, best first, each with the reason
         (unmeasured pairs are left out)."""
-        from matrix.recommend import recommend_sources
 
         language = language_in_matrix(target)
         ranked = recommend_sources(matrix, language, k)

@@ -26,9 +26,18 @@ from pathlib import Path
 
 import numpy as np
 
+from evaluation.stats import bootstrap_delta_ci
 from lingosteer import config_path
+from lingosteer.data import load_sib200
+from lingosteer.files import write_text_atomic
+from lingosteer.languages import normalize_code
+from lingosteer.markdown import markdown_table
 from matrix.artifact import InterferenceMatrix, load_interference
-from matrix.sweep import SweepConfig, SweepOutcome, load_encoder, run_id, run_sweep
+from matrix.jsonio import write_json_atomic
+from matrix.plots import downstream_plot
+from matrix.sweep import SweepConfig, SweepOutcome, load_encoder, load_records, run_id, run_sweep
+from training.config import load_training_config
+from training.corpus import SPECIAL_ROLES, compact_ids, load_tokenizer, tokenize
 
 FORMAT = "lingosteer.downstream"
 FORMAT_VERSION = 1
@@ -88,8 +97,6 @@ def plan_targets(
     matrix: InterferenceMatrix, targets: list[str], per_side: int = PARTNERS_PER_SIDE, data_dir=None
 ) -> list[TargetPlan]:
     """Partners of each target; every target must be in the matrix and have SIB-200 train and test splits."""
-    from lingosteer.data import load_sib200
-    from lingosteer.languages import normalize_code
 
     codes = list(dict.fromkeys(normalize_code(code) for code in targets))
     if not codes:
@@ -115,7 +122,7 @@ def mean_pooled_embeddings(model, sentences: list[np.ndarray], batch_size: int =
     """[sentences, hidden]: the encoder's final hidden states averaged over each sentence's tokens."""
     import torch
 
-    from training.train import pad_batch
+    from training.train import pad_batch  # local: loads torch, which `lingosteer --help` must not pay for
 
     chunks = []
     with torch.no_grad():
@@ -155,7 +162,6 @@ def accuracy_with_ci(correct: np.ndarray, seed: int = 0) -> dict:
 
 def paired_difference(baseline: list[np.ndarray], other: list[np.ndarray], seed: int = 0) -> dict:
     """Mean over targets of acc(other) - acc(baseline), with a CI resampling items within each target."""
-    from evaluation.stats import bootstrap_delta_ci
 
     pairs = [(np.asarray(b, float), np.asarray(o, float)) for b, o in zip(baseline, other)]
     delta = float(np.mean([o.mean() - b.mean() for b, o in pairs]))
@@ -164,7 +170,6 @@ def paired_difference(baseline: list[np.ndarray], other: list[np.ndarray], seed:
 
 
 def _sib_items(language: str, split: str, data_dir) -> tuple[list[str], list[str]]:
-    from lingosteer.data import load_sib200
 
     rows = load_sib200(language, splits=(split,), data_dir=data_dir)
     return [row.text for row in rows], [row.category for row in rows]
@@ -177,8 +182,7 @@ def evaluate_targets(
     import torch
     from tqdm import tqdm
 
-    from training.corpus import SPECIAL_ROLES, compact_ids, load_tokenizer, tokenize
-    from training.model import MaskedLMEncoder
+    from training.model import MaskedLMEncoder  # local: loads torch (see above)
 
     tokenizer = load_tokenizer(config.tokenizer)
     bar = tqdm(total=sum(2 + len(p.low) + len(p.high) for p in plans), desc="downstream evaluation", unit="model",
@@ -301,7 +305,6 @@ def decide(summary: dict) -> tuple[str, list[str]]:
 def matrix_reproduction(plans: list[TargetPlan], matrix: InterferenceMatrix, results: Path) -> dict:
     """Largest relative difference between the encoders' MLM losses and the matrix's L entries (0: the same
     models)."""
-    from matrix.sweep import load_records
 
     wanted = {run_id(run) for plan in plans for run in plan.runs}
     differences = []
@@ -331,7 +334,6 @@ def _delta(entry: dict) -> str:
 
 
 def markdown_summary(report: dict) -> str:
-    from lingosteer.markdown import markdown_table
 
     summary, per_side = report["summary"], len(report["summary"]["targets"][0]["low"])
     header = ["target", "majority class", "untrained", "mono"]
@@ -394,9 +396,6 @@ def markdown_summary(report: dict) -> str:
 
 def write_report(report: dict, out: Path) -> list[Path]:
     """downstream.json, summary.md and downstream.png in `out`."""
-    from lingosteer.files import write_text_atomic
-    from matrix.jsonio import write_json_atomic
-    from matrix.plots import downstream_plot
 
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "downstream.json", out / "summary.md", out / "downstream.png"]
@@ -412,7 +411,6 @@ def run_downstream(
     num_cpus: int = 2, max_retries: int = 2, progress: bool = True,
 ) -> tuple[SweepOutcome, list[Path]]:
     """Train what is missing, evaluate, write the report; nothing is written to `out` if a run failed."""
-    from training.config import load_training_config
 
     matrix = load_interference(matrix_path)
     plans = plan_targets(matrix, targets, per_side, data_dir)

@@ -14,6 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from alignment.hidden_states import extract_hidden_states, load_model_and_tokenizer
+from lingosteer.data import load_sib200
+from lingosteer.models import resolve_model
+
 
 def language_embeddings(
     languages: tuple[str, ...],
@@ -23,9 +27,6 @@ def language_embeddings(
     sentences: int = 100,
 ) -> tuple[np.ndarray, dict]:
     """([n_languages, hidden] mean embeddings, description for the report)."""
-    from alignment.hidden_states import extract_hidden_states, load_model_and_tokenizer
-    from lingosteer.data import load_sib200
-    from lingosteer.models import resolve_model
 
     model_dir = resolve_model(model)
     num_layers = json.loads((model_dir / "config.json").read_text()).get("num_hidden_layers")

@@ -12,15 +12,15 @@ from pathlib import Path
 
 import numpy as np
 
+from lingosteer.languages import get_language
 from lingosteer.markdown import markdown_table
-from matrix import analysis
+from matrix import analysis, plots
 from matrix.artifact import InterferenceMatrix, save_interference
 from matrix.completion import cosine_similarity_matrix, evaluate_completion
 from matrix.sweep import load_records, plan_runs, run_id
 
 
 def _language_table(languages: tuple[str, ...]) -> list[dict]:
-    from lingosteer.languages import get_language
 
     table = []
     for code in languages:
@@ -212,7 +212,6 @@ def _markdown(matrix: InterferenceMatrix, stats: dict, embedding_note: str) -> s
 def write_analysis(results: str | Path, out: str | Path, holdout_seed: int = 0,
                    embeddings: np.ndarray | None = None, embedding_note: str = "") -> list[Path]:
     """Analyse a results directory; `embeddings` ([n_languages, d], sweep order) adds the cosine proxy."""
-    from matrix import plots
 
     results, out = Path(results), Path(out)
     manifest, records = load_records(results)

@@ -34,9 +34,15 @@ from pathlib import Path
 
 import yaml
 
+import lingosteer
+import matrix
+import training
 from lingosteer.files import atomic_path, sha256_files
+from lingosteer.languages import normalize_code
+from lingosteer.ray_runtime import ray_session
 from matrix.jsonio import write_json_atomic
 from training.config import TrainingConfig, load_training_config
+from training.corpus import SPECIAL_ROLES, build_corpus
 
 FORMAT_VERSION = 1
 RUNS_SUBDIR = "runs"
@@ -65,7 +71,6 @@ class SweepConfig:
 
 
 def load_sweep_config(path: str | Path) -> SweepConfig:
-    from lingosteer.languages import normalize_code
 
     path = Path(path)
     if not path.is_file():
@@ -115,7 +120,6 @@ def plan_runs(languages: tuple[str, ...], pairs: list[tuple[str, str]] | None = 
 
 def parse_pairs(text: str) -> list[tuple[str, str]]:
     """`eng_Latn-fra_Latn,hin_Deva-urd_Arab` -> [(eng_Latn, fra_Latn), (hin_Deva, urd_Arab)]."""
-    from lingosteer.languages import normalize_code
 
     pairs = []
     for item in filter(None, (part.strip() for part in text.split(","))):
@@ -183,8 +187,7 @@ def load_encoder(results: str | Path, name: str):
     """(MaskedLMEncoder in eval mode, vocabulary) of a finished run saved with `save_encoders`."""
     from safetensors.torch import load_file
 
-    from training.corpus import SPECIAL_ROLES
-    from training.model import MaskedLMEncoder
+    from training.model import MaskedLMEncoder  # local: loads torch, which `lingosteer --help` must not pay for
 
     results = Path(results)
     record_path = results / RUNS_SUBDIR / f"{name}.json"
@@ -226,7 +229,7 @@ def _train_task(languages: tuple[str, ...], training: dict, corpus, seed: int, k
 
     import torch
 
-    from training.train import train_run
+    from training.train import train_run  # local: loads torch (see above)
 
     torch.set_num_threads(1)  # one core per run; Ray schedules as many runs as there are CPUs
     started = datetime.now(timezone.utc).isoformat()
@@ -278,8 +281,6 @@ def run_sweep(
     languages, then `pairs` or all pairs) with exactly those runs."""
     from tqdm import tqdm
 
-    from lingosteer.ray_runtime import ray_session
-    from training.corpus import build_corpus
 
     started = time.perf_counter()
     results = Path(results)
@@ -296,9 +297,6 @@ def run_sweep(
     corpus = build_corpus(
         config.languages, config.training.max_length, config.training.vocab_limit, config.tokenizer, config.data_dir
     )
-    import lingosteer
-    import matrix
-    import training
 
     with ray_session(address, num_cpus, (lingosteer, matrix, training)) as ray:
         task = ray.remote(num_cpus=1, max_calls=1)(_train_task)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lingosteer.data import load_ntrex, load_sib200
 from lingosteer.files import sha256_files
 
 # Names of the special tokens in XLM-R (SentencePiece) and BERT-style (WordPiece) vocabularies.
@@ -70,7 +71,6 @@ def _special_id(tokenizer, role: str) -> int:
 
 def read_language_sentences(language: str, data_dir: str | Path | None = None) -> tuple[list[str], list[str]]:
     """(training sentences, evaluation sentences) of one language, in file order."""
-    from lingosteer.data import load_sib200, load_ntrex
 
     train = [row.text for row in load_sib200(language, splits=("train", "dev"), data_dir=data_dir)]
     train += load_ntrex(language, data_dir=data_dir)

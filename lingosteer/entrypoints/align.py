@@ -18,10 +18,19 @@ import re
 import sys
 from pathlib import Path
 
-from alignment.artifact import DTYPES, FORMS
-from alignment.estimator import SOLVERS
-from alignment.hidden_states import POOLINGS
+from alignment.artifact import DTYPES, FORMS, load_intervention, replace_dir, save_intervention
+from alignment.diagnose import diagnose_languages, write_diagnosis_report
+from alignment.estimator import SOLVERS, LinearAligner
+from alignment.evaluate import evaluate_intervention, write_compare_report, write_eval_report
+from alignment.fitting import ExtractionSettings, fit_statistics
+from alignment.hidden_states import POOLINGS, extract_hidden_states, load_model_and_tokenizer
 from alignment.recipe import RECIPES, RECOMMENDED, Recipe
+from evaluation.serving_defaults import calibrate_serving, load_calibration_items
+from lingosteer.data import code_switched, parse_parallel_source
+from lingosteer.fingerprint import model_fingerprint
+from lingosteer.languages import UnknownLanguageError, normalize_code
+from lingosteer.markdown import markdown_table
+from lingosteer.models import resolve_model
 
 DATA_HELP = ("parallel data CORPUS[:SPLITS|:FIRST-LAST][@DIR], e.g. sib200:train,dev, ntrex:0-299@/data/ntrex128 "
              "or xcopa (validation items vs their English translations)")
@@ -148,7 +157,6 @@ def parse_layers(text: str, num_layers: int) -> list[int]:
 
 def language_code(code: str) -> str:
     """The FLORES code for any known code; unknown FLORES-shaped codes (corpus folders) pass as they are."""
-    from lingosteer.languages import UnknownLanguageError, normalize_code
 
     try:
         return normalize_code(code)
@@ -159,7 +167,6 @@ def language_code(code: str) -> str:
 
 
 def _load_pairs(spec: str, source: str, target: str, max_pairs: int | None):
-    from lingosteer.data import parse_parallel_source
 
     data = parse_parallel_source(spec)
     return data, _check_pair_count(data.pairs(source, target)[:max_pairs], spec, source, target, max_pairs)
@@ -174,9 +181,6 @@ def _check_pair_count(pairs: list, where: str, source: str, target: str, max_pai
 
 
 def _load_model(name_or_dir: str):
-    from alignment.hidden_states import load_model_and_tokenizer
-    from lingosteer.fingerprint import model_fingerprint
-    from lingosteer.models import resolve_model
 
     model_dir = resolve_model(name_or_dir)
     model, tokenizer = load_model_and_tokenizer(model_dir)
@@ -184,7 +188,6 @@ def _load_model(name_or_dir: str):
 
 
 def _states(model, tokenizer, sentences, layers, pooling, batch_size):
-    from alignment.hidden_states import extract_hidden_states
 
     return extract_hidden_states(model, tokenizer, sentences, layers=layers, pooling=pooling,
                                  batch_size=batch_size, progress=True)
@@ -202,13 +205,6 @@ def run_fit(args) -> int:
 
 def fit_artifact(args, out: Path, overwrite: bool) -> None:
     """Fit the maps the fit options (or their recipe) ask for and write the artifact to `out`."""
-    from alignment.artifact import save_intervention
-    from alignment.estimator import LinearAligner
-    from alignment.fitting import ExtractionSettings, fit_statistics
-    from lingosteer.data import code_switched, parse_parallel_source
-    from lingosteer.fingerprint import model_fingerprint
-    from lingosteer.models import resolve_model
-
     source, target = language_code(args.source), language_code(args.target)
     if source == target:
         raise ValueError(f"source and target are the same language ({source})")
@@ -300,8 +296,6 @@ def run_build(args) -> int:
     import shutil
     import tempfile
 
-    from alignment.artifact import replace_dir
-    from evaluation.serving_defaults import calibrate_serving, load_calibration_items
 
     if args.out.exists() and not args.overwrite:
         raise ValueError(f"{args.out} exists; pass --overwrite to replace it")
@@ -327,10 +321,6 @@ def run_build(args) -> int:
 
 
 def run_eval(args) -> int:
-    from alignment.artifact import load_intervention
-    from alignment.evaluate import evaluate_intervention, write_eval_report
-    from lingosteer.markdown import markdown_table
-    from lingosteer.data import parse_parallel_source
 
     _, model, tokenizer, fingerprint = _load_model(args.model)
     intervention = load_intervention(args.intervention, expected_fingerprint=fingerprint)
@@ -356,10 +346,6 @@ def run_eval(args) -> int:
 
 def run_compare(args) -> int:
     """Each artifact at its best layer on the same data (states extracted once per language and pooling)."""
-    from alignment.artifact import load_intervention
-    from alignment.evaluate import evaluate_intervention, write_compare_report
-    from lingosteer.data import parse_parallel_source
-
     _, model, tokenizer, fingerprint = _load_model(args.model)
     eval_data = parse_parallel_source(args.data).describe()
     states, rows = {}, []
@@ -386,7 +372,6 @@ def run_compare(args) -> int:
 
 
 def run_diagnose(args) -> int:
-    from alignment.diagnose import diagnose_languages, write_diagnosis_report
 
     target = language_code(args.target)
     langs = [language_code(code) for code in args.langs.split(",") if code.strip()]

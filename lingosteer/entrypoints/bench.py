@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 from evaluation.calibration import DEFAULT_GRID, parse_grid
+from evaluation.report import markdown, write_report
+from evaluation.runner import BenchmarkConfig, run_benchmark
 from evaluation.scoring import STEER_MODES
 from evaluation.tasks import PROMPT_STYLES, TASKS
 
@@ -67,8 +69,6 @@ def register(subparsers) -> None:
 
 
 def run_bench(args) -> int:
-    from evaluation.report import markdown, write_report
-    from evaluation.runner import BenchmarkConfig, run_benchmark
 
     if args.cross_fit is not None and args.cross_fit < 2:
         raise ValueError("--cross-fit needs at least 2 folds")

@@ -26,7 +26,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+from alignment.artifact import InterventionError, load_intervention
 from lingosteer import DEFAULT_DATA_DIR
+from lingosteer.fingerprint import model_fingerprint
+from lingosteer.models import prepare_model as prepare
 
 MODEL = "gemma-3-270m"
 SOURCE, TARGET = "swh_Latn", "eng_Latn"
@@ -62,7 +65,6 @@ def lingosteer(*args: str, capture: bool = False, log: Path | None = None) -> st
 
 
 def prepare_model(cache_dir: Path | None) -> Path:
-    from lingosteer.models import prepare_model as prepare
 
     banner(f"1. Prepare {MODEL}")
     model_dir = prepare(MODEL, cache_dir=cache_dir)
@@ -71,8 +73,6 @@ def prepare_model(cache_dir: Path | None) -> Path:
 
 
 def build_intervention(model_dir: Path, data_dir: Path, out: Path, log: Path) -> Path:
-    from alignment.artifact import InterventionError, load_intervention
-    from lingosteer.fingerprint import model_fingerprint
 
     banner(f"2. Build {SOURCE} -> {TARGET}: fit, then calibrate the serving defaults on XCOPA validation")
     try:
@@ -88,8 +88,6 @@ def build_intervention(model_dir: Path, data_dir: Path, out: Path, log: Path) ->
 
 
 def show_evidence_and_transfer(model_dir: Path, data_dir: Path, intervention: Path, log: Path) -> dict:
-    from alignment.artifact import load_intervention
-
     artifact = load_intervention(intervention)
     evidence = artifact.evidence
     banner("3. The evidence behind the serving defaults, and the map on sentences it never saw")

@@ -25,7 +25,8 @@ def run_lm_eval(args) -> int:
     # Offline unless told otherwise: models and task data come from local caches and files.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    import evaluation.lmeval_backend  # noqa: F401  (registers the `lingosteer` model)
+    # local: importing it registers the `lingosteer` model with lm_eval, which must see the offline settings above
+    import evaluation.lmeval_backend  # noqa: F401
     from lm_eval.__main__ import cli_evaluate
 
     sys.argv = ["lm-eval", *args.forwarded]

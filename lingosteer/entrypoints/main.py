@@ -10,6 +10,8 @@ import importlib
 import signal
 import sys
 
+from lingosteer.backend import run_offline_engines_in_process
+
 SUBCOMMANDS = [
     "lingosteer.entrypoints.models",
     "lingosteer.entrypoints.sweep",
@@ -46,7 +48,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def program() -> int:
     """The `lingosteer` program (console script, `python -m lingosteer.entrypoints.main`): one command per process."""
-    from lingosteer.backend import run_offline_engines_in_process
 
     # A plain `kill` ends a command the way Ctrl-C does, through its `finally` blocks: engines
     # shut their processes down, builds remove their staging directories. `serve` installs

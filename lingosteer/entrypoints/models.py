@@ -2,9 +2,10 @@
 
 import argparse
 
+from lingosteer.models import CACHE_ENV_VAR, KNOWN_MODELS, cache_dir_or_default, list_prepared, prepare_model
+
 
 def register(subparsers) -> None:
-    from lingosteer.models import CACHE_ENV_VAR, KNOWN_MODELS
 
     cache_help = f"model cache directory (default: ${CACHE_ENV_VAR} or ~/.cache/lingosteer/models)"
     parser = subparsers.add_parser("models", help="prepare and list real pretrained models")
@@ -26,14 +27,12 @@ def register(subparsers) -> None:
 
 
 def _prepare(args) -> int:
-    from lingosteer.models import prepare_model
 
     print(prepare_model(args.name, cache_dir=args.cache_dir))
     return 0
 
 
 def _list(args) -> int:
-    from lingosteer.models import cache_dir_or_default, list_prepared
 
     prepared = list_prepared(args.cache_dir)
     if not prepared:

@@ -11,6 +11,14 @@ import json
 import os
 import sys
 
+from alignment.artifact import MANIFEST_NAME, MATRICES_NAME
+from intervene_server.artifacts import DEFAULT_MAX_UPLOAD_BYTES
+from intervene_server.detection import DEFAULT_MIN_CONFIDENCE
+from intervene_server.middleware import DEFAULT_MAX_REQUEST_BYTES
+from lingosteer import config_path
+from lingosteer.backend import engine_kwargs
+from lingosteer.models import resolve_model
+
 SERVER_ENV = "LINGOSTEER_SERVER"
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 TOKEN_FILE_ENV = "LINGOSTEER_ADMIN_TOKEN_FILE"
@@ -56,9 +64,6 @@ def build_serve_parser():
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    from intervene_server.artifacts import DEFAULT_MAX_UPLOAD_BYTES
-    from intervene_server.detection import DEFAULT_MIN_CONFIDENCE
-    from intervene_server.middleware import DEFAULT_MAX_REQUEST_BYTES
 
     parser = make_arg_parser(FlexibleArgumentParser(
         prog="lingosteer serve", usage="lingosteer serve MODEL --interventions DIR [options]",
@@ -89,7 +94,6 @@ def build_serve_parser():
 def apply_machine_defaults(parser, options) -> None:
     """This machine's engine settings (and environment, `backend.engine_kwargs`) wherever the
     options hold vLLM's parser defaults, i.e. where the user gave no value."""
-    from lingosteer.backend import engine_kwargs
 
     for key, value in engine_kwargs(options.model, api_server=True).items():
         if getattr(options, key, None) == parser.get_default(key):
@@ -97,7 +101,6 @@ def apply_machine_defaults(parser, options) -> None:
 
 
 def default_interference_file():
-    from lingosteer import config_path
 
     path = config_path("interference", "interference.json")
     return path if path.is_file() else None
@@ -111,10 +114,10 @@ def serve_command(args) -> int:
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
     from vllm.logger import configure_logging_from_args
 
+    # local: the server loads FastAPI and vLLM's API server, which `lingosteer --help` must not pay for
     from intervene_server.app import ServerOptions, run_server
     from intervene_server.auth import read_token_file
     from intervene_server.interference_api import read_interference
-    from lingosteer.models import resolve_model
 
     parser = build_serve_parser()
     options = parser.parse_args(args.argv)
@@ -154,7 +157,7 @@ def _headers(args) -> dict[str, str]:
     token_file = getattr(args, "token_file", None)
     if not token_file:
         return {}
-    from intervene_server.auth import read_token_file
+    from intervene_server.auth import read_token_file  # local: loads FastAPI (see serve_command)
 
     return {"Authorization": f"Bearer {read_token_file(token_file)}"}
 
@@ -214,7 +217,6 @@ def list_command(args) -> int:
 def push_command(args) -> int:
     from pathlib import Path
 
-    from alignment.artifact import MANIFEST_NAME, MATRICES_NAME
 
     if args.upload:  # read once, before any server is changed: every server gets the same bytes
         local = Path(args.path)

@@ -5,6 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from matrix import downstream
+from matrix.embeddings import language_embeddings
+from matrix.report import write_analysis
+from matrix.sweep import load_records, load_sweep_config, parse_pairs, plan_runs, run_sweep
+
 
 def register(subparsers) -> None:
     sweep = subparsers.add_parser("sweep", help="the encoder interference sweep: train, then analyse")
@@ -57,7 +62,6 @@ def _add_ray_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from matrix.sweep import load_sweep_config, parse_pairs, plan_runs, run_sweep
 
     config = load_sweep_config(args.config)
     if args.max_runs is not None and args.max_runs < 1:
@@ -81,12 +85,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _analyse(args: argparse.Namespace) -> int:
-    from matrix.report import write_analysis
-    from matrix.sweep import load_records
 
     embeddings, note = None, ""
     if args.embedding_model:
-        from matrix.embeddings import language_embeddings
 
         languages = tuple(load_records(args.results)[0]["identity"]["languages"])
         embeddings, description = language_embeddings(languages, args.embedding_model, args.data, args.embedding_layer)
@@ -98,7 +99,6 @@ def _analyse(args: argparse.Namespace) -> int:
 
 
 def _downstream(args: argparse.Namespace) -> int:
-    from matrix import downstream
 
     targets = args.targets.split(",") if args.targets else list(downstream.DEFAULT_TARGETS)
     outcome, written = downstream.run_downstream(
