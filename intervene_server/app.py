@@ -16,10 +16,13 @@ from alignment.artifact import discover_interventions
 from intervene_server.artifacts import DEFAULT_MAX_UPLOAD_BYTES, UPLOAD_DIR_NAME
 from intervene_server.auth import configure_audit_log
 from intervene_server.detection import DEFAULT_MIN_CONFIDENCE, LanguageDetector
+from intervene_server.interference_api import interference_router
+from intervene_server.interventions_api import admin_router, public_router
 from intervene_server.middleware import DEFAULT_MAX_REQUEST_BYTES, LanguageRoutingMiddleware
 from intervene_server.prompt_tokens import PromptTokenizer
 from intervene_server.registry import InterventionRegistry, LoadError
 from intervene_server.routing import LanguageRouter
+from lingosteer.fingerprint import model_fingerprint
 
 logger = logging.getLogger("lingosteer.server")
 
@@ -55,8 +58,6 @@ def mount(app, registry: InterventionRegistry, router: LanguageRouter, options: 
     """The routing middleware and our routes, on an app that may already have been built."""
     from starlette.middleware import Middleware
 
-    from intervene_server.interventions_api import admin_router, public_router
-
     # Innermost, so vLLM's own middleware (API key, CORS) runs first. vLLM has already
     # built the stack (SageMaker bootstrap), so rebuild it from the list as that does.
     app.user_middleware.append(
@@ -71,16 +72,12 @@ def mount(app, registry: InterventionRegistry, router: LanguageRouter, options: 
     else:
         logger.info("lingosteer: admin routes disabled (no --admin-token-file, or --no-admin)")
     if options.interference is not None:
-        from intervene_server.interference_api import interference_router
-
         app.include_router(interference_router(options.interference))
     app.openapi_schema = None  # rebuilt with our routes on the next /openapi.json
 
 
 async def preload(registry: InterventionRegistry, model_dir: Path) -> None:
     """Load every artifact under the root fitted on this model; others are skipped with a log line."""
-    from lingosteer.fingerprint import model_fingerprint
-
     chosen = discover_interventions(registry.root, fingerprint=model_fingerprint(model_dir), within_root=True)
     for path in chosen.values():
         try:

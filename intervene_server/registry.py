@@ -13,11 +13,14 @@ Requests and RPCs travel through the same ordered socket to the engine core, so
 the version a response reports is the version that served it, even during swaps.
 """
 import asyncio
+import functools
 import logging
+from collections.abc import Callable
 from contextvars import ContextVar
 from pathlib import Path
 
 from intervene_engine.request_spec import LANGUAGE_KEY, VERSION_KEY
+from intervene_engine.vllm_compat import patches_in
 from intervene_server.schemas import AppliedIntervention, InterventionInfo
 
 logger = logging.getLogger("lingosteer.server")
@@ -66,9 +69,11 @@ class InterventionRegistry:
 
     def pin_versions(self) -> None:
         """Wrap the engine core client's send so every steered request carries its version."""
-        core = self.engine.engine_core
-        send = core.add_request_async
+        [send] = patches_in("api server")  # a row of the plugin's table: vllm_compat.check_vllm checks its names
+        send.apply(self.engine.engine_core, self)
 
+    def pinned_send(self, send: Callable) -> Callable:
+        @functools.wraps(send)
         async def add_request_pinned(request):
             params = request.sampling_params
             extra = params.extra_args if params is not None else None
@@ -79,7 +84,7 @@ class InterventionRegistry:
                 self._bind(extra)
             await send(request)
 
-        core.add_request_async = add_request_pinned
+        return add_request_pinned
 
     def _bind(self, extra: dict) -> None:
         applied = current_applied.get()

@@ -82,10 +82,13 @@ def test_every_function_local_project_import_says_why():
 def _explained(lines: list[str], node: ast.stmt) -> bool:
     if any(LOCAL_IMPORT_REASON in line for line in lines[node.lineno - 1 : node.end_lineno]):
         return True
+    # Or a comment above the block of imports and comments it stands in.
     row = node.lineno - 2
-    while row >= 0 and lines[row].strip().startswith(("import ", "from ")):
+    while row >= 0 and lines[row].strip().startswith(("import ", "from ", "#")):
+        if lines[row].strip().startswith(LOCAL_IMPORT_REASON):
+            return True
         row -= 1
-    return row >= 0 and lines[row].strip().startswith(LOCAL_IMPORT_REASON)
+    return False
 
 
 @pytest.mark.parametrize("source, imported", [("alignment", "evaluation.stats"),

@@ -7,7 +7,9 @@ import vllm
 from vllm.config.compilation import CUDAGraphMode
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-from intervene_engine.vllm_compat import UnsupportedVllmError, check_runner, check_version, check_vllm, require
+from intervene_engine.vllm_compat import (
+    PATCHES, UnsupportedVllmError, check_runner, check_version, check_vllm, locate, patches_in, require,
+)
 
 
 def test_installed_vllm_has_every_name_the_plugin_patches():
@@ -26,20 +28,76 @@ def test_other_versions_are_refused_naming_the_supported_ones(version, monkeypat
         check_vllm()
 
 
-def test_missing_patched_method_is_named(monkeypatch):
+def _without(monkeypatch, owner, name: str) -> None:
+    """Remove `name` from `owner` (module or class: where it is defined, or a dataclass field) for one test."""
+    fields = getattr(owner, "__dataclass_fields__", {})
+    if name in fields:
+        monkeypatch.setattr(owner, "__dataclass_fields__", {key: f for key, f in fields.items() if key != name})
+    for holder in getattr(owner, "__mro__", (owner,)):
+        if name in vars(holder):
+            monkeypatch.delattr(holder, name)
+    assert not hasattr(owner, name)
+
+
+@pytest.mark.parametrize("process, place, name", [
+    pytest.param(patch.process, place, name, id=f"{patch.process}:{patch.attribute}:{place}.{name}")
+    for patch in PATCHES for place, names in patch.required() for name in names
+])
+def test_every_name_of_every_patch_is_checked_and_a_missing_one_named(process, place, name, monkeypatch):
     monkeypatch.setattr(vllm, "__version__", "0.32.9")
-    monkeypatch.delattr(GPUModelRunner, "_model_forward")
+    _without(monkeypatch, locate(place), name)
     with pytest.raises(UnsupportedVllmError) as error:
         check_vllm()
-    assert str(error.value) == "vLLM 0.32.9 lacks GPUModelRunner._model_forward; lingosteer supports vLLM 0.32.*"
+    owner_name = place.partition(":")[2] or place  # a class by its name, a module by its path
+    assert str(error.value) == f"vLLM 0.32.9 lacks {owner_name}.{name}; lingosteer supports vLLM 0.32.*"
 
 
-def test_missing_module_function_is_named(monkeypatch):
-    from vllm.v1.core import kv_cache_utils
+def test_the_table_covers_every_process_and_the_servers_send():
+    assert {patch.process for patch in PATCHES} == {"front end", "worker", "engine core", "api server"}
+    [send] = patches_in("api server")
+    assert (send.target, send.attribute) == ("vllm.v1.engine.core_client:AsyncMPClient", "add_request_async")
 
-    monkeypatch.delattr(kv_cache_utils, "hash_block_tokens")
-    with pytest.raises(UnsupportedVllmError, match=r"lacks vllm\.v1\.core\.kv_cache_utils\.hash_block_tokens;"):
-        check_vllm()
+
+def test_register_applies_every_plugin_patch_with_its_wrapper(monkeypatch):
+    """Each target is replaced by its row's wrapper around what was there (vLLM's own, stubbed here)."""
+    from intervene_engine import plugin
+
+    monkeypatch.setattr(plugin, "_registered", False)  # register() applies once per process
+    rows = patches_in("front end", "worker", "engine core")
+    originals = []
+    for patch in rows:
+        def original(*args, **kwargs):
+            pass
+
+        monkeypatch.setattr(locate(patch.target), patch.attribute, original)  # restored after the test
+        originals.append(original)
+    plugin.register()
+    for patch, original in zip(rows, originals, strict=True):
+        replacement = getattr(locate(patch.target), patch.attribute)
+        assert replacement.__wrapped__ is original, patch
+        assert replacement.__code__ is locate(patch.wrapper)(original).__code__, patch
+
+
+def test_server_applies_its_patch_to_the_engine_client_it_holds(tmp_path):
+    import asyncio
+
+    from intervene_engine.request_spec import VERSION_KEY
+    from intervene_server.registry import InterventionRegistry
+    from intervene_server.schemas import InterventionInfo
+
+    sent = []
+
+    async def add_request_async(request):
+        sent.append(request)
+
+    engine = SimpleNamespace(engine_core=SimpleNamespace(add_request_async=add_request_async))
+    registry = InterventionRegistry(engine, tmp_path)
+    registry.pin_versions()
+    assert engine.engine_core.add_request_async.__wrapped__ is add_request_async
+    registry.loaded = {"swh_Latn": InterventionInfo.model_construct(language="swh_Latn", version="v7")}
+    request = SimpleNamespace(sampling_params=SimpleNamespace(extra_args={"language": "swh_Latn"}))
+    asyncio.run(engine.engine_core.add_request_async(request))
+    assert sent == [request] and request.sampling_params.extra_args[VERSION_KEY] == "v7"
 
 
 def test_missing_class_is_named(monkeypatch):
