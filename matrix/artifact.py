@@ -1,15 +1,20 @@
 """The interference artifact: `interference.json`, written by `sweep analyse`, loaded by the server.
 
-    {"format": "lingosteer.interference", "format_version": 1,
+    {"format": "lingosteer.interference", "format_version": 2,
      "languages": [FLORES codes],
      "loss": [[L[A][B]]],          # row = evaluated language A, column = added language B,
                                    # diagonal = A's monolingual loss; null = not measured
-     "interference": [[I[A][B]]],  # (L[A][A] - L[A][B]) / L[A][A], diagonal 0
+     "interference": [[I[A][B]]],  # measured: (L[A][A] - L[A][B]) / L[A][A], diagonal 0;
+                                   # completed (a partial design): predicted; null = neither
+     "measured": [[bool]],         # True where I comes from measured losses
+     "completion": {...},          # how unmeasured entries were predicted and their expected error
      "robustness": {code: mean of row}, "friendliness": {code: mean of column},
      "metadata": {...}}
 
-`load_interference` checks all of it (the pydantic model `InterferenceDocument`) and
-recomputes I from L, so a file edited by hand cannot silently disagree with itself.
+Format 1 (every file before partial designs) has no `measured` and no `completion`: every
+non-null entry is measured. It still loads. `load_interference` checks all of it (the
+pydantic model `InterferenceDocument`) and recomputes I from L, so a file edited by hand
+cannot silently disagree with itself.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ from lingosteer.validation import first_problem
 from matrix.jsonio import json_safe, write_json_atomic
 
 FORMAT = "lingosteer.interference"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 def interference_from_loss(loss: np.ndarray) -> np.ndarray:
@@ -56,21 +62,37 @@ class InterferenceMatrix:
     loss: np.ndarray
     interference: np.ndarray
     metadata: dict = field(default_factory=dict)
+    measured: np.ndarray | None = None  # bool, True where I comes from measured losses; None: wherever I is known
+    completion: dict = field(default_factory=dict)  # method and expected error of the completed entries
+
+    def __post_init__(self) -> None:
+        if self.measured is None:
+            object.__setattr__(self, "measured", ~np.isnan(self.interference))
 
     @classmethod
     def from_loss(cls, languages, loss, metadata=None) -> "InterferenceMatrix":
         loss = np.asarray(loss, dtype=float)
         return cls(tuple(languages), loss, interference_from_loss(loss), dict(metadata or {}))
 
+    def completed(self, predicted: np.ndarray, completion: dict) -> "InterferenceMatrix":
+        """This matrix with its unmeasured entries taken from `predicted`; measured ones are kept."""
+        filled = np.where(self.measured, self.interference, predicted)
+        np.fill_diagonal(filled, 0.0)
+        return InterferenceMatrix(self.languages, self.loss, filled, self.metadata, self.measured, dict(completion))
+
     @property
     def robustness(self) -> np.ndarray:
-        """How little a language suffers from others: mean of its row (off-diagonal)."""
+        """How little a language suffers from others: mean of its row (off-diagonal, measured and completed)."""
         return off_diagonal_mean(self.interference, axis=1)
 
     @property
     def friendliness(self) -> np.ndarray:
-        """How little a language hurts others: mean of its column (off-diagonal)."""
+        """How little a language hurts others: mean of its column (off-diagonal, measured and completed)."""
         return off_diagonal_mean(self.interference, axis=0)
+
+    def measured_only(self) -> np.ndarray:
+        """I with completed entries as NaN: what the runs measured."""
+        return np.where(self.measured, self.interference, np.nan)
 
     def index(self, code: str) -> int:
         if code in self.languages:
@@ -89,6 +111,8 @@ class InterferenceMatrix:
                 "interference": self.interference.tolist(),
                 "robustness": dict(zip(self.languages, self.robustness.tolist())),
                 "friendliness": dict(zip(self.languages, self.friendliness.tolist())),
+                "measured": self.measured.tolist(),
+                "completion": self.completion,
                 "metadata": self.metadata,
             }
         )
@@ -111,10 +135,12 @@ class InterferenceDocument(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="allow")
 
-    format_version: Literal[FORMAT_VERSION]
+    format_version: Literal[READABLE_VERSIONS]
     languages: Annotated[list[str], Field(min_length=1)]
     loss: list[list[Cell]]
     interference: list[list[Cell]]
+    measured: list[list[bool]] | None = None  # format 2 only
+    completion: dict[str, Any] = {}
     metadata: dict[str, Any] = {}
 
     def square(self, key: str) -> np.ndarray:
@@ -126,8 +152,11 @@ class InterferenceDocument(BaseModel):
         n = len(self.languages)
         if len(set(self.languages)) != n:
             raise ValueError("`languages` has duplicates")
-        for key in ("loss", "interference"):
-            if len(getattr(self, key)) != n or any(len(row) != n for row in getattr(self, key)):
+        if (self.format_version >= 2) != (self.measured is not None):
+            raise ValueError("`measured` is required from format_version 2 on, and unknown before")
+        for key in ("loss", "interference", "measured"):
+            value = getattr(self, key)
+            if value is not None and (len(value) != n or any(len(row) != n for row in value)):
                 raise ValueError(f"`{key}` must be a {n} x {n} list of lists (one row and column per language)")
         loss, interference = self.square("loss"), self.square("interference")
         if (loss[~np.isnan(loss)] <= 0).any():
@@ -135,8 +164,13 @@ class InterferenceDocument(BaseModel):
         if not np.allclose(np.diag(interference)[~np.isnan(np.diag(interference))], 0.0):
             raise ValueError("the diagonal of `interference` must be 0")
         expected = interference_from_loss(loss)
-        if not np.array_equal(np.isnan(expected), np.isnan(interference)) or not np.allclose(
-            expected[~np.isnan(expected)], interference[~np.isnan(interference)], rtol=1e-6, atol=1e-9
+        measured = ~np.isnan(expected)
+        # Format 1 has no completed entries: I is known exactly where the losses give it.
+        known = np.array(self.measured, dtype=bool) if self.measured is not None else ~np.isnan(interference)
+        if not np.array_equal(measured, known):
+            raise ValueError("`measured` must be true exactly where `loss` gives I (both losses measured)")
+        if np.isnan(interference[measured]).any() or not np.allclose(
+            expected[measured], interference[measured], rtol=1e-6, atol=1e-9
         ):
             raise ValueError("`interference` does not equal (L[A][A] - L[A][B]) / L[A][A] computed from `loss`")
         return self
@@ -156,4 +190,5 @@ def load_interference(path: str | Path) -> InterferenceMatrix:
     except ValidationError as invalid:
         raise ValueError(f"{path}: {first_problem(invalid).message}") from None
     languages = tuple(document.languages)
-    return InterferenceMatrix(languages, document.square("loss"), document.square("interference"), document.metadata)
+    return InterferenceMatrix(languages, document.square("loss"), document.square("interference"), document.metadata,
+                              ~np.isnan(interference_from_loss(document.square("loss"))), document.completion)

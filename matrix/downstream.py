@@ -26,12 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluation.stats import bootstrap_delta_ci
 from lingosteer import config_path
 from lingosteer.data import load_sib200
 from lingosteer.files import write_text_atomic
 from lingosteer.languages import normalize_code
 from lingosteer.markdown import markdown_table
+from lingosteer.stats import bootstrap_delta_ci, bootstrap_mean_ci
 from matrix.artifact import InterferenceMatrix, load_interference
 from matrix.jsonio import write_json_atomic
 from matrix.plots import downstream_plot
@@ -76,12 +76,13 @@ class TargetPlan:
 
 
 def choose_partners(matrix: InterferenceMatrix, target: str, per_side: int = PARTNERS_PER_SIDE) -> TargetPlan:
-    """The `per_side` lowest- and highest-interference partners of `target` in its row of the matrix."""
+    """The `per_side` lowest- and highest-interference partners of `target` in its row of the matrix,
+    among measured entries only: the check asks whether measured interference predicts accuracy."""
     row = matrix.index(target)
     measured = [
         (float(matrix.interference[row, column]), language)
         for column, language in enumerate(matrix.languages)
-        if column != row and np.isfinite(matrix.interference[row, column])
+        if column != row and matrix.measured[row, column]
     ]
     if per_side < 1 or len(measured) < 2 * per_side:
         raise ValueError(
@@ -150,14 +151,9 @@ def topic_correctness(
 
 def accuracy_with_ci(correct: np.ndarray, seed: int = 0) -> dict:
     """Accuracy and its percentile bootstrap CI over test items."""
-    from scipy.stats import bootstrap
-
     values = np.asarray(correct, float)
-    interval = bootstrap(
-        (values,), np.mean, n_resamples=RESAMPLES, confidence_level=CONFIDENCE, method="percentile",
-        random_state=seed,
-    ).confidence_interval
-    return {"accuracy": float(values.mean()), "ci": [float(interval.low), float(interval.high)]}
+    low, high = bootstrap_mean_ci([values], resamples=RESAMPLES, seed=seed, level=CONFIDENCE)
+    return {"accuracy": float(values.mean()), "ci": [low, high]}
 
 
 def paired_difference(baseline: list[np.ndarray], other: list[np.ndarray], seed: int = 0) -> dict:

@@ -11,7 +11,8 @@ from lingosteer.figures import pyplot, save_figure
 
 def heatmap(matrix: np.ndarray, labels: list[str], title: str, path: Path, cmap: str, center: float | None = None,
             colorbar_label: str = "", row_axis: str = "evaluated language",
-            column_axis: str = "added language") -> Path:
+            column_axis: str = "added language", completed: np.ndarray | None = None) -> Path:
+    """`completed` (bool, like `matrix`): cells predicted rather than measured, marked with a dot."""
     plt = pyplot()
     size = max(5.0, 0.45 * len(labels) + 2)
     fig, ax = plt.subplots(figsize=(size + 1, size))
@@ -30,6 +31,9 @@ def heatmap(matrix: np.ndarray, labels: list[str], title: str, path: Path, cmap:
             if not np.isnan(value):
                 text = f"{value:.3f}" if abs(value) < 10 else f"{value:.2f}"
                 ax.text(j, i, text, ha="center", va="center", fontsize=6)
+    if completed is not None and completed.any():
+        rows, cols = np.nonzero(completed)
+        ax.scatter(cols, rows, s=6, c="black", marker="o", linewidths=0)
     fig.colorbar(image, ax=ax, shrink=0.8, label=colorbar_label)
     return save_figure(fig, path, bbox_inches="tight")
 

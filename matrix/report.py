@@ -17,7 +17,22 @@ from lingosteer.markdown import markdown_table
 from matrix import analysis, plots
 from matrix.artifact import InterferenceMatrix, save_interference
 from matrix.completion import cosine_similarity_matrix, evaluate_completion
-from matrix.sweep import load_records, plan_runs, run_id
+from matrix.design import (
+    MAX_PARTNERS,
+    TARGET_MAE,
+    TARGET_SPEARMAN,
+    choose_k,
+    complete,
+    leave_one_pair_out,
+    validate_design,
+)
+from matrix.jsonio import write_json_atomic
+from matrix.sweep import design_pairs, load_records, plan_runs, run_id
+
+COMPLETION_METHOD = (
+    "I[A,B] ~ mu + r[A] + c[B] + b_script [same script] + b_family [same family] + u[A].v[B] (rank 1, ridge 0.1), "
+    "fitted on the measured entries (matrix/completion.py)"
+)
 
 
 def _language_table(languages: tuple[str, ...]) -> list[dict]:
@@ -33,7 +48,7 @@ def _language_table(languages: tuple[str, ...]) -> list[dict]:
 
 
 def _sweep_metadata(results: Path, manifest: dict, records: list[dict], languages: tuple[str, ...]) -> dict:
-    planned = {run_id(run) for run in plan_runs(languages)}
+    planned = {run_id(run) for run in plan_runs(languages, design_pairs(manifest.get("identity", {})))}
     measured = [r for r in records if r["run_id"] in planned]
     invocations = []
     log = results / "invocations.jsonl"
@@ -85,8 +100,13 @@ def _fmt(value: float, digits: int = 4) -> str:
 
 def analyse(matrix: InterferenceMatrix, table: list[dict], similarity: np.ndarray | None = None,
             holdout_seed: int = 0) -> dict:
-    """All statistics of the analysis as one JSON-able dict."""
-    interference, loss = matrix.interference, matrix.loss
+    """All statistics of the analysis as one JSON-able dict.
+
+    Statistics of pairs (asymmetry, same script or family, group means) use the measured entries
+    only; robustness and friendliness are row and column means over measured and completed
+    entries alike (in a partial design, means over the measured entries alone would depend on
+    which partners the design chose)."""
+    interference, loss = matrix.measured_only(), matrix.loss
     scripts = [row["script"] for row in table]
     families = [row["family"] for row in table]
     resources = [row["resource"] for row in table]
@@ -120,7 +140,7 @@ def analyse(matrix: InterferenceMatrix, table: list[dict], similarity: np.ndarra
         groups, block = analysis.group_means(interference, labels, min_size)
         result["groups"][name] = {"groups": groups, "mean_interference": block.tolist()}
     measured_pairs = int(np.sum(np.triu(~np.isnan(interference) & ~np.isnan(interference.T), k=1)))
-    if measured_pairs >= 4:
+    if measured_pairs >= 4 and not matrix.completion:  # a partial design reports its own (`leave_one_pair_out`)
         scores = evaluate_completion(interference, scripts, families, similarity, seed=holdout_seed)
         result["completion"] = {"holdout_fraction": 0.3, "repeats": 20, "scores": [asdict(s) for s in scores]}
     return result
@@ -190,7 +210,25 @@ def _markdown(matrix: InterferenceMatrix, stats: dict, embedding_note: str) -> s
         groups, block = data["groups"], data["mean_interference"]
         rows = [[g, *("" if v is None or math.isnan(v) else f"{v:+.4f}" for v in row)] for g, row in zip(groups, block)]
         lines += [f"### by {name}", "", markdown_table(["", *groups], rows), ""]
-    if "completion" in stats:
+    if matrix.completion:
+        cv, n = matrix.completion["leave_one_pair_out"], len(matrix.languages)
+        lines += [
+            "## Matrix completion",
+            "",
+            f"{int(matrix.measured.sum()) - n} of {n * (n - 1)} off-diagonal entries measured; "
+            f"the rest completed by {matrix.completion['method']}. "
+            f"Expected absolute error of a completed entry: {matrix.completion['expected_abs_error']:.4f}.",
+            "",
+            markdown_table(
+                ["check", "hidden entries", "MAE", "Spearman"],
+                [[f"design at k = {v['k']} on a fully measured block of {v['languages']} languages ({v['file']})",
+                  v["hidden_entries"], f"{v['mae']:.4f}", f"{v['spearman']:.3f}"]
+                 for v in matrix.completion["validation"]]
+                + [["this sweep, each measured pair hidden in turn (pessimistic: a 2-partner row loses half)",
+                    cv["hidden_entries"], f"{cv['mae']:.4f}", f"{cv['spearman']:.3f}"]]),
+            "",
+        ]
+    elif "completion" in stats:
         c = stats["completion"]
         lines += [
             "## Matrix completion",
@@ -209,9 +247,33 @@ def _markdown(matrix: InterferenceMatrix, stats: dict, embedding_note: str) -> s
     return "\n".join(lines)
 
 
+def _completion(matrix: InterferenceMatrix, k: int, validations: list[Path]) -> dict:
+    """How a partial design's matrix is completed, and the expected error of a completed entry: the worst MAE
+    at this k among the validations on blocks measured in full (`write_validation`'s files), else the
+    leave-one-pair-out error of the sweep itself (pessimistic: it takes away half of a 2-partner row)."""
+    cv = leave_one_pair_out(matrix.interference, matrix.languages)
+    validated = []
+    for path in validations:
+        report = json.loads(Path(path).read_text())
+        score = next((s for s in report["scores"] if s["k"] == k), None)
+        if score is None:
+            raise ValueError(f"{path} has no score at k = {k}, the design of this sweep")
+        validated.append({"file": str(path), "languages": len(report["languages"]), "k": k,
+                          "hidden_entries": score["hidden_entries"], "mae": score["mae"],
+                          "spearman": score["spearman"]})
+    return {
+        "method": COMPLETION_METHOD,
+        "expected_abs_error": max((v["mae"] for v in validated), default=cv.mae),
+        "validation": validated,
+        "leave_one_pair_out": {"hidden_entries": cv.hidden_entries, "mae": cv.mae, "spearman": cv.spearman},
+    }
+
+
 def write_analysis(results: str | Path, out: str | Path, holdout_seed: int = 0,
-                   embeddings: np.ndarray | None = None, embedding_note: str = "") -> list[Path]:
-    """Analyse a results directory; `embeddings` ([n_languages, d], sweep order) adds the cosine proxy."""
+                   embeddings: np.ndarray | None = None, embedding_note: str = "",
+                   validations: list[Path] = ()) -> list[Path]:
+    """Analyse a results directory; `embeddings` ([n_languages, d], sweep order) adds the cosine proxy;
+    `validations` (partial designs) give the completion's expected error."""
 
     results, out = Path(results), Path(out)
     manifest, records = load_records(results)
@@ -221,6 +283,9 @@ def write_analysis(results: str | Path, out: str | Path, holdout_seed: int = 0,
     table = _language_table(languages)
     loss = analysis.loss_matrix(records, languages)
     matrix = InterferenceMatrix.from_loss(languages, loss, _sweep_metadata(results, manifest, records, languages))
+    if design_pairs(manifest["identity"]) is not None:  # a partial design: complete what it did not run
+        k = manifest["identity"]["design"]["partners_per_language"]
+        matrix = matrix.completed(complete(matrix.interference, languages), _completion(matrix, k, validations))
     # Mean LM states share one large common direction (all raw cosines are ~0.998);
     # removing the across-language mean leaves what tells languages apart.
     similarity = cosine_similarity_matrix(embeddings - embeddings.mean(axis=0)) if embeddings is not None else None
@@ -240,9 +305,13 @@ def write_analysis(results: str | Path, out: str | Path, holdout_seed: int = 0,
     order = _family_order(table)
     labels = [f"{table[i]['code']} ({table[i]['family'] or '?'})" for i in order]
     ix = np.ix_(order, order)
-    written.append(plots.heatmap(matrix.interference[ix], labels, "Interference I[A,B] (sorted by family)",
-                                 out / "interference_heatmap.png", "RdBu", center=0.0, colorbar_label="I"))
-    written.append(plots.heatmap(matrix.loss[ix], labels, "MLM loss L[A,B] (diagonal: monolingual)",
+    completed = ~matrix.measured[ix] & ~np.isnan(matrix.interference[ix])
+    written.append(plots.heatmap(matrix.interference[ix], labels,
+                                 "Interference I[A,B] (sorted by family)" + ("; dot = completed, not measured"
+                                                                             if completed.any() else ""),
+                                 out / "interference_heatmap.png", "RdBu", center=0.0, colorbar_label="I",
+                                 completed=completed))
+    written.append(plots.heatmap(matrix.loss[ix], labels, "MLM loss L[A,B] (diagonal: monolingual; blank: not run)",
                                  out / "loss_heatmap.png", "viridis_r", colorbar_label="loss"))
     written.append(plots.robustness_friendliness_scatter(
         matrix.robustness, matrix.friendliness, list(languages), [row["script"] for row in table],
@@ -252,3 +321,50 @@ def write_analysis(results: str | Path, out: str | Path, holdout_seed: int = 0,
               for name, data in stats["groups"].items() if data["groups"]}
     written.append(plots.group_heatmaps(blocks, out / "group_means.png"))
     return written
+
+
+def _measured_block(loss: np.ndarray, languages: tuple[str, ...]) -> list[str]:
+    """The languages with a monolingual run, checked to have every pair among them measured."""
+    block = [code for i, code in enumerate(languages) if not np.isnan(loss[i, i])]
+    index = [languages.index(code) for code in block]
+    if np.isnan(loss[np.ix_(index, index)]).any():
+        raise ValueError(f"{', '.join(block)} are not measured in full (some pairs have no run); "
+                         "name a block with --languages")
+    return block
+
+
+def write_validation(results: str | Path, out: str | Path,
+                     languages: list[str] | None = None) -> tuple[int, list[Path]]:
+    """Validate the partial design on a block of `results` measured in full (matrix/design.py); returns the k of
+    the pre-declared rule and the files written (validation.json, validation.md)."""
+    results, out = Path(results), Path(out)
+    manifest, records = load_records(results)
+    swept = tuple(manifest["identity"]["languages"])
+    loss = analysis.loss_matrix(records, swept)
+    block = tuple(languages or _measured_block(loss, swept))
+    unknown = sorted(set(block) - set(swept))
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)} are not languages of the sweep in {results}")
+    index = [swept.index(code) for code in block]
+    interference = InterferenceMatrix.from_loss(block, loss[np.ix_(index, index)]).interference
+    scores = validate_design(interference, block)
+    chosen = choose_k(scores)
+    out.mkdir(parents=True, exist_ok=True)
+    rule = (f"the smallest k whose completed entries have MAE <= {TARGET_MAE} and Spearman >= {TARGET_SPEARMAN}; "
+            f"{MAX_PARTNERS} if none")
+    write_json_atomic(out / "validation.json", {
+        "results": str(results), "languages": list(block), "rule": rule, "chosen_k": chosen,
+        "completion": COMPLETION_METHOD, "scores": [asdict(score) for score in scores],
+    })
+    table = markdown_table(
+        ["k", "runs", "full runs", "hidden entries", "MAE", "Spearman", "MAE of random designs (same runs)",
+         "meets targets"],
+        [[s.k, s.runs, s.full_runs, s.hidden_entries, f"{s.mae:.4f}", f"{s.spearman:.3f}", f"{s.random_mae:.4f}",
+          "yes" if s.meets_targets else "no"] for s in scores])
+    (out / "validation.md").write_text(
+        f"# Partial design on a block measured in full\n\n{len(block)} languages of `{results}`: "
+        f"{', '.join(block)}.\n\nFor each k, the pairs the design would not run are hidden (both directions) and "
+        f"completed from the rest; scores are over the hidden entries. Random designs: 20 draws of as many "
+        f"pairs, each language in at least one.\n\n{table}\n\nRule (fixed before the table): {rule}. "
+        f"**k = {chosen}.**\n")
+    return chosen, [out / "validation.json", out / "validation.md"]

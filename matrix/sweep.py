@@ -8,6 +8,7 @@ A sweep is described by a YAML file (configs/sweep/*.yaml):
     training_overrides: {steps: 100}       # optional
     tokenizer: null                        # tokenizer.json or HF dir; null = XLM-R
     data_dir: null                         # null = lingosteer.DEFAULT_DATA_DIR
+    design: {partners_per_language: 2}     # optional: the partial design of matrix/design.py (default: all pairs)
 
 Results live in a directory: `sweep.json` (what the sweep is; a rerun with a
 different configuration is refused), `runs/<run id>.json` (one record per finished
@@ -40,9 +41,10 @@ import training
 from lingosteer.files import atomic_path, sha256_files
 from lingosteer.languages import normalize_code
 from lingosteer.ray_runtime import ray_session
+from matrix.design import choose_partners
 from matrix.jsonio import write_json_atomic
 from training.config import TrainingConfig, load_training_config
-from training.corpus import SPECIAL_ROLES, build_corpus
+from training.corpus import SPECIAL_ROLES, build_corpus, language_data
 
 FORMAT_VERSION = 1
 RUNS_SUBDIR = "runs"
@@ -59,15 +61,31 @@ class SweepConfig:
     tokenizer: str | None = None
     data_dir: str | None = None
     source: str = ""  # the YAML file it came from
+    partners_per_language: int | None = None  # None: the full design (every pair)
 
     def identity(self) -> dict:
         """What must match for two invocations to add records to the same results directory."""
-        return {
+        identity = {
             "languages": list(self.languages),
             "training": self.training.to_dict(),
             "seed": self.seed,
             "tokenizer": self.tokenizer,
         }
+        if self.partners_per_language is not None:  # only then, so full-design directories keep their identity
+            identity["design"] = {"partners_per_language": self.partners_per_language}
+        return identity
+
+    def design_pairs(self) -> list[tuple[str, str]] | None:
+        """The pairs of the partial design, None for the full design."""
+        return design_pairs(self.identity())
+
+
+def design_pairs(identity: dict) -> list[tuple[str, str]] | None:
+    """The pairs a sweep's design runs (from its identity, as in sweep.json); None for the full design."""
+    design = identity.get("design")
+    if not design:
+        return None
+    return choose_partners(tuple(identity["languages"]), design["partners_per_language"])
 
 
 def load_sweep_config(path: str | Path) -> SweepConfig:
@@ -76,7 +94,7 @@ def load_sweep_config(path: str | Path) -> SweepConfig:
     if not path.is_file():
         raise FileNotFoundError(f"sweep config {path} not found")
     values = yaml.safe_load(path.read_text()) or {}
-    known = {"languages", "training", "seed", "training_overrides", "tokenizer", "data_dir"}
+    known = {"languages", "training", "seed", "training_overrides", "tokenizer", "data_dir", "design"}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"{path}: unknown sweep config keys {unknown}; known keys: {sorted(known)}")
@@ -88,11 +106,19 @@ def load_sweep_config(path: str | Path) -> SweepConfig:
     training = load_training_config(path.parent / values["training"])
     training = training.replace(**(values.get("training_overrides") or {}))
 
+    design = values.get("design") or {}
+    if set(design) - {"partners_per_language"}:
+        raise ValueError(f"{path}: `design` takes only partners_per_language, got {sorted(design)}")
+    partners = design.get("partners_per_language")
+    if partners is not None:
+        choose_partners(languages, int(partners))  # a k this language list cannot support fails here
+
     def relative(key):
         return str(path.parent / values[key]) if values.get(key) else None
 
     return SweepConfig(
-        languages, training, int(values.get("seed", 0)), relative("tokenizer"), relative("data_dir"), str(path)
+        languages, training, int(values.get("seed", 0)), relative("tokenizer"), relative("data_dir"), str(path),
+        None if partners is None else int(partners),
     )
 
 
@@ -278,14 +304,18 @@ def run_sweep(
     save_encoders: bool = False,
 ) -> SweepOutcome:
     """Train the planned runs that are not done yet. `runs` replaces the plan (monolingual runs of all
-    languages, then `pairs` or all pairs) with exactly those runs."""
+    languages, then `pairs`, or else the config's design: its partner pairs or all pairs) with exactly those runs."""
     from tqdm import tqdm
 
 
     started = time.perf_counter()
     results = Path(results)
+    language_data(config.languages, config.data_dir)  # a language without data stops the sweep before anything
     prepare_results_dir(results, config)
-    planned = plan_runs(config.languages, pairs) if runs is None else check_runs(config.languages, runs)
+    if runs is None:
+        planned = plan_runs(config.languages, pairs if pairs is not None else config.design_pairs())
+    else:
+        planned = check_runs(config.languages, runs)
     done = done_runs(results, with_encoders=save_encoders)
     pending = [run for run in planned if run_id(run) not in done]
     if max_runs is not None:

@@ -42,10 +42,14 @@ def test_partners_are_the_lowest_and_highest_interference_of_the_target_row():
                          ("deu_Latn", "eng_Latn"), ("eng_Latn", "fra_Latn")]
     one = choose_partners(_planted_matrix(), "eng_Latn", per_side=1)
     assert one.low == ("ita_Latn",) and one.high == ("deu_Latn",)
-    unmeasured = _planted_matrix()
-    unmeasured.interference[0, 4] = np.nan  # ita unmeasured: 3 partners left, too few for 2 per side
+    loss = _planted_matrix().loss.copy()
+    loss[0, 4] = np.nan  # ita unmeasured: 3 partners left, too few for 2 per side
     with pytest.raises(ValueError, match="3 measured partners"):
-        choose_partners(unmeasured, "eng_Latn")
+        choose_partners(InterferenceMatrix.from_loss(LANGUAGES, loss), "eng_Latn")
+    # A completed entry (a partial sweep's prediction) is no partner either, however it ranks.
+    completed = InterferenceMatrix.from_loss(LANGUAGES, loss).completed(np.full((5, 5), -0.001), {"method": "test"})
+    with pytest.raises(ValueError, match="3 measured partners"):
+        choose_partners(completed, "eng_Latn")
     with pytest.raises(ValueError, match="not in the interference matrix"):
         choose_partners(_planted_matrix(), "hau_Latn")
 

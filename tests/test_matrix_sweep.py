@@ -1,5 +1,6 @@
 """The sweep through real Ray, end to end: two languages on a tiny config (3 runs), analysis,
-a rerun that skips finished runs, and recovery from a killed worker and a killed driver."""
+a rerun that skips finished runs, and recovery from a killed worker and a killed driver; a tiny
+partial design (8 of 15 runs) analysed with the rest completed."""
 
 import json
 import os
@@ -9,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 
@@ -138,3 +140,41 @@ def test_killed_worker_and_killed_driver_lose_and_duplicate_nothing(tmp_path, da
         assert records[name] == survivors[name]
     log = [json.loads(line) for line in (results / "invocations.jsonl").read_text().splitlines()]
     assert len(log) == 1 and log[0]["completed"] == 3 - len(survivors) and log[0]["failed"] == 0
+
+
+def test_partial_design_sweep_completes_the_rest(tmp_path, data_dir):
+    """Five languages at one partner each: 5 monolingual + 3 pair runs (of 15), the other 7 pairs completed."""
+    languages = ["eng_Latn", "fra_Latn", "hin_Deva", "rus_Cyrl", "swh_Latn"]
+    full = tmp_path / "full.yaml"
+    full.write_text(_sweep_config(tmp_path, data_dir, steps=15).read_text().replace(
+        "languages: [eng_Latn, swh_Latn]", f"languages: [{', '.join(languages)}]"))
+    partial = tmp_path / "partial.yaml"
+    partial.write_text(full.read_text() + "design: {partners_per_language: 1}\n")
+    results, out = tmp_path / "results", tmp_path / "analysis"
+    planned = _lingosteer("sweep", "plan", "--config", partial, timeout=120)
+    pairs = {"eng_Latn+fra_Latn", "eng_Latn+swh_Latn", "hin_Deva+rus_Cyrl"}  # matrix/design.py's rule
+    assert planned.returncode == 0 and set(planned.stdout.split("\n\n")[0].split()) == set(languages) | pairs
+    assert "| k = 1 | 8 |" in planned.stdout and "| full | 15 |" in planned.stdout
+
+    done = _lingosteer("sweep", "run", "--config", partial, "--results", results, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = _records(results)
+    assert set(records) == set(languages) | pairs
+    assert json.loads((results / "sweep.json").read_text())["identity"]["design"] == {"partners_per_language": 1}
+    clash = _lingosteer("sweep", "run", "--config", full, "--results", results, timeout=300)
+    assert clash.returncode == 2 and "different sweep configuration" in clash.stderr  # another design: refused
+
+    analysed = _lingosteer("sweep", "analyse", results, "--out", out, timeout=300)
+    assert analysed.returncode == 0, analysed.stderr[-3000:]
+    matrix = load_interference(out / "interference.json")
+    index = {code: i for i, code in enumerate(matrix.languages)}
+    for name, record in records.items():  # measured entries are the records' losses
+        for evaluated in record["languages"]:
+            added = next((c for c in record["languages"] if c != evaluated), evaluated)
+            assert matrix.measured[index[evaluated], index[added]]
+            assert matrix.loss[index[evaluated], index[added]] == record["loss"][evaluated]
+    assert int(matrix.measured.sum()) == 5 + 2 * 3
+    completed = ~matrix.measured
+    assert np.isnan(matrix.loss[completed]).all() and not np.isnan(matrix.interference[completed]).any()
+    assert matrix.completion["expected_abs_error"] > 0 and matrix.metadata["runs"] == {"measured": 8, "planned": 8}
+    assert "6 of 20 off-diagonal entries measured" in (out / "summary.md").read_text()

@@ -20,6 +20,7 @@ import numpy as np
 
 from lingosteer.data import load_ntrex, load_sib200
 from lingosteer.files import sha256_files
+from lingosteer.languages import get_language
 
 # Names of the special tokens in XLM-R (SentencePiece) and BERT-style (WordPiece) vocabularies.
 _SPECIAL_NAMES = {
@@ -69,13 +70,37 @@ def _special_id(tokenizer, role: str) -> int:
     raise ValueError(f"the tokenizer has no {role} token (looked for {', '.join(_SPECIAL_NAMES[role])})")
 
 
+def _sources(language: str, data_dir: str | Path | None) -> dict[str, list[str]]:
+    """A language's text by source: training (SIB-200 train+dev, NTREX-128) and evaluation (SIB-200 test).
+
+    Languages that NTREX-128 lacks (the language table gives them no NTREX code: Haitian
+    Creole, Quechua, ...) train on SIB-200 alone; `language_data` reports it before a sweep runs.
+    """
+    return {
+        "sib200": [row.text for row in load_sib200(language, splits=("train", "dev"), data_dir=data_dir)],
+        "ntrex128": load_ntrex(language, data_dir=data_dir) if get_language(language).ntrex else [],
+        "test": [row.text for row in load_sib200(language, splits=("test",), data_dir=data_dir)],
+    }
+
+
 def read_language_sentences(language: str, data_dir: str | Path | None = None) -> tuple[list[str], list[str]]:
     """(training sentences, evaluation sentences) of one language, in file order."""
+    sources = _sources(language, data_dir)
+    return sources["sib200"] + sources["ntrex128"], sources["test"]
 
-    train = [row.text for row in load_sib200(language, splits=("train", "dev"), data_dir=data_dir)]
-    train += load_ntrex(language, data_dir=data_dir)
-    test = [row.text for row in load_sib200(language, splits=("test",), data_dir=data_dir)]
-    return train, test
+
+def language_data(languages: tuple[str, ...] | list[str], data_dir: str | Path | None = None) -> dict[str, dict]:
+    """Sentences per source of each language, read before anything is trained; a ValueError names every
+    language the corpus has no data for."""
+    found, missing = {}, []
+    for language in languages:
+        try:
+            found[language] = {name: len(text) for name, text in _sources(language, data_dir).items()}
+        except FileNotFoundError as error:
+            missing.append(f"{language} ({str(error).split(';')[0]})")
+    if missing:
+        raise ValueError("no corpus data for " + "; ".join(missing) + " (a sweep needs SIB-200 train, dev and test)")
+    return found
 
 
 @dataclass
