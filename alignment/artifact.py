@@ -14,8 +14,13 @@ vectors; see docs/design.md). Two forms of W are recorded in `form`:
 `serving` holds what a request that names only its language gets: alpha, layers
 and positions. `lingosteer align build` chooses them on labelled calibration data and
 records the `evidence`; alpha 0 means "off" (the calibration found no clear gain).
-Format version 2 added both; a version-1 manifest still loads, with serving
-{default_alpha, every layer, "last"} and no evidence (what version 1 served).
+Format version 2 added both; version 3 stores the alpha once, in `serving` (versions 1
+and 2 also had `default_alpha`). Older manifests still load: version 1 with serving
+{default_alpha, every layer, "last"} and no evidence (what version 1 served), version 2
+with its serving alpha (which `set_serving_defaults` kept equal to `default_alpha`).
+
+The artifact's version is the content hash of its files (`artifact_version`): the
+loaded version, stored scores and the name of an uploaded copy all use it.
 
 Loading trusts nothing: the manifest is validated by the pydantic model
 `InterventionManifest`, and every kind of problem has its own `InterventionError`
@@ -31,27 +36,39 @@ import os
 import shutil
 import struct
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from lingosteer.files import atomic_path
+from lingosteer.files import atomic_path, sha256_files
 from lingosteer.fingerprint import FingerprintMismatch, check_fingerprint
 from lingosteer.validation import first_problem
 
 FORMAT = "lingosteer.intervention"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
-SERVING_POSITIONS = ("last", "prompt", "all")
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST_NAME = "manifest.json"
 MATRICES_NAME = "matrices.safetensors"
 ARTIFACT_FILES = (MANIFEST_NAME, MATRICES_NAME)
 FORMULA = "h' = h + alpha * (W h + b - h)"
+ALPHA_LIMIT = 10.0  # |alpha| of any manifest, request or calibration grid: the one bound of what alpha may be
 PARAMETRIZATIONS = ("full", "lowrank", "shift")
+# Every position mode, the one table the artifact's serving defaults, the plugin, the server and
+# the benchmark read: mode -> the [start, end) positions it steers in a prompt of n tokens whose
+# first `first` tokens are a leading BOS (left alone: the maps were fitted on sentence tokens,
+# never on BOS). end None: every token after the prompt too (generated ones; in a scoring
+# request, the option's).
+POSITION_MODES: dict[str, Callable[[int, int], tuple[int, int | None]]] = {
+    "last": lambda n, first: (n - 1, n),  # INCLINE's token, the one the answer is predicted from
+    "prompt": lambda n, first: (first, n),
+    "all": lambda n, first: (first, None),
+}
+DEFAULT_POSITIONS = "last"
 FORMS = ("map", "incline")
 DTYPES = ("float32", "bfloat16")
 DEFAULT_MAX_BYTES = 16 * 2**30
@@ -118,19 +135,106 @@ _FIELD_ERRORS = {"format_version": FormatVersionError, "parametrization": Parame
 
 
 class ServingDefaults(BaseModel):
-    """What a request that names only its language gets; alpha 0 means off."""
+    """What a request that names only its language gets; alpha 0 means off.
 
-    model_config = ConfigDict(strict=True, extra="forbid")
+    Also a candidate of the calibration gate (`evaluation.calibration.search_space`): frozen, so
+    that candidates key the tables of their scores.
+    """
 
-    alpha: Annotated[float, Field(ge=-10.0, le=10.0, description="0 means off: the calibration found no clear gain")]
-    layers: Annotated[list[int], Field(min_length=1, description="the layers steered, a subset of the artifact's")]
-    positions: Literal[SERVING_POSITIONS] = Field(
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    alpha: Annotated[float, Field(ge=-ALPHA_LIMIT, le=ALPHA_LIMIT,
+                                  description="0 means off: the calibration found no clear gain")]
+    layers: Annotated[tuple[int, ...], Field(min_length=1, description="the layers steered, a subset of the "
+                                                                       "artifact's")]
+    positions: Literal[tuple(POSITION_MODES)] = Field(
         description="the tokens steered: the last prompt token (INCLINE), every prompt token, or every prompt and "
                     "generated token (a leading BOS never)")
 
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _layers_from_json(cls, layers: Any) -> Any:
+        """JSON has no tuples: a manifest's list of layers is the tuple."""
+        return tuple(layers) if isinstance(layers, list) else layers
+
+    def describe(self) -> str:
+        layers = f"{self.layers[0]}-{self.layers[-1]}" if len(self.layers) > 1 else str(self.layers[0])
+        return f"alpha {self.alpha:+g}, layers {layers}, positions {self.positions}"
+
+    def weakness(self) -> tuple:
+        """The gate's tie-break, weakest first: smaller |alpha|, fewer layers, 'last', then the negative alpha."""
+        return abs(self.alpha), len(self.layers), self.positions != "last", self.alpha
+
+
+class Evidence(BaseModel):
+    """How `lingosteer align build` chose the serving defaults (`evaluation.serving_defaults` writes it).
+
+    Fields it does not name are kept, so that a newer writer's evidence still loads.
+    """
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    task: str
+    file: str = Field(description="the calibration file")
+    items: int = Field(description="its first `items` items were the calibration items")
+    plain_accuracy: float
+    cross_validated_accuracy: float = Field(description="held-out steered accuracy: each item scored under a "
+                                                        "candidate chosen without it (other folds, or for a shared "
+                                                        "design the other languages)")
+    delta: float = Field(description="cross-validated minus plain accuracy")
+    delta_ci95: Annotated[list[float], Field(min_length=2, max_length=2)] | None = Field(
+        None, description="paired bootstrap 95% CI of `delta` (null: the design tests no such interval)")
+    adopted: bool = Field(description="whether the steered configuration cleared the gate")
+    fold_choices: list[str] = Field(default_factory=list, description="the candidate chosen for each CV fold")
+    candidate_accuracy: dict[str, float] = Field(description="each candidate (`ServingDefaults.describe()`) on "
+                                                             "every calibration item")
+    rule: str
+    date: str
+    engine: dict[str, Any]
+    summary: str = Field(description="one line for people: the gain, its CI and the verdict")
+    # Written since the gate's designs (#34); null in older manifests.
+    design: str | None = Field(None, description="the gate's design (`evaluation.gate_designs.DESIGNS`)")
+    languages: list[str] | None = Field(None, description="the languages the design decided together")
+    discordance: float | None = Field(
+        None, description="share of calibration items whose correctness under a candidate differs from plain, "
+                          "averaged over the design's candidates (over all languages decided together)")
+    minimum_detectable_gain: float | None = Field(
+        None, description="points: the smallest true gain the design adopts in 80% of simulated builds of this "
+                          "size and discordance (`evaluation.gate_power`); null: above every gain simulated")
+    decision: str | None = Field(None, description="the verdict in words, with the detectable gain when off")
+
+
+class TaskItems(BaseModel):
+    """Benchmark items a map was fitted on: the benchmark refuses to evaluate them with it."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    file: str = Field(description="the task file's name, e.g. val.sw.jsonl")
+    ranges: list[Annotated[list[int], Field(min_length=2, max_length=2)]] = Field(
+        description="[start, end) item index ranges")
+
+
+class FitData(BaseModel):
+    """What a map was fitted on (`alignment.fitting.write_fit` writes it).
+
+    Fields it does not name are kept: older manifests named their first source's fields at the top.
+    """
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    sources: list[dict[str, Any]] = Field(
+        default_factory=list, description="each parallel source: its corpus and how many pairs it gave, and for a "
+                                          "`--data` spec the spec and what `ParallelSource.describe()` says")
+    num_pairs: int | None = None
+    num_heldout: int | None = Field(None, description="pairs held out to choose lambda")
+    max_pairs: int | None = None
+    code_switched: bool = False
+    recipe: str | None = Field(None, description="the recipe's name, or the script that fitted it")
+    task_items: TaskItems | None = None
+
 
 class InterventionManifest(BaseModel):
-    """manifest.json, format versions 1 and 2 (version 1 is read as the version 2 it stands for).
+    """manifest.json, format versions 1 to 3 (versions 1 and 2 are read as the version 3 they stand for).
 
     Fields it does not name are kept: a manifest may record more than this code reads.
     """
@@ -150,22 +254,28 @@ class InterventionManifest(BaseModel):
     formula: str
     pooling: str
     solver: str
+    bias: bool | None = None  # absent in the oldest manifests
+    standardise: bool = False  # ridge on z-scores; absent in older manifests
     lambdas: list[float | None]
-    default_alpha: float
     serving: ServingDefaults
-    evidence: dict[str, Any] | None = None
+    evidence: Evidence | None = None
     dtype: Literal[DTYPES]
-    fit_data: dict[str, Any]
+    fit_data: FitData
     metrics: dict[str, Any]
     created: str
 
     @model_validator(mode="before")
     @classmethod
-    def _version_1_serving(cls, data: Any) -> Any:
-        """Version 1 had no serving defaults: it served default_alpha at every layer, at the last token."""
-        if isinstance(data, dict) and data.get("format_version") == 1 and "serving" not in data:
-            serving = {"alpha": data.get("default_alpha"), "layers": data.get("layers"), "positions": "last"}
-            return {**data, "serving": serving, "evidence": None}
+    def _one_alpha(cls, data: Any) -> Any:
+        """Versions 1 and 2 also stored `default_alpha`; version 1 had no serving defaults, and served
+        default_alpha at every layer, at the last token. Version 3 keeps the alpha in `serving` only."""
+        if not isinstance(data, dict) or data.get("format_version") not in (1, 2):
+            return data
+        data = dict(data)
+        default_alpha = data.pop("default_alpha", None)
+        if data["format_version"] == 1 and "serving" not in data:
+            data.update(serving={"alpha": default_alpha, "layers": data.get("layers"), "positions": "last"},
+                        evidence=None)
         return data
 
     @model_validator(mode="after")
@@ -186,10 +296,10 @@ class InterventionManifest(BaseModel):
         return self
 
 
-def _validated(manifest: Any, manifest_path: Path) -> dict:
-    """The manifest as its model reads it (version 1 migrated), or the `InterventionError` that says why not."""
+def _validated(manifest: Any, manifest_path: Path) -> InterventionManifest:
+    """The manifest as its model reads it (versions 1 and 2 migrated), or the `InterventionError` that says why not."""
     try:
-        return InterventionManifest.model_validate(manifest).model_dump(exclude_unset=True)
+        return InterventionManifest.model_validate(manifest)
     except ValidationError as invalid:
         problem = first_problem(invalid)
         error_class = type(problem.raised) if problem.raised else _FIELD_ERRORS.get(problem.field, ManifestError)
@@ -208,19 +318,18 @@ def save_intervention(
     target: str,
     layers: list[int],
     pooling: str,
-    fit_data: dict,
+    fit_data: FitData | dict,
     metrics: dict | None = None,
     dtype: str = "float32",
     form: str = "map",
-    default_alpha: float = 1.0,
-    serving: dict | None = None,
-    evidence: dict | None = None,
+    alpha: float = 1.0,
     overwrite: bool = False,
 ) -> Path:
     """Write a solved `LinearAligner` as an artifact directory, atomically.
 
-    `layers[i]` is the model layer of the aligner's i-th fitted map. The directory
-    appears complete or not at all; an existing one is replaced only with `overwrite`.
+    `layers[i]` is the model layer of the aligner's i-th fitted map. It serves `alpha` at
+    every layer, at the last prompt token, until `set_serving_defaults` calibrates it. The
+    directory appears complete or not at all; an existing one is replaced only with `overwrite`.
     """
     import torch
     from safetensors.torch import save_file
@@ -252,13 +361,14 @@ def save_intervention(
         else:
             tensors[f"W.{layer}"] = torch.from_numpy(W[i]).to(torch_dtype)
         tensors[f"b.{layer}"] = torch.from_numpy(b[i]).to(torch_dtype)
+    layers = [int(layer_index) for layer_index in layers]
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "model": fingerprint,
         "source": source,
         "target": target,
-        "layers": [int(layer_index) for layer_index in layers],
+        "layers": layers,
         "hidden_size": int(W.shape[1]),
         "parametrization": parametrization,
         "rank": int(aligner.U_.shape[2]) if parametrization == "lowrank" else None,
@@ -269,21 +379,21 @@ def save_intervention(
         "bias": bool(aligner.bias),
         "standardise": aligner.standardise,
         "lambdas": [None if np.isnan(lam) else float(lam) for lam in aligner.lambdas_],
-        "default_alpha": float(default_alpha),
-        "serving": serving or {"alpha": float(default_alpha), "layers": [int(layer_index) for layer_index in layers],
-                               "positions": "last"},
-        "evidence": evidence,
+        "serving": {"alpha": float(alpha), "layers": layers, "positions": "last"},
+        "evidence": None,
         "dtype": dtype,
-        "fit_data": fit_data,
+        "fit_data": fit_data.model_dump(mode="json", exclude_none=True) if isinstance(fit_data, FitData) else fit_data,
         "metrics": metrics or {},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    # What is written is what loads: a field the model refuses fails here, before anything is on disk.
+    manifest = _validated(manifest, out_dir / MANIFEST_NAME)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         save_file(tensors, str(staging / MATRICES_NAME))
-        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        (staging / MANIFEST_NAME).write_text(_manifest_json(manifest))
         # mkdtemp makes a private directory; an artifact is meant to be shared like any file.
         os.chmod(staging, 0o755)
         for name in ARTIFACT_FILES:
@@ -357,15 +467,15 @@ def discover_interventions(
         if outside:
             logger.warning("lingosteer: skipping %s: %s link outside %s", directory, ", ".join(outside), root)
             continue
-        manifest = _read_manifest(directory / MANIFEST_NAME)
+        manifest = read_manifest(directory)
         if fingerprint is not None:
             try:
-                check_fingerprint(fingerprint, manifest["model"])
+                check_fingerprint(fingerprint, manifest.model)
             except FingerprintMismatch:
                 logger.info("lingosteer: skipping %s (fitted on another model)", directory)
                 other_models += 1
                 continue
-        source = manifest["source"]
+        source = manifest.source
         if source in by_language:
             raise InterventionError(f"two interventions for {source} under {root}: {by_language[source]} "
                                     f"and {directory}; keep one")
@@ -388,46 +498,46 @@ class Intervention:
     """A validated artifact. Tensors are float32 torch tensors, keyed as in the file."""
 
     path: Path
-    manifest: dict
+    manifest: InterventionManifest
     tensors: dict
 
     @property
     def source(self) -> str:
-        return self.manifest["source"]
+        return self.manifest.source
 
     @property
     def target(self) -> str:
-        return self.manifest["target"]
+        return self.manifest.target
 
     @property
     def layers(self) -> list[int]:
-        return list(self.manifest["layers"])
+        return list(self.manifest.layers)
 
     @property
-    def default_alpha(self) -> float:
-        return float(self.manifest["default_alpha"])
+    def serving(self) -> ServingDefaults:
+        """What a request naming only its language gets."""
+        return self.manifest.serving
 
     @property
-    def serving(self) -> dict:
-        """What a request naming only its language gets: {"alpha", "layers", "positions"}."""
-        return dict(self.manifest["serving"])
-
-    @property
-    def evidence(self) -> dict | None:
+    def evidence(self) -> Evidence | None:
         """How the serving defaults were chosen (None: not calibrated)."""
-        return self.manifest.get("evidence")
+        return self.manifest.evidence
+
+    @property
+    def fit_data(self) -> FitData:
+        return self.manifest.fit_data
 
     @property
     def hidden_size(self) -> int:
-        return int(self.manifest["hidden_size"])
+        return self.manifest.hidden_size
 
     def delta(self, layer: int):
         """(D, b) float32 for one model layer, such that W h + b - h = D h + b."""
-        if layer not in self.manifest["layers"]:
+        if layer not in self.manifest.layers:
             raise KeyError(f"layer {layer} is not in this intervention (layers {self.layers})")
-        if self.manifest["parametrization"] == "lowrank":
+        if self.manifest.parametrization == "lowrank":
             D = self.tensors[f"U.{layer}"] @ self.tensors[f"V.{layer}"]
-        elif self.manifest["parametrization"] == "shift":
+        elif self.manifest.parametrization == "shift":
             D = self.tensors[f"b.{layer}"].new_zeros(self.hidden_size, self.hidden_size)
         else:
             D = self.tensors[f"W.{layer}"].clone()
@@ -435,8 +545,8 @@ class Intervention:
         return D, self.tensors[f"b.{layer}"]
 
     def apply(self, states: np.ndarray, layer: int, alpha: float | None = None) -> np.ndarray:
-        """h + alpha (D h + b) for states [n, d] (numpy), as serving would compute it."""
-        alpha = self.default_alpha if alpha is None else alpha
+        """h + alpha (D h + b) for states [n, d] (numpy), as serving would compute it (alpha: the serving alpha)."""
+        alpha = self.serving.alpha if alpha is None else alpha
         D, b = self.delta(layer)
         states = np.asarray(states, dtype=np.float32)
         return states + alpha * (states @ D.numpy().T + b.numpy())
@@ -454,9 +564,9 @@ def load_intervention(
     path = Path(path)
     if not path.is_dir():
         raise InterventionNotFoundError(f"{path} is not an intervention directory")
-    manifest = _read_manifest(path / MANIFEST_NAME)
+    manifest = read_manifest(path)
     if expected_fingerprint is not None:
-        _check_model(expected_fingerprint, manifest["model"], path)
+        _check_model(expected_fingerprint, manifest.model, path)
 
     matrices = path / MATRICES_NAME
     _check_safetensors_file(matrices, max_bytes)
@@ -472,7 +582,18 @@ def load_intervention(
     return Intervention(path=path, manifest=manifest, tensors=tensors)
 
 
-def _read_manifest(manifest_path: Path) -> dict:
+def artifact_version(path: str | Path) -> str:
+    """Content hash of the artifact files: equal files give the same version everywhere."""
+    return sha256_files(*(Path(path) / name for name in ARTIFACT_FILES))[:16]
+
+
+def _manifest_json(manifest: InterventionManifest) -> str:
+    return json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n"
+
+
+def read_manifest(path: str | Path) -> InterventionManifest:
+    """The validated manifest of the artifact directory `path`, without reading its tensors."""
+    manifest_path = Path(path) / MANIFEST_NAME
     if not manifest_path.is_file():
         raise InterventionNotFoundError(f"{manifest_path.parent} has no {MANIFEST_NAME}: not an intervention artifact")
     try:
@@ -482,19 +603,17 @@ def _read_manifest(manifest_path: Path) -> dict:
     return _validated(manifest, manifest_path)
 
 
-def set_serving_defaults(path: str | Path, serving: dict, evidence: dict) -> dict:
-    """Record calibrated serving defaults and their evidence in an artifact's manifest (atomically).
-
-    `default_alpha` follows the serving alpha, so that readers of version 1 fields agree.
-    Returns the new manifest; refuses serving defaults the artifact cannot serve.
-    """
+def set_serving_defaults(path: str | Path, serving: ServingDefaults, evidence: Evidence) -> InterventionManifest:
+    """Record calibrated serving defaults and their evidence in an artifact's manifest (atomically),
+    in the current format version. Returns the new manifest; refuses serving defaults the artifact
+    cannot serve."""
     path = Path(path)
-    manifest = _read_manifest(path / MANIFEST_NAME)
-    manifest.update(format_version=FORMAT_VERSION, serving=serving, evidence=evidence,
-                    default_alpha=float(serving["alpha"]))
+    manifest = read_manifest(path).model_dump(mode="json")
+    manifest.update(format_version=FORMAT_VERSION, serving=serving.model_dump(mode="json"),
+                    evidence=evidence.model_dump(mode="json"))
     manifest = _validated(manifest, path / MANIFEST_NAME)
     with atomic_path(path / MANIFEST_NAME) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+        tmp.write_text(_manifest_json(manifest))
         os.chmod(tmp, 0o644)  # shared like the rest of the artifact, whatever the umask
     return manifest
 
@@ -543,29 +662,29 @@ def _sniff(head: bytes) -> str | None:
     return None
 
 
-def _check_tensors(raw: dict, manifest: dict, matrices: Path) -> None:
+def _check_tensors(raw: dict, manifest: InterventionManifest, matrices: Path) -> None:
     import torch
 
-    d = manifest["hidden_size"]
-    expected_dtype = getattr(torch, manifest["dtype"])
-    rank = manifest.get("rank")
+    d = manifest.hidden_size
+    expected_dtype = getattr(torch, manifest.dtype)
+    rank = manifest.rank
     shapes = {}
-    for layer in manifest["layers"]:
-        if manifest["parametrization"] == "lowrank":
+    for layer in manifest.layers:
+        if manifest.parametrization == "lowrank":
             shapes[f"U.{layer}"] = (d, rank)
             shapes[f"V.{layer}"] = (rank, d)
-        elif manifest["parametrization"] == "full":
+        elif manifest.parametrization == "full":
             shapes[f"W.{layer}"] = (d, d)
         shapes[f"b.{layer}"] = (d,)
     missing = sorted(set(shapes) - set(raw))
     if missing:
-        raise MissingTensorError(f"{matrices}: missing tensors {missing} for layers {manifest['layers']}")
+        raise MissingTensorError(f"{matrices}: missing tensors {missing} for layers {manifest.layers}")
     extra = sorted(set(raw) - set(shapes))
     if extra:
         raise UnexpectedTensorError(f"{matrices}: unexpected tensors {extra} not described by the manifest")
     for name, shape in shapes.items():
         if raw[name].dtype != expected_dtype:
-            raise TensorDtypeError(f"{matrices}: tensor {name} is {raw[name].dtype}, manifest says {manifest['dtype']}")
+            raise TensorDtypeError(f"{matrices}: tensor {name} is {raw[name].dtype}, manifest says {manifest.dtype}")
         if tuple(raw[name].shape) != shape:
             raise ShapeMismatchError(
                 f"{matrices}: tensor {name} has shape {tuple(raw[name].shape)}, expected {shape} (hidden size {d})"

@@ -51,7 +51,7 @@ def steered(
     layers: list[int] | None = None,
 ):
     """Within the block, `model(...)` steers the tokens where `positions` ([batch, seq] bool) is True."""
-    alpha = intervention.default_alpha if alpha is None else alpha
+    alpha = intervention.serving.alpha if alpha is None else alpha
     with layer_hooks(model, intervention.layers if layers is None else layers,
                      lambda layer: _steer_hook(*intervention.delta(layer), alpha, positions)):
         yield model

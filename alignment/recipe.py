@@ -15,9 +15,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from alignment.estimator import LinearAligner
+
 
 @dataclass(frozen=True)
 class Recipe:
+    """What a fit is: the estimator, the states it sees and the data (`alignment.fitting.fit_artifact` runs it)."""
+
     solver: str
     pooling: str
     data: tuple[str, ...]  # parallel-source specs (see lingosteer.data.parse_parallel_source)
@@ -27,6 +31,13 @@ class Recipe:
     form: str = "map"
     max_pairs: int | None = None
     code_switch: bool = False  # lingosteer.data.code_switched
+    layers: tuple[int, ...] | None = None  # None: every layer of the model
+    holdout_fraction: float = 0.2  # pairs held out to choose lambda
+
+    def aligner(self) -> LinearAligner:
+        """The unfitted estimator; settings that do not apply to the solver fail here, before any state is read."""
+        return LinearAligner(solver=self.solver, bias=self.bias, rank=self.rank, standardise=self.standardise,
+                             holdout_fraction=self.holdout_fraction)
 
 
 RECOMMENDED = Recipe(solver="ridge", pooling="mean", data=("sib200:train,dev", "ntrex:0-299"))

@@ -13,13 +13,15 @@ forward pass, all layers) and caches the states as .npz (plain arrays, no pickle
 - `xcopa`: the XCOPA validation items (premise and both choices, 300 short everyday
   sentences) against their English translations (xcopa/translated-en);
 - `codeswitch`: INCLINE's code-switched lines on the first --codeswitch-pairs SIB-200
-  pairs: source side "src + ' ' + eng", target side "eng + ' ' + eng".
+  pairs, every one of them switched (`lingosteer.data.code_switched(..., every=1)`):
+  source side "src + ' ' + eng", target side "eng + ' ' + eng".
 
 `compare` fits every candidate recipe from the cached states and evaluates it on a
 domain it never saw; see docs/alignment.md for the selection rule, which is fixed in
 `SELECTION_RULE` below before any result is read. `artifacts` writes named candidates
 as servable artifacts (`<out>/artifacts/<solver>-<pooling>-<data>/<FLORES code>`), fitted
 from the same cached states, for the downstream check with `lingosteer bench xcopa`.
+A candidate is a recipe value (`recipe`, alignment.recipe.Recipe) fitted on cached statistics.
 """
 
 from __future__ import annotations
@@ -31,12 +33,13 @@ from pathlib import Path
 
 import numpy as np
 
-from alignment.artifact import save_intervention
 from alignment.estimator import LinearAligner
 from alignment.evaluate import LayerCurve, LayerPanel, plot_layer_curves, retrieval_p1_raw_and_centred
+from alignment.fitting import write_fit
 from alignment.hidden_states import extract_pooled_states, load_model_and_tokenizer
+from alignment.recipe import Recipe
 from lingosteer import DEFAULT_DATA_DIR
-from lingosteer.data import parallel_ntrex, parallel_sib200, parallel_xcopa, parse_parallel_source
+from lingosteer.data import code_switched, parallel_ntrex, parallel_sib200, parallel_xcopa, parse_parallel_source
 from lingosteer.files import atomic_path, write_text_atomic
 from lingosteer.fingerprint import model_fingerprint
 from lingosteer.languages import normalize_code
@@ -68,7 +71,7 @@ def sentence_pairs(code: str, data_dir: Path | None, ntrex_pairs: int, codeswitc
     lang = normalize_code(code)
     unzip = lambda pairs: ([s for s, _ in pairs], [t for _, t in pairs])  # noqa: E731
     sib = parallel_sib200(lang, "eng_Latn", ("train", "dev"), data_dir)
-    switched = [(f"{s} {t}", f"{t} {t}") for s, t in sib[:codeswitch_pairs]]
+    switched = code_switched(sib[:codeswitch_pairs], every=1)
     return {
         "sib": unzip(sib),
         "sibtest": unzip(parallel_sib200(lang, "eng_Latn", ("test",), data_dir)),
@@ -115,7 +118,7 @@ SELECTION_RULE = (
     "not selected). XCOPA's short sentences are never used for fitting or selection: they are the "
     "report domain."
 )
-SOLVER_OPTIONS = {  # name -> LinearAligner arguments
+SOLVER_OPTIONS = {  # name -> the recipe's estimator settings (alignment.recipe.Recipe fields)
     "ridge": dict(solver="ridge"),  # today's default
     "lstsq": dict(solver="lstsq"),  # INCLINE
     "meanshift": dict(solver="meanshift"),
@@ -132,6 +135,9 @@ DATA_OPTIONS = {  # name -> the cached sets fitted on (ntrex: its first half)
     "sib+ntrex+cs": ("sib", "ntrex", "codeswitch"),
 }
 NTREX_FIT = slice(0, 300)
+# Each cached set as the corpus spec it was read from (the code-switched lines are SIB-200 pairs).
+SPECS = {"sib": "sib200:train,dev", "ntrex": f"ntrex:{NTREX_FIT.start}-{NTREX_FIT.stop - 1}",
+         "codeswitch": "sib200:train,dev"}
 NTREX_EVAL = slice(300, 600)
 XCOPA_FOLDS = (slice(0, 150), slice(150, 300))  # items 0-49 and 50-99: the bench's --cross-fit 2 halves
 POOLINGS = ("mean", "last")
@@ -164,9 +170,16 @@ def statistics(states: dict) -> dict:
     return cached
 
 
+def recipe(solver: str, pooling: str, data: str) -> Recipe:
+    """A candidate as a recipe. The code-switched set is added to the SIB-200 pairs, not put in place of
+    some of them (the recipe's `code_switch`), so its source records it (`artifacts`)."""
+    return Recipe(pooling=pooling, data=tuple(dict.fromkeys(SPECS[name] for name in DATA_OPTIONS[data])),
+                  **SOLVER_OPTIONS[solver])
+
+
 def fit(cached: dict, solver: str, pooling: str, data: str):
 
-    aligner = LinearAligner(**SOLVER_OPTIONS[solver])
+    aligner = recipe(solver, pooling, data).aligner()
     for name in DATA_OPTIONS[data]:
         aligner = aligner.merge(cached[name, pooling])
     return aligner.solve()
@@ -337,21 +350,16 @@ def artifacts(args) -> None:
             raise SystemExit(f"unknown candidate {candidate!r}: solver in {list(SOLVER_OPTIONS)}, pooling in "
                              f"{list(POOLINGS)}, data in {list(DATA_OPTIONS)}")
     fingerprint = model_fingerprint(resolve_model(args.model))
-    # Each cached set as the corpus spec it was read from (the code-switched lines are SIB-200 pairs).
-    specs = {"sib": "sib200:train,dev", "ntrex": f"ntrex:{NTREX_FIT.start}-{NTREX_FIT.stop - 1}",
-             "codeswitch": "sib200:train,dev"}
     for code in args.langs.split(","):
         cached = statistics(load_states(args.out / "states", code))  # once per language, shared by the candidates
         for candidate, (solver, pooling, data) in zip(args.candidates, candidates):
             aligner = fit(cached, solver, pooling, data)
-            sources = [{**parse_parallel_source(specs[name], args.data_dir or DEFAULT_DATA_DIR).describe(),
-                        "spec": specs[name], "code_switched": name == "codeswitch"} for name in DATA_OPTIONS[data]]
+            sources = [{**parse_parallel_source(SPECS[name], args.data_dir or DEFAULT_DATA_DIR).describe(),
+                        "spec": SPECS[name], "code_switched": name == "codeswitch"} for name in DATA_OPTIONS[data]]
             out = args.out / "artifacts" / candidate.replace("|", "-") / normalize_code(code)
-            save_intervention(out, aligner, fingerprint=fingerprint, source=normalize_code(code), target="eng_Latn",
-                              layers=list(range(aligner.W_.shape[0])), pooling=pooling,
-                              fit_data={**sources[0], "sources": sources, "num_pairs": int(aligner.n_samples_),
-                                        "recipe": f"bench/alignment_recipes.py {candidate}"},
-                              metrics={"parameter_bytes": aligner.parameter_bytes()}, overwrite=True)
+            write_fit(recipe(solver, pooling, data), aligner, out, name=f"bench/alignment_recipes.py {candidate}",
+                      fingerprint=fingerprint, source=normalize_code(code), target="eng_Latn",
+                      layers=list(range(aligner.W_.shape[0])), sources=sources, overwrite=True)
             print(f"wrote {out}", file=sys.stderr)
 
 

@@ -32,18 +32,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from evaluation.stats import bootstrap_delta_ci
 from lingosteer import config_path
 from lingosteer.data import load_sib200
 from lingosteer.files import write_text_atomic
 from lingosteer.markdown import markdown_table
+from lingosteer.stats import bootstrap_delta_ci, bootstrap_mean_ci
 from training.config import CrossLingualAttentionConfig, TrainingConfig, load_training_config
 from training.corpus import SPECIAL_ROLES, SweepCorpus, build_corpus, compact_ids, load_tokenizer, tokenize
 from training.model import MaskedLMEncoder
-from training.train import learning_rate_factor, mask_tokens
+from training.train import configure_optimizer, mask_tokens, train_step
 
 ENGLISH = "eng_Latn"
 BOS, EOS = SPECIAL_ROLES.index("bos"), SPECIAL_ROLES.index("eos")
+RESAMPLES = 2000  # bootstrap resamples of every CI
 
 
 def arms(dropout: float, overlap: float) -> dict[str, CrossLingualAttentionConfig]:
@@ -68,24 +69,14 @@ class PairClassifier(nn.Module):
 
 
 def optimize(model: nn.Module, config: TrainingConfig, step_loss, steps: int) -> float:
-    """The training recipe (AdamW, decay on >= 2-D parameters, warm-up + cosine, clipping); the last step's loss."""
+    """`steps` steps of the sweep's training recipe (its schedule fitted to `steps`); the last step's loss."""
     config = config.replace(steps=steps, warmup_steps=min(config.warmup_steps, steps))
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
-    )
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, config))
+    optimizer, schedule = configure_optimizer(model, config)
     model.train()
     loss = torch.tensor(float("nan"))
     for _ in range(steps):
         loss = step_loss()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        schedule.step()
+        train_step(model, loss, optimizer, schedule, config.grad_clip)
     return loss.item()
 
 
@@ -181,14 +172,8 @@ def lexical_reference(data_dir, evaluate_on: str, test_pairs: int, rng: np.rando
         "pair_by_topic": ((predicted[[i for i, _, _ in pairs]] == predicted[[j for _, j, _ in pairs]]) == labels)
         .astype(float),
     }
-    return {name: {"accuracy": float(c.mean()), "ci95": accuracy_ci(c[None], rng)} for name, c in correct.items()}
-
-
-def accuracy_ci(correct: np.ndarray, rng: np.random.Generator, resamples: int = 2000) -> list[float]:
-    """Percentile 95% CI of the mean of [groups, items] correctness, resampling items (columns)."""
-    picks = rng.integers(0, correct.shape[1], size=(resamples, correct.shape[1]))
-    means = correct[:, picks].mean(axis=(0, 2))
-    return [float(x) for x in np.percentile(means, [2.5, 97.5])]
+    return {name: {"accuracy": float(c.mean()), "ci95": list(bootstrap_mean_ci([c], RESAMPLES, rng))}
+            for name, c in correct.items()}
 
 
 def run_seed(seed: int, args, config: TrainingConfig, corpus: SweepCorpus, task: dict, variants: dict) -> dict:
@@ -270,11 +255,13 @@ def summarize(per_seed: list[dict], args) -> dict:
         summary[arm] = {}
         for condition in per_seed[0][arm]:
             correct = np.concatenate([seed_results[arm][condition] for seed_results in per_seed])
-            entry = {"accuracy": float(correct.mean()), "ci95": accuracy_ci(correct, rng)}
+            # rows: languages x seeds, all scored on the same test pairs; a pair is resampled with all of its rows
+            entry = {"accuracy": float(correct.mean()),
+                     "ci95": list(bootstrap_mean_ci(correct, RESAMPLES, rng, shared_items=True))}
             if arm != "baseline":
                 baseline = np.concatenate([seed_results["baseline"][condition] for seed_results in per_seed])
                 entry["delta"] = float(correct.mean() - baseline.mean())
-                entry["delta_ci95"] = list(bootstrap_delta_ci(list(zip(baseline, correct)), resamples=2000, seed=0))
+                entry["delta_ci95"] = list(bootstrap_delta_ci(list(zip(baseline, correct)), RESAMPLES))
             summary[arm][condition] = entry
     return summary
 

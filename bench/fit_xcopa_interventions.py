@@ -2,9 +2,9 @@
 
     python bench/fit_xcopa_interventions.py --out interventions/xcopa-gemma-3-270m [--xcopa-folds 2]
 
-The same fit as `lingosteer align fit` (ridge toward identity, lambda per layer on
-held-out pairs, mean pooling, all layers), on three parallel sources per language,
-each used where it exists:
+The recommended recipe of `lingosteer align fit` (alignment.recipe.RECOMMENDED: ridge
+toward identity, lambda per layer on held-out pairs, mean pooling, all layers), on three
+parallel sources per language, each used where it exists:
 - SIB-200 train+dev (the first --sib-pairs sentences);
 - NTREX-128 (the first --ntrex-pairs sentences);
 - the XCOPA validation items with their English translations (xcopa/translated-en),
@@ -27,13 +27,15 @@ Existing artifacts are kept (delete them to refit).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
 
-from alignment.artifact import MANIFEST_NAME, save_intervention
-from alignment.estimator import LinearAligner
+from alignment.artifact import MANIFEST_NAME, TaskItems
+from alignment.fitting import write_fit
 from alignment.hidden_states import extract_hidden_states, load_model_and_tokenizer
+from alignment.recipe import RECOMMENDED
 from evaluation.calibration import contiguous_folds
 from lingosteer import DEFAULT_DATA_DIR
 from lingosteer.data import load_ntrex, load_sib200, load_xcopa
@@ -81,6 +83,9 @@ def main(argv=None) -> int:
     model_dir = resolve_model(args.model)
     fingerprint = model_fingerprint(model_dir)
     layers = list(range(fingerprint["num_hidden_layers"]))
+    # The recommended estimator and pooling; the data are read below (each set once, its statistics shared
+    # between the folds) and recorded as each artifact's sources.
+    recipe = dataclasses.replace(RECOMMENDED, layers=tuple(layers))
     codes = [code.strip() for code in args.langs.split(",") if code.strip()]
     folds = contiguous_folds(args.xcopa_items, args.xcopa_folds) if args.xcopa_folds >= 2 else None
     out_dirs = [args.out / f"fold{k}" for k in range(len(folds))] if folds else [args.out]
@@ -109,7 +114,7 @@ def main(argv=None) -> int:
             shared_src += load_ntrex(lang, args.data_dir)[: args.ntrex_pairs]
             shared_tgt = english
             sources.append({"corpus": "ntrex128", "pairs": len(ntrex_english)})
-        shared = LinearAligner(solver="ridge").partial_fit(states(shared_src), shared_tgt)
+        shared = recipe.aligner().partial_fit(states(shared_src), shared_tgt)
 
         items = (xcopa_pairs(code, (args.data_dir or DEFAULT_DATA_DIR) / "xcopa", args.xcopa_items)
                  if args.xcopa_folds else None)
@@ -125,20 +130,17 @@ def main(argv=None) -> int:
             for out_dir, keep in zip(out_dirs, keep_sets):
                 # Global sample ids continue after the shared pairs, so the held-out split is that of one corpus.
                 ids = len(shared_src) + (3 * keep[:, None] + np.arange(3)).ravel()
-                fold_stats = LinearAligner(solver="ridge").partial_fit(
+                fold_stats = recipe.aligner().partial_fit(
                     X[:, keep].reshape(len(layers), -1, X.shape[-1]), Y[:, keep].reshape(len(layers), -1, Y.shape[-1]),
                     sample_ids=ids)
                 fits.append((out_dir, (shared + fold_stats).solve(), _ranges(keep)))
         for out_dir, aligner, item_ranges in fits:
-            fit_data = {"sources": sources, "script": "bench/fit_xcopa_interventions.py"}
-            if item_ranges is not None:
-                fit_data["sources"] = sources + [{"corpus": "xcopa translated-en", "file": f"val.{code}.jsonl",
-                                                  "pairs": 3 * sum(b - a for a, b in item_ranges)}]
-                fit_data["task_items"] = {"file": f"val.{code}.jsonl", "ranges": item_ranges}
-            metrics = {"heldout_error_ratio": {str(layer): float(r)
-                                               for layer, r in zip(layers, aligner.heldout_error_ratio_)}}
-            save_intervention(out_dir / lang, aligner, fingerprint=fingerprint, source=lang, target="eng_Latn",
-                              layers=layers, pooling="mean", fit_data=fit_data, metrics=metrics, overwrite=True)
+            task_items = None if item_ranges is None else TaskItems(file=f"val.{code}.jsonl", ranges=item_ranges)
+            xcopa = [] if item_ranges is None else [{"corpus": "xcopa translated-en", "file": f"val.{code}.jsonl",
+                                                     "pairs": 3 * sum(b - a for a, b in item_ranges)}]
+            write_fit(recipe, aligner, out_dir / lang, name="bench/fit_xcopa_interventions.py",
+                      fingerprint=fingerprint, source=lang, target="eng_Latn", layers=layers,
+                      sources=sources + xcopa, task_items=task_items, overwrite=True)
         log(f"{code} ({lang}): {aligner.n_samples_} pairs, {len(fits)} fit(s) in {time.perf_counter() - start:.0f} s")
     return 0
 

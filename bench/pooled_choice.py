@@ -47,11 +47,11 @@ def calibration_gains(roots: list[Path]) -> dict[str, dict[str, dict]]:
             if not evidence:
                 raise ValueError(f"{path}: no calibration evidence (built by `align fit`, not `align build`)")
             candidates = {c.describe(): c for c in search_space(artifact.layers)}
-            language = gains.setdefault(evidence["task"], {})
+            language = gains.setdefault(evidence.task, {})
             if artifact.source in language:
-                raise ValueError(f"{path}: a second {evidence['task']} artifact for {artifact.source}")
-            language[artifact.source] = {candidates[name]: accuracy - evidence["plain_accuracy"]
-                                         for name, accuracy in evidence["candidate_accuracy"].items()}
+                raise ValueError(f"{path}: a second {evidence.task} artifact for {artifact.source}")
+            language[artifact.source] = {candidates[name]: accuracy - evidence.plain_accuracy
+                                         for name, accuracy in evidence.candidate_accuracy.items()}
     return gains
 
 

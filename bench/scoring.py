@@ -40,7 +40,7 @@ from throughput import synthetic_intervention  # bench/, this script's directory
 
 from evaluation.runner import SCORING_STEP_TOKENS
 from evaluation.scoring import PLAIN, Condition, encode_examples, score_with_vllm
-from evaluation.tasks import build_examples, load_prompts
+from evaluation.tasks import XCOPA, build_examples, load_prompts
 from evaluation.tasks import load_items as load_task_items
 from lingosteer import DEFAULT_DATA_DIR
 from lingosteer.backend import alias_vllm_distribution, configure_cpu_environment, shutdown_engine
@@ -69,11 +69,11 @@ def parse_args(argv=None):
 def load_items(data_dir: Path, languages: list[str], items: int, tokenizer) -> dict:
     """Language -> (encoded options per item, labels)."""
 
-    prompts = load_prompts("xcopa")
+    prompts = load_prompts(XCOPA)
     sets = {}
     for lang in languages:
-        task_items = load_task_items("xcopa", data_dir / "xcopa" / f"val.{lang}.jsonl")[:items]
-        examples = build_examples("xcopa", lang, task_items, prompts, "lm-eval")
+        task_items = load_task_items(XCOPA, data_dir / "xcopa" / f"val.{lang}.jsonl")[:items]
+        examples = build_examples(XCOPA, lang, task_items, prompts, "lm-eval")
         sets[lang] = (encode_examples(tokenizer, examples), np.array([ex.label for ex in examples]))
     return sets
 

@@ -60,19 +60,20 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def synthetic_intervention(model_dir: Path, out_dir: Path) -> Path:
-    """A valid artifact on every layer with a random full-rank map near identity."""
+def synthetic_intervention(model_dir: Path, out_dir: Path, source: str = "swh_Latn", seed: int = 0,
+                           rank: int | None = None) -> Path:
+    """A valid artifact on every layer with a random map near identity (full, or of rank `rank`)."""
     import numpy as np
 
 
     fingerprint = model_fingerprint(model_dir)
     layers, dim = fingerprint["num_hidden_layers"], fingerprint["hidden_size"]
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     X = rng.standard_normal((layers, 2 * dim, dim)).astype(np.float32)
     Y = X + 0.05 * rng.standard_normal(X.shape).astype(np.float32)
-    aligner = LinearAligner(solver="lstsq").fit(X, Y)
+    aligner = LinearAligner(solver="lstsq", rank=rank).fit(X, Y)
     return save_intervention(
-        out_dir, aligner, fingerprint=fingerprint, source="swh_Latn", target="eng_Latn",
+        out_dir, aligner, fingerprint=fingerprint, source=source, target="eng_Latn",
         layers=list(range(layers)), pooling="mean", fit_data={"synthetic": True},
     )
 

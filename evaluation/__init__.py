@@ -5,8 +5,8 @@
     scoring      token ids, steered positions, summed option log-likelihoods from
                  vLLM (the serving path) or from HF transformers (the reference)
     calibration  alpha chosen per language from calibration items only
-    stats        bootstrap CIs (an accuracy, a paired delta) and the exact McNemar test
+    stats        tests of baseline vs intervened on the same items (exact McNemar, non-inferiority);
+                 the bootstrap CIs are the shared core's (`lingosteer.stats`)
     report       the report dict, its JSON / markdown / PNG files
-    runner       ties them together around one vLLM engine
-    cli          `lingosteer bench xcopa|xnli`
+    runner       ties them together around one vLLM engine (`lingosteer bench`: lingosteer.entrypoints.bench)
 """

@@ -14,19 +14,22 @@ from typing import TypeVar
 
 import numpy as np
 
+from alignment.artifact import ALPHA_LIMIT, ServingDefaults
+from lingosteer.stats import bootstrap_delta_ci
+
 Candidate = TypeVar("Candidate", bound=Hashable)
 
 DEFAULT_GRID = (-1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0)  # INCLINE swept -1..1
 
 
 def parse_grid(text: str) -> tuple[float, ...]:
-    """'-1,-0.5,0,0.5,1' -> sorted distinct alphas within the plugin's [-10, 10]."""
+    """'-1,-0.5,0,0.5,1' -> sorted distinct alphas within what a request may ask: [-ALPHA_LIMIT, ALPHA_LIMIT]."""
     try:
         grid = sorted({float(part) for part in text.split(",") if part.strip()})
     except ValueError:
         raise ValueError(f"bad alpha grid {text!r}: give comma-separated numbers, e.g. -1,-0.5,0,0.5,1") from None
-    if not grid or any(not -10.0 <= a <= 10.0 for a in grid):
-        raise ValueError(f"alpha grid {text!r} must hold numbers within [-10, 10]")
+    if not grid or any(not -ALPHA_LIMIT <= a <= ALPHA_LIMIT for a in grid):
+        raise ValueError(f"alpha grid {text!r} must hold numbers within [{-ALPHA_LIMIT:g}, {ALPHA_LIMIT:g}]")
     return tuple(grid)
 
 
@@ -75,9 +78,6 @@ MIN_CALIBRATION_ITEMS = 40
 CALIBRATION_FOLDS = 5
 SEARCH_ALPHAS = (-1.0, -0.5, 0.5, 1.0)
 SEARCH_POSITIONS = ("last", "prompt")
-# Serving position mode -> the benchmark's steering mode that steers the same prompt tokens of
-# a scoring request ("prompt": every prompt token after BOS; neither serving nor the benchmark steers BOS).
-STEER_OF_POSITIONS = {"last": "last", "prompt": "context", "all": "all"}
 # Written before any calibration was run; docs/benchmarks.md quotes it.
 GATE_RULE = (
     f"Candidates: alpha in {SEARCH_ALPHAS} x layers in (all, the middle third, the middle layer) x positions in "
@@ -90,33 +90,13 @@ GATE_RULE = (
 )
 
 
-@dataclass(frozen=True)
-class ServingConfig:
-    """A candidate serving default: what a request naming only its language would get."""
-
-    alpha: float
-    layers: tuple[int, ...]
-    positions: str
-
-    def as_serving(self) -> dict:
-        return {"alpha": float(self.alpha), "layers": list(self.layers), "positions": self.positions}
-
-    def describe(self) -> str:
-        layers = f"{self.layers[0]}-{self.layers[-1]}" if len(self.layers) > 1 else str(self.layers[0])
-        return f"alpha {self.alpha:+g}, layers {layers}, positions {self.positions}"
-
-    def weakness(self) -> tuple:
-        """GATE_RULE's tie-break, weakest first: smaller |alpha|, fewer layers, 'last', then the negative alpha."""
-        return abs(self.alpha), len(self.layers), self.positions != "last", self.alpha
-
-
-def search_space(layers: list[int]) -> list[ServingConfig]:
+def search_space(layers: list[int]) -> list[ServingDefaults]:
     """GATE_RULE's candidates for an artifact with these layers."""
     layers = sorted(layers)
     third = max(1, len(layers) // 3)
     layer_sets = dict.fromkeys([tuple(layers), tuple(layers[third : len(layers) - third] or layers),
                                 (layers[len(layers) // 2],)])
-    return [ServingConfig(alpha, layer_set, positions)
+    return [ServingDefaults(alpha=alpha, layers=layer_set, positions=positions)
             for layer_set in layer_sets for positions in SEARCH_POSITIONS for alpha in SEARCH_ALPHAS]
 
 
@@ -125,7 +105,7 @@ class ServingChoice:
     """The outcome of the gate: the serving defaults and the evidence for them."""
 
     adopted: bool
-    config: ServingConfig | None  # chosen on all calibration items (None: serving is off)
+    config: ServingDefaults | None  # chosen on all calibration items (None: serving is off)
     plain_accuracy: float
     cross_validated_accuracy: float
     delta_ci95: tuple[float, float]
@@ -133,22 +113,22 @@ class ServingChoice:
     candidate_accuracy: dict[str, float]
 
 
-def choose_serving(correct: dict[ServingConfig, np.ndarray], plain: np.ndarray,
-                   folds: int = CALIBRATION_FOLDS, seed: int = 0) -> ServingChoice:
-    """GATE_RULE, applied to each candidate's per-item correctness and the plain run's."""
-    from evaluation.stats import bootstrap_delta_ci
+def choose_serving(correct: dict[ServingDefaults, np.ndarray], plain: np.ndarray,
+                   folds: int = CALIBRATION_FOLDS, seed: int = 0, resamples: int = 10000) -> ServingChoice:
+    """GATE_RULE, applied to each candidate's per-item correctness and the plain run's.
 
+    `resamples` of the bootstrap: fewer keep simulations of the gate on thousands of items affordable."""
     plain = np.asarray(plain, dtype=bool)
     n = plain.size
     if n < MIN_CALIBRATION_ITEMS:
         raise ValueError(f"{n} calibration items are too few for the gate: at least {MIN_CALIBRATION_ITEMS} needed")
     candidates = list(correct)
 
-    def best(items: np.ndarray) -> ServingConfig:
+    def best(items: np.ndarray) -> ServingDefaults:
         return min(candidates, key=lambda c: (-correct[c][items].mean(), *c.weakness()))
 
     cross_validated, chosen = cross_validate(correct, best, folds)
-    low, high = bootstrap_delta_ci([(plain, cross_validated)], seed=seed)
+    low, high = bootstrap_delta_ci([(plain, cross_validated)], resamples=resamples, seed=seed)
     adopted = low > 0
     return ServingChoice(
         adopted=adopted, config=best(np.arange(n)) if adopted else None,
@@ -158,7 +138,7 @@ def choose_serving(correct: dict[ServingConfig, np.ndarray], plain: np.ndarray,
     )
 
 
-def choose_across_languages(gains: Mapping[str, Mapping[ServingConfig, float]]) -> dict[str, ServingConfig]:
+def choose_across_languages(gains: Mapping[str, Mapping[ServingDefaults, float]]) -> dict[str, ServingDefaults]:
     """One configuration for all languages, judged on languages it was not chosen on.
 
     `gains[language][candidate]` = candidate accuracy - plain accuracy on that language's

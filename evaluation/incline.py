@@ -7,10 +7,10 @@ What makes these numbers INCLINE's protocol rather than lingosteer's (methods.md
   computed from ONE CLEAN forward pass and written into a second pass, so edits do not
   compound across layers (the serving plugin's do: each layer sees the earlier ones' edits);
   later tokens see the edit only through attention to that token;
-- the task: asked with their English instruction prompt (`TASKS`: XCOPA from their released
-  `intervention.py`; XNLI, which it lacks, from a public data-loading script of the first
-  author's with the same XCOPA prompt, docs/benchmarks.md), the gold answer
-  teacher-forced after it, and scored by exact match of the argmax tokens at the answer
+- the task: asked with their English instruction prompt (`Task.incline` in evaluation/tasks.py:
+  XCOPA from their released `intervention.py`; XNLI, which it lacks, from a public data-loading
+  script of the first author's with the same XCOPA prompt, docs/benchmarks.md), the gold
+  answer teacher-forced after it, and scored by exact match of the argmax tokens at the answer
   positions (not a log-likelihood comparison);
 - the strength: s swept over their grid, and the best s on the evaluated items reported.
   That selection sees the labels it is scored on, so `summarise` reports it labelled as
@@ -26,7 +26,7 @@ tests compare against.
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -34,26 +34,9 @@ import torch
 from alignment.artifact import Intervention
 from alignment.hf_steering import hidden_of, layer_hooks, with_hidden
 from evaluation.calibration import choose_alpha, cross_validate
-from evaluation.stats import bootstrap_delta_ci
+from lingosteer.stats import bootstrap_delta_ci
+from evaluation.tasks import XCOPA, Task
 
-
-@dataclass(frozen=True)
-class Task:
-    """A task as their code asks it: an English instruction prompt around the item's fields, and the
-    answer the model should give for each label."""
-
-    prompt: str
-    answers: tuple[str, ...]  # indexed by the item's label
-
-
-TASKS = {
-    "xcopa": Task('Here is a premise: "{premise}". A: "{choice1}" B: "{choice2}" What is the {question}? "A" or "B"?',
-                  ("A", "B")),
-    # Their loader maps entailment -> true, neutral -> inconclusive, contradiction -> false;
-    # our labels are 0 entailment, 1 neutral, 2 contradiction.
-    "xnli": Task('Take the following as truth: {premise}\nThen the following statement: "{hypothesis}" is "true", '
-                 '"false", or "inconclusive"?', ("true", "inconclusive", "false")),
-}
 # Their list reads [-1, ..., -0.4, -0.3-0.2, -0.1, 0, 0.1, ..., 1]: `-0.3-0.2` evaluates to -0.5,
 # so -0.3 and -0.2 were never tried. These are the strengths their code did try.
 GRID = tuple(round(step / 10, 1) for step in range(-10, 11) if step not in (-3, -2))
@@ -62,9 +45,9 @@ PUNCTUATION = (".</s>", ".\n", ".", ";", "!", ",", "?", "\n", "</s>", "<pad>")
 FOLDS = 5
 
 
-def question(item, task: str = "xcopa") -> str:
+def question(item, task: Task = XCOPA) -> str:
     """INCLINE's English instruction prompt for one item (XCOPA's question word in English)."""
-    return TASKS[task].prompt.format(**asdict(item))
+    return task.incline.prompt.format(**asdict(item))
 
 
 def normalise(answer: str) -> str:
@@ -76,7 +59,7 @@ def normalise(answer: str) -> str:
 
 def _maps(intervention: Intervention, layers: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """layer -> (D, b): an artifact of form "incline" stores D = W_incline^T, so h + s (D h + b) is their edit."""
-    if intervention.manifest.get("form") != "incline":
+    if intervention.manifest.form != "incline":
         raise ValueError(f"{intervention.path}: INCLINE's protocol needs an artifact of form 'incline' "
                          "(fit it with `lingosteer align fit --recipe incline`)")
     return {layer: intervention.delta(layer) for layer in layers}
@@ -106,9 +89,9 @@ def _targets(clean: dict[int, torch.Tensor], maps: dict, strengths: torch.Tensor
     return {layer: h + strengths[:, None] * (maps[layer][0] @ h + maps[layer][1]) for layer, h in clean.items()}
 
 
-def _encode(tokenizer, item, task: str = "xcopa") -> tuple[torch.Tensor, int, str]:
+def _encode(tokenizer, item, task: Task = XCOPA) -> tuple[torch.Tensor, int, str]:
     """(prompt + ' ' + gold answer ids [1, T], index of the last prompt token, gold answer)."""
-    answer = TASKS[task].answers[item.label]
+    answer = task.incline.answers[item.label]
     prompt = question(item, task)
     prompt_ids = tokenizer(prompt, return_tensors="pt").input_ids
     full_ids = tokenizer(f"{prompt} {answer}", return_tensors="pt").input_ids
@@ -126,7 +109,7 @@ def _correct(tokenizer, logits: torch.Tensor, answer: str) -> list[bool]:
     return [normalise(text) == answer.lower() for text in texts]
 
 
-def _setup(tokenizer, intervention: Intervention, item, task: str):
+def _setup(tokenizer, intervention: Intervention, item, task: Task):
     """(steered layers, their (D, b), prompt + answer ids, last prompt index)."""
     layers = list(intervention.layers)
     full_ids, last, _ = _encode(tokenizer, item, task)
@@ -134,7 +117,7 @@ def _setup(tokenizer, intervention: Intervention, item, task: str):
 
 
 @torch.no_grad()
-def answer_logits(model, tokenizer, intervention: Intervention, item, grid=GRID, task: str = "xcopa") -> torch.Tensor:
+def answer_logits(model, tokenizer, intervention: Intervention, item, grid=GRID, task: Task = XCOPA) -> torch.Tensor:
     """[len(grid), answer positions, vocab]: the logits at the answer positions under every strength s."""
     layers, maps, full_ids, last = _setup(tokenizer, intervention, item, task)
     prefix = model(full_ids[:, :last], use_cache=True).past_key_values
@@ -149,7 +132,7 @@ def answer_logits(model, tokenizer, intervention: Intervention, item, grid=GRID,
 
 @torch.no_grad()
 def answer_logits_uncached(model, tokenizer, intervention: Intervention, item, grid=GRID,
-                           task: str = "xcopa") -> torch.Tensor:
+                           task: Task = XCOPA) -> torch.Tensor:
     """The same, as their code computes it: a clean pass, then one full steered pass per strength."""
     layers, maps, full_ids, last = _setup(tokenizer, intervention, item, task)
     clean = {}
@@ -172,12 +155,12 @@ METRICS = {
 }
 
 
-def score_items(model, tokenizer, intervention: Intervention, items, grid=GRID, task: str = "xcopa",
+def score_items(model, tokenizer, intervention: Intervention, items, grid=GRID, task: Task = XCOPA,
                 progress: bool = False) -> dict[str, np.ndarray]:
     """METRICS name -> [len(grid), n] bool: the correctness of every item under every strength s."""
     from tqdm.auto import tqdm
 
-    answers = TASKS[task].answers
+    answers = task.incline.answers
     # Each answer's first token (Gemma's tokenizer keeps every answer whole); they must differ.
     answer_ids = [tokenizer(f" {answer}", add_special_tokens=False).input_ids[0] for answer in answers]
     if len(set(answer_ids)) != len(answers):

@@ -14,8 +14,8 @@ model_args (comma-separated, lm-eval's syntax):
                  language gets; 0 where `align build`'s gate kept steering off: plain)
   layers         a subset of the intervention's layers, colon-separated (3:5:7), since commas
                  separate model_args (default: the serving layers)
-  positions      tokens steered: "last", "context" or "all" (`evaluation.scoring`; default: the
-                 serving positions, "prompt" read as "context")
+  positions      tokens steered: "last", "prompt" or "all", as a served request's positions with
+                 the context as the prompt (`evaluation.scoring`; default: the serving positions)
   dtype          engine dtype (default float32, as the benchmarks); max_model_len; enforce_eager
   batch_size, max_batch_size, device: accepted and ignored (the engine batches by itself)
 
@@ -42,9 +42,18 @@ from lm_eval.models.utils import (
 )
 
 from alignment.artifact import load_intervention
-from evaluation.calibration import STEER_OF_POSITIONS
 from evaluation.runner import ENGLISH, find_interventions, start_scoring_engine
-from evaluation.scoring import PLAIN, STEER_MODES, Condition, Encoded, extra_args, leading_special, score_with_vllm
+from evaluation.scoring import (
+    PLAIN,
+    Condition,
+    Encoded,
+    extra_args,
+    leading_special,
+    score_with_vllm,
+    served_condition,
+)
+from alignment.artifact import POSITION_MODES
+from intervene_engine.request_spec import InterventionRequest
 from lingosteer.backend import DEFAULT_MAX_MODEL_LEN, shutdown_engine
 from lingosteer.languages import UnknownLanguageError, normalize_code
 from lingosteer.models import resolve_model
@@ -121,8 +130,8 @@ class LingosteerLM(TemplateLM):
 
 
         super().__init__()
-        if positions is not None and positions not in STEER_MODES:
-            raise ValueError(f"positions must be one of {STEER_MODES}, got {positions!r}")
+        if positions is not None and positions not in POSITION_MODES:
+            raise ValueError(f"positions must be one of {tuple(POSITION_MODES)}, got {positions!r}")
         model_dir = resolve_model(pretrained)
         self.interventions = find_interventions(Path(interventions), None, model_dir) if interventions else {}
         if language not in (AUTO, NONE):
@@ -177,12 +186,9 @@ class LingosteerLM(TemplateLM):
             else:
                 # What the model_args leave out comes from the artifact's serving defaults: what a
                 # served request naming only its language gets (alpha 0 where calibration kept it off).
+                spec = InterventionRequest(language, self.alpha, self.layers, self.positions)
                 serving = load_intervention(self.interventions[language]).serving
-                alpha = serving["alpha"] if self.alpha is None else self.alpha
-                layers = tuple(serving["layers"]) if self.layers is None else self.layers
-                positions = STEER_OF_POSITIONS[serving["positions"]] if self.positions is None else self.positions
-                self._conditions[task_name] = (PLAIN if alpha == 0 else
-                                               Condition(language, float(alpha), positions, layers))
+                self._conditions[task_name] = served_condition(spec, serving)
         return self._conditions[task_name]
 
     def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:

@@ -15,12 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluation.stats import bootstrap_delta_ci, bootstrap_mean_ci, mcnemar_exact
+from evaluation.stats import mcnemar_exact
+from evaluation.tasks import get_task
 from lingosteer import config_path
 from lingosteer.figures import pyplot, save_figure
 from lingosteer.files import write_text_atomic
 from lingosteer.fingerprint import model_fingerprint
 from lingosteer.markdown import markdown_table
+from lingosteer.stats import bootstrap_delta_ci, bootstrap_mean_ci
 
 REPORT_JSON, REPORT_MD, REPORT_PNG, ITEMS_JSONL = "report.json", "report.md", "report.png", "items.jsonl"
 FORMAT = "lingosteer.bench"
@@ -58,7 +60,7 @@ def build_report(config, model_dir, eval_sets, outcomes, map_sets, timing, refer
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "task": config.task,
+        "task": config.task.name,
         "model": model_fingerprint(model_dir),
         "model_dir": str(model_dir),
         "engine": engine,
@@ -105,9 +107,9 @@ def _groups(config) -> dict[str, list[str]]:
     path = Path(config.groups_path) if config.groups_path else config_path("bench", "groups.yaml")
     if not path.is_file():
         raise FileNotFoundError(f"groups file {path} not found")
-    groups = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get(config.task, {})
+    groups = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get(config.task.name, {})
     if not isinstance(groups, dict) or not all(isinstance(v, list) for v in groups.values()):
-        raise ValueError(f"{path}: '{config.task}' must map group names to lists of language codes")
+        raise ValueError(f"{path}: '{config.task.name}' must map group names to lists of language codes")
     return groups
 
 
@@ -269,7 +271,7 @@ def _plot(report: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(names) + 2), 4))
     ax.bar(x - 0.2, base, 0.4, label="baseline")
     ax.bar(x + 0.2, inter, 0.4, label="intervened")
-    chance = 100 / (2 if report["task"] == "xcopa" else 3)
+    chance = 100 * get_task(report["task"]).chance
     ax.axhline(chance, color="grey", linestyle=":", linewidth=1, label="chance")
     if report["english"]:
         ax.axhline(100 * report["english"]["accuracy"], color="black", linestyle="--", linewidth=1,

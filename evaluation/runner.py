@@ -20,29 +20,30 @@ efficiency (accuracy / English accuracy), not an intervention target.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from alignment.artifact import MANIFEST_NAME, discover_interventions, load_intervention
+from alignment.artifact import artifact_version, discover_interventions, load_intervention, read_manifest
 from alignment.hidden_states import load_model_and_tokenizer
-from evaluation.calibration import DEFAULT_GRID, STEER_OF_POSITIONS, choose_alpha, contiguous_folds
+from evaluation.calibration import DEFAULT_GRID, choose_alpha, contiguous_folds
 from evaluation.report import build_report
 from evaluation.score_store import ScoreStore
 from evaluation.scoring import (
     PLAIN,
-    STEER_MODES,
     Condition,
     Encoded,
     VllmScores,
     encode_examples,
     score_with_hf,
     score_with_vllm,
+    served_condition,
 )
-from evaluation.tasks import Example, build_examples, find_files, load_items, load_prompts
+from evaluation.tasks import Example, Task, build_examples, find_files, load_items, load_prompts
+from intervene_engine.request_spec import InterventionRequest
+from alignment.artifact import DEFAULT_POSITIONS, POSITION_MODES
 from lingosteer.backend import cpu_model_name, is_cpu_backend, scoring_engine_kwargs, shutdown_engine
 from lingosteer.files import sha256_files
 from lingosteer.fingerprint import model_fingerprint
@@ -54,14 +55,14 @@ ENGLISH = "eng_Latn"
 
 @dataclass
 class BenchmarkConfig:
-    task: str
+    task: Task
     model: str | Path
     eval_paths: list
     interventions: Path | list[Path] | None = None  # one directory, or one per cross-fit fold
     calibrate_paths: list | None = None
     cross_fit: int | None = None
     alpha_grid: tuple[float, ...] = DEFAULT_GRID
-    steer: str = "last"
+    steer: str = DEFAULT_POSITIONS  # a position mode
     prompt_style: str = "lm-eval"
     prompts_path: Path | None = None
     groups_path: Path | None = None
@@ -229,11 +230,10 @@ def _incline_store(config: BenchmarkConfig, model_dir: Path, found: dict[str, Pa
     INCLINE's prompt and answers for the task, the strength grid, each INCLINE artifact's version."""
     from dataclasses import asdict
 
-    # local: both load torch, which `lingosteer --help` (it imports this module) must not pay for
+    # local: loads torch, which `lingosteer --help` (it imports this module) must not pay for
     from evaluation import incline
-    from intervene_engine.store import artifact_version
 
-    key = {"model": model_fingerprint(model_dir), "task": asdict(incline.TASKS[config.task]),
+    key = {"model": model_fingerprint(model_dir), "task": asdict(config.task.incline),
            "grid": list(incline.GRID),
            "interventions": {lang: artifact_version(path) for lang, path in sorted(found.items())}}
     return ScoreStore(Path(config.scores_dir) / "incline", key)
@@ -241,8 +241,6 @@ def _incline_store(config: BenchmarkConfig, model_dir: Path, found: dict[str, Pa
 
 def _store_key(config: BenchmarkConfig, model_dir: Path, map_sets: list[dict[str, Path]]) -> dict:
     """What stored scores depend on: model, dtype, prompts, and each intervention set's versions."""
-    from intervene_engine.store import artifact_version  # local: loads torch (see _incline_store)
-
     return {"model": model_fingerprint(model_dir), "dtype": config.dtype, "prompt_style": config.prompt_style,
             "prompts": load_prompts(config.task, config.prompts_path),
             "interventions": [{lang: artifact_version(path) for lang, path in sorted(maps.items())}
@@ -266,8 +264,8 @@ def _intervention_dirs(config) -> list[Path]:
 
 
 def _check_config(config: BenchmarkConfig) -> None:
-    if config.steer not in STEER_MODES:
-        raise ValueError(f"steer must be one of {STEER_MODES}, got {config.steer!r}")
+    if config.steer not in POSITION_MODES:
+        raise ValueError(f"steer must be one of {tuple(POSITION_MODES)}, got {config.steer!r}")
     if config.calibrate_paths and config.cross_fit:
         raise ValueError("give either calibration files or --cross-fit, not both")
     if config.max_items is not None and config.max_items < 1:
@@ -315,10 +313,9 @@ def find_interventions(root: Path, languages: list[str] | None, model_dir: Path)
 def fitted_items(artifact_dir: Path) -> tuple[str, list[list[int]]] | None:
     """(file name, [start, end) item ranges) of benchmark items an intervention was fitted on, if any.
 
-    Fitting scripts record them as fit_data["task_items"] = {"file": ..., "ranges": [[a, b], ...]}."""
-    fit_data = json.loads((Path(artifact_dir) / MANIFEST_NAME).read_text()).get("fit_data", {})
-    task_items = fit_data.get("task_items")
-    return None if not task_items else (task_items["file"], task_items["ranges"])
+    Fitting scripts record them as the manifest's `fit_data.task_items`."""
+    task_items = read_manifest(artifact_dir).fit_data.task_items
+    return None if task_items is None else (task_items.file, task_items.ranges)
 
 
 def _file_indices_within(lang_set: LanguageSet, items: np.ndarray, ranges) -> np.ndarray:
@@ -344,15 +341,15 @@ def check_not_fitted_on(artifact_dir: Path, lang_set: LanguageSet, items: np.nda
         )
 
 
-def check_not_calibrated_on(artifact, lang_set: LanguageSet, task: str) -> None:
+def check_not_calibrated_on(artifact, lang_set: LanguageSet, task: Task) -> None:
     """Refuse to report an artifact's calibrated serving defaults on the items that chose them.
 
-    `align build` calibrates on the first `evidence["items"]` items of its file, so the file's
+    `align build` calibrates on the first `evidence.items` items of its file, so the file's
     later items (`--skip-items`) or another file are fair; the calibration items are not."""
-    evidence = artifact.evidence or {}
-    if evidence.get("task") != task or Path(evidence.get("file", "")).name != lang_set.path.name:
+    evidence = artifact.evidence
+    if evidence is None or evidence.task != task.name or Path(evidence.file).name != lang_set.path.name:
         return
-    calibrated = int(evidence["items"])
+    calibrated = evidence.items
     overlap = _file_indices_within(lang_set, np.arange(lang_set.n), [(0, calibrated)])
     if overlap.size:
         raise ValueError(
@@ -536,12 +533,11 @@ def _score_all(config, scorer: Scorer, eval_sets, cal_sets) -> dict[str, Outcome
                 artifact = load_intervention(scorer.map_sets[0][s.flores])
                 check_not_calibrated_on(artifact, s, config.task)
                 serving = artifact.serving
-                alphas[s.code] = serving["alpha"]
-                conditions[s.code] = PLAIN if serving["alpha"] == 0 else Condition(
-                    s.flores, float(serving["alpha"]), STEER_OF_POSITIONS[serving["positions"]],
-                    tuple(serving["layers"]))
-                calibration[s.code] = {"source": "the artifact's serving defaults", "serving": serving,
-                                       "evidence": (artifact.evidence or {}).get("summary", "not calibrated")}
+                alphas[s.code] = serving.alpha
+                conditions[s.code] = served_condition(InterventionRequest(s.flores), serving)
+                calibration[s.code] = {"source": "the artifact's serving defaults",
+                                       "serving": serving.model_dump(mode="json"),
+                                       "evidence": artifact.evidence.summary if artifact.evidence else "not calibrated"}
         for s in targets:
             check_not_fitted_on(scorer.map_sets[0][s.flores], s, everything(s))
         scorer.score([(s, conditions[s.code], everything(s)) for s in targets], maps=0)

@@ -5,14 +5,15 @@ tokenizer's BOS), context + option is encoded whole, and the option's tokens are
 the whole encoding past the context's length. The score of an option is the sum of
 its tokens' log-probabilities; the option with the highest score is the prediction.
 
-Where to steer (`STEER_MODES`), as [start, end) ranges of the prompt's tokens:
-- "last":    the last context token. INCLINE steers the last prompt token, the one
-             the answer is predicted from; in log-likelihood scoring that is the
-             last token before the option, and it is what a served request with
-             the default `positions="last"` gets. The default.
-- "context": every context token after BOS (the alignment maps were fitted on
-             sentence tokens, never on BOS).
-- "all":     context and option tokens (after BOS).
+Where to steer: a served request's position modes (`intervene_engine.request_spec.POSITION_MODES`),
+with the context as the prompt and the option's tokens as what follows it, so a
+scoring request steers the tokens a served one would. As [start, end) ranges:
+- "last":   the last context token. INCLINE steers the last prompt token, the one
+            the answer is predicted from; in log-likelihood scoring that is the
+            last token before the option. The default.
+- "prompt": every context token after BOS (the alignment maps were fitted on
+            sentence tokens, never on BOS).
+- "all":    context and option tokens (after BOS).
 
 vLLM: one request per (option, condition) with `prompt_logprobs=0`, all submitted
 in one `generate` call so the engine batches them. By default (`shared_prefix`)
@@ -40,10 +41,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from alignment.artifact import DEFAULT_POSITIONS, ServingDefaults
 from evaluation.tasks import Example
-from intervene_engine.request_spec import SCORE_FROM_KEY
-
-STEER_MODES = ("last", "context", "all")
+from intervene_engine.request_spec import SCORE_FROM_KEY, InterventionRequest, position_span, resolve
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ class Condition:
 
     language: str | None = None  # FLORES code of the loaded intervention
     alpha: float = 0.0
-    steer: str = "last"
+    steer: str = DEFAULT_POSITIONS  # a position mode
     layers: tuple[int, ...] | None = None  # a subset of the intervention's layers; None: all of them
 
     @property
@@ -70,6 +70,14 @@ class Condition:
 
 
 PLAIN = Condition()
+
+
+def served_condition(spec: InterventionRequest, serving: ServingDefaults) -> Condition:
+    """How a served request with `spec` runs (`request_spec.resolve`: what it leaves out is the serving
+    defaults'); alpha 0 leaves the stream unchanged, so it is the plain run. `spec` names a position mode."""
+    resolved = resolve(spec, serving)
+    return PLAIN if resolved.alpha == 0 else Condition(
+        resolved.language, float(resolved.alpha), resolved.positions, resolved.layers)
 
 
 def leading_special(token_ids, special_ids: set[int]) -> int:
@@ -97,14 +105,9 @@ def encode_examples(tokenizer, examples: list[Example]) -> list[list[Encoded]]:
 
 
 def steer_ranges(encoded: Encoded, mode: str) -> list[list[int]]:
-    """The prompt token ranges a condition's steering mode selects for this option."""
-    if mode == "last":
-        return [[encoded.context_len - 1, encoded.context_len]]
-    if mode == "context":
-        return [[encoded.num_special, encoded.context_len]]
-    if mode == "all":
-        return [[encoded.num_special, len(encoded.token_ids)]]
-    raise ValueError(f"steer mode must be one of {STEER_MODES}, got {mode!r}")
+    """The prompt token ranges a position mode selects for this option (the context is the prompt)."""
+    start, end = position_span(mode, encoded.context_len, encoded.num_special)
+    return [[start, len(encoded.token_ids) if end is None else end]]
 
 
 def extra_args(encoded: Encoded, condition: Condition) -> dict | None:

@@ -1,21 +1,26 @@
-"""Calibrated serving defaults for one artifact: score the candidates, apply the gate, record the evidence.
+"""Calibrated serving defaults for artifacts: score the candidates, let the gate's design decide, record the evidence.
 
-`lingosteer align build` calls `calibrate_serving` after the fit. Every candidate of
-`evaluation.calibration.search_space` and the plain run score the calibration items
-of the artifact's language through the same vLLM engine and plugin that serve
-requests; `choose_serving` applies the pre-declared rule (`GATE_RULE`); the result
-goes into the manifest as `serving` + `evidence` (`alignment.artifact.set_serving_defaults`).
+`lingosteer align build` calls `calibrate_languages` after the fits. Every candidate of
+`evaluation.calibration.search_space` and the plain run score the calibration items of each
+artifact's language through one vLLM engine and the plugin that serves requests; the gate's
+design (`evaluation.gate_designs.DESIGNS`) decides for all languages together; what the
+calibration could have detected comes from `evaluation.gate_power.detectable_gain`; the result
+goes into each manifest as `serving` + `evidence` (`alignment.artifact.set_serving_defaults`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-from alignment.artifact import load_intervention, set_serving_defaults
-from evaluation.calibration import GATE_RULE, MIN_CALIBRATION_ITEMS, STEER_OF_POSITIONS, choose_serving, search_space
+from alignment.artifact import Evidence, ServingDefaults, load_intervention, set_serving_defaults
+from evaluation.calibration import GATE_RULE, search_space
+from evaluation.gate_designs import DESIGNS, GateDecision, GateDesign
+from evaluation.gate_designs import Evidence as GateEvidence
+from evaluation.gate_power import Detectable, detectable_gain
 from evaluation.runner import (
     BenchmarkConfig,
     Scorer,
@@ -26,80 +31,118 @@ from evaluation.runner import (
     start_scoring_engine,
 )
 from evaluation.scoring import PLAIN, Condition
-from evaluation.tasks import load_prompts
+from evaluation.tasks import Task, infer_task, load_prompts
 from lingosteer.backend import shutdown_engine
 from lingosteer.models import resolve_model
 
 
-def infer_task(paths: list[Path]) -> str:
-    """xcopa or xnli from the calibration paths' names (as the shared data names them)."""
-    named = {task for task in ("xcopa", "xnli") for path in paths if task in str(path).lower()}
-    if len(named) != 1:
-        raise ValueError(f"cannot tell the task of {', '.join(map(str, paths))}: pass --task xcopa or --task xnli")
-    return named.pop()
-
-
-def load_calibration_items(model: str, calibrate_paths: list[Path], language: str, task: str | None = None,
-                           max_items: int | None = None):
-    """The calibration items of `language` (a `LanguageSet`), checked before anything slow runs."""
+def load_calibration_sets(model: str, calibrate_paths: list[Path], languages: list[str], task: Task | None = None,
+                          max_items: int | None = None):
+    """(task, {FLORES code: `LanguageSet`}) of `languages` found under `calibrate_paths` (files, or directories
+    of `<split>.<iso>.jsonl` files as `lingosteer bench` reads them), checked before anything slow runs."""
     from transformers import AutoTokenizer
-
 
     task = task or infer_task(calibrate_paths)
     config = BenchmarkConfig(task=task, model=model, eval_paths=list(calibrate_paths), max_items=max_items)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
     sets = {s.flores: s for s in load_language_sets(config, calibrate_paths, tokenizer, load_prompts(task)).values()}
-    if language not in sets:
+    missing = [language for language in languages if language not in sets]
+    if missing:
         found = ", ".join(sorted(sets)) or "none"
-        raise ValueError(f"no {task} calibration file for {language} in {', '.join(map(str, calibrate_paths))} "
-                         f"(languages found: {found})")
-    items = sets[language]
-    if items.n < MIN_CALIBRATION_ITEMS:
-        raise ValueError(f"{items.path}: {items.n} calibration items are too few for the gate "
-                         f"(at least {MIN_CALIBRATION_ITEMS})")
-    return task, items
+        raise ValueError(f"no {task.name} calibration file for {', '.join(missing)} in "
+                         f"{', '.join(map(str, calibrate_paths))} (languages found: {found})")
+    return task, {language: sets[language] for language in languages}
 
 
-def calibrate_serving(artifact_dir: Path, model: str, task: str, items, dtype: str = "float32",
-                      progress: bool = True, llm=None) -> dict:
-    """Choose and record `artifact_dir`'s serving defaults on `items`; returns the evidence written.
-    Starts a scoring engine unless given one (`llm`, as `evaluation.runner.start_scoring_engine` makes)."""
+def load_calibration_items(model: str, calibrate_paths: list[Path], language: str, task: Task | None = None,
+                           max_items: int | None = None):
+    """The calibration items of one language (a `LanguageSet`): `load_calibration_sets` for one."""
+    task, sets = load_calibration_sets(model, calibrate_paths, [language], task, max_items)
+    return task, sets[language]
 
-    artifact = load_intervention(artifact_dir)
-    if artifact.source != items.flores:
-        raise ValueError(f"calibration items are {items.flores}, the artifact steers {artifact.source}")
-    candidates = search_space(artifact.layers)
-    conditions = {c: Condition(artifact.source, c.alpha, STEER_OF_POSITIONS[c.positions], c.layers)
-                  for c in candidates}
+
+def calibrate_serving(artifact_dir: Path, model: str, task: Task, items, dtype: str = "float32",
+                      progress: bool = True, llm=None) -> Evidence:
+    """One artifact under the single-language design ('current'); returns the evidence written."""
+    return calibrate_languages({items.flores: (artifact_dir, items)}, model, task, DESIGNS["current"], dtype,
+                               progress, llm)[items.flores]
+
+
+def calibrate_languages(builds: Mapping[str, tuple[Path, object]], model: str, task: Task, design: GateDesign,
+                        dtype: str = "float32", progress: bool = True, llm=None) -> dict[str, Evidence]:
+    """Choose and record the serving defaults of each language's artifact (`builds[language] = (artifact_dir,
+    items)`) under `design`, deciding for all languages together; returns each language's evidence written.
+    Starts one scoring engine for all unless given one (`llm`, as `evaluation.runner.start_scoring_engine` makes)."""
+    design.check({language: items.n for language, (_, items) in builds.items()})
+    layers = {}
+    for language, (artifact_dir, items) in builds.items():
+        artifact = load_intervention(artifact_dir)
+        if artifact.source != items.flores or language != items.flores:
+            raise ValueError(f"calibration items are {items.flores}, the artifact steers {artifact.source}")
+        layers[language] = artifact.layers
 
     own_engine = llm is None
     if own_engine:
         llm = start_scoring_engine(resolve_model(model), dtype, enforce_eager=True)
     try:
-        scorer = Scorer(llm, [{artifact.source: artifact_dir}], Timing(), progress)
-        everything = np.arange(items.n)
-        scorer.score([(items, condition, everything) for condition in [PLAIN, *conditions.values()]], maps=0)
-        correct = {c: correct_choices(scorer.scores(items, conditions[c], 0), items.labels) for c in candidates}
-        plain = correct_choices(scorer.scores(items, PLAIN, 0), items.labels)
+        evidence = {language: _score(llm, artifact_dir, items, layers[language], progress)
+                    for language, (artifact_dir, items) in builds.items()}
         engine = engine_facts(llm)
     finally:
         if own_engine:
             shutdown_engine(llm)
 
-    choice = choose_serving(correct, plain)
-    delta = choice.cross_validated_accuracy - choice.plain_accuracy
-    low, high = choice.delta_ci95
-    verdict = (f"adopted {choice.config.describe()}" if choice.adopted else "gate not cleared, steering off")
-    evidence = {
-        "task": task, "file": str(items.path), "items": items.n,
-        "plain_accuracy": choice.plain_accuracy, "cross_validated_accuracy": choice.cross_validated_accuracy,
-        "delta": delta, "delta_ci95": [low, high], "adopted": choice.adopted,
-        "fold_choices": choice.fold_choices, "candidate_accuracy": choice.candidate_accuracy,
-        "rule": GATE_RULE, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "engine": engine,
-        "summary": (f"{task} calibration on {items.n} items of {items.path.name}: cross-validated "
-                    f"{100 * delta:+.1f} points over plain, 95% CI [{100 * low:+.1f}, {100 * high:+.1f}]; {verdict}"),
-    }
-    serving = (choice.config.as_serving() if choice.adopted
-               else {"alpha": 0.0, "layers": artifact.layers, "positions": "last"})
-    set_serving_defaults(artifact_dir, serving, evidence)
-    return evidence
+    decisions = design.decide(evidence)
+    # A shared design decides the languages together: its power is that of the whole build.
+    detectable = ({language: detectable_gain(design, evidence) for language in evidence} if design.shared else
+                  {language: detectable_gain(design, {language: e}) for language, e in evidence.items()})
+    date = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    written = {}
+    for language, (artifact_dir, items) in builds.items():
+        record = _evidence(task, items, design, list(builds), evidence[language], decisions[language],
+                           detectable[language], date, engine)
+        serving = decisions[language].config or ServingDefaults(alpha=0.0, layers=layers[language], positions="last")
+        set_serving_defaults(artifact_dir, serving, record)
+        written[language] = record
+    return written
+
+
+def _score(llm, artifact_dir: Path, items, layers: list[int], progress: bool) -> GateEvidence:
+    """Per-item correctness of the plain run and of every candidate on `items`."""
+    candidates = search_space(layers)
+    conditions = {c: Condition(items.flores, c.alpha, c.positions, c.layers) for c in candidates}
+    scorer = Scorer(llm, [{items.flores: artifact_dir}], Timing(), progress)
+    everything = np.arange(items.n)
+    scorer.score([(items, condition, everything) for condition in [PLAIN, *conditions.values()]], maps=0)
+    return GateEvidence(correct_choices(scorer.scores(items, PLAIN, 0), items.labels),
+                        {c: correct_choices(scorer.scores(items, conditions[c], 0), items.labels) for c in candidates})
+
+
+def decision_wording(decision: GateDecision, detectable: Detectable) -> str:
+    """The verdict for people, with what the calibration could have detected at all (80% power)."""
+    floor = f"{100 * (detectable.gain if detectable.gain is not None else detectable.largest_gain):.1f}"
+    if decision.adopted:
+        return f"on: {decision.config.describe()} ({decision.reason}); gains above {floor} points were detectable"
+    return f"off: no gain detectable; this calibration could only have detected gains above {floor} points"
+
+
+def _evidence(task: Task, items, design: GateDesign, languages: list[str], gate: GateEvidence,
+              decision: GateDecision, detectable: Detectable, date: str, engine: dict) -> Evidence:
+    plain = float(gate.plain.mean())
+    choice = decision.choice
+    ci = f", 95% CI [{100 * choice.delta_ci95[0]:+.1f}, {100 * choice.delta_ci95[1]:+.1f}]" if choice else ""
+    verdict = (f"adopted {decision.config.describe()}" if decision.adopted else "gate not cleared, steering off")
+    wording = decision_wording(decision, detectable)
+    return Evidence(
+        task=task.name, file=str(items.path), items=int(items.n), plain_accuracy=plain,
+        cross_validated_accuracy=plain + decision.delta, delta=decision.delta,
+        delta_ci95=list(choice.delta_ci95) if choice else None, adopted=decision.adopted,
+        fold_choices=choice.fold_choices if choice else [],
+        candidate_accuracy={c.describe(): float(row.mean()) for c, row in gate.correct.items()},
+        rule=f"{GATE_RULE} Design '{design.name}' decides: {design.summary}.", date=date, engine=engine,
+        summary=(f"{task.name} calibration on {items.n} items of {items.path.name}: held-out "
+                 f"{100 * decision.delta:+.1f} points over plain{ci}; {verdict} "
+                 f"(gate design {design.name}; {wording})"),
+        design=design.name, languages=languages, discordance=detectable.discordance,
+        minimum_detectable_gain=None if detectable.gain is None else 100 * detectable.gain, decision=wording,
+    )

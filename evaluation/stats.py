@@ -1,4 +1,7 @@
-"""Paired statistics for baseline vs intervened correctness of the same items."""
+"""Tests of baseline vs intervened correctness of the same items: exact McNemar, non-inferiority.
+
+The bootstrap CIs live in the shared core (`lingosteer.stats`).
+"""
 
 from __future__ import annotations
 
@@ -20,34 +23,23 @@ def mcnemar_exact(baseline: np.ndarray, intervened: np.ndarray) -> dict:
     return {"baseline_only": b, "intervened_only": c, "p": p}
 
 
-def bootstrap_delta_ci(pairs: list[tuple[np.ndarray, np.ndarray]], resamples: int = 10000,
-                       seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile CI of mean_over_languages(acc_intervened - acc_baseline).
+def noninferiority_p(baseline: np.ndarray, intervened: np.ndarray, margin: float) -> float:
+    """One-sided p of "the intervened run loses more than `margin` accuracy" (Tango's score test, 1998).
 
-    Each element of `pairs` is one language's (baseline, intervened) correctness over
-    the same items; items are resampled with replacement within each language, so
-    the pairing is kept and every language keeps its weight.
+    The variance is taken under the null (difference = -margin, restricted maximum likelihood), not
+    from the observed items: with a handful of discordant items an observed-variance interval (or a
+    percentile bootstrap) is too narrow and rules out harm too often.
     """
-    differences = [np.asarray(intervened, float) - np.asarray(baseline, float) for baseline, intervened in pairs]
-    return bootstrap_mean_ci(differences, resamples, seed, level)
+    from scipy.stats import norm
 
-
-def bootstrap_mean_ci(samples: list[np.ndarray], resamples: int = 10000,
-                      seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile CI of the mean over languages of each language's mean (e.g. its accuracy).
-
-    Values are resampled with replacement within each language, so every language keeps its weight.
-    """
-    rng = np.random.default_rng(seed)
-    means = np.zeros(resamples)
-    for values in samples:
-        values = np.asarray(values, float)
-        if values.size == 0:
-            raise ValueError("a language with no items has no accuracy")
-        for chunk in np.array_split(np.arange(resamples), max(1, resamples * values.size // 2_000_000)):
-            picks = rng.integers(0, values.size, size=(chunk.size, values.size))  # bounded memory for big files
-            means[chunk] += values[picks].mean(axis=1)
-    means /= len(samples)
-    tail = (1.0 - level) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
-    return float(low), float(high)
+    baseline, intervened = np.asarray(baseline, bool), np.asarray(intervened, bool)
+    n = baseline.size
+    lost, won = int(np.sum(baseline & ~intervened)), int(np.sum(~baseline & intervened))
+    delta = -margin
+    # P(lost) under the null: the larger root of 2n x^2 - B x - C = 0 (the score equation with won = lost + delta).
+    b_coef = lost * (1 - 3 * delta) + won * (1 - delta) - 2 * delta * (n - lost - won)
+    c_coef = lost * delta * (1 - delta)
+    p_lost = (b_coef + np.sqrt(b_coef**2 + 8 * n * c_coef)) / (4 * n)
+    variance = (2 * p_lost + delta - delta**2) / n
+    z = ((won - lost) / n - delta) / np.sqrt(max(variance, 1e-12))
+    return float(norm.sf(z))

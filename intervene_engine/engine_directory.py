@@ -18,8 +18,9 @@ from dataclasses import replace
 
 from vllm.v1.request import Request
 
+from alignment.artifact import ServingDefaults
 from intervene_engine.prefix_cache import BlockSalter
-from intervene_engine.request_spec import VERSION_KEY, RequestSpecError, parse_request_args
+from intervene_engine.request_spec import VERSION_KEY, RequestSpecError, parse_request_args, resolve
 
 logger = logging.getLogger("lingosteer.plugin")
 
@@ -27,6 +28,9 @@ logger = logging.getLogger("lingosteer.plugin")
 class EngineDirectory:
     def __init__(self, loaded: list[dict], salter: BlockSalter | None = None) -> None:
         self.versions: dict[str, str] = {entry["language"]: entry["version"] for entry in loaded}
+        # By version: a request's unset positions are its bound version's (they decide what the cache may share).
+        self.serving: dict[str, ServingDefaults] = {
+            entry["version"]: ServingDefaults.model_validate(entry["serving"], strict=False) for entry in loaded}
         self.salter = salter
 
     def follow(self, method: str, answer) -> None:
@@ -34,8 +38,10 @@ class EngineDirectory:
         intervention's description, `lingosteer_unload` the version it unloaded."""
         if method == "lingosteer_load":
             self.versions[answer["language"]] = answer["version"]
+            self.serving[answer["version"]] = ServingDefaults.model_validate(answer["serving"], strict=False)
         elif method == "lingosteer_unload":
             self.versions = {language: v for language, v in self.versions.items() if v != answer}
+            self.serving.pop(answer, None)
 
     def bind(self, request: Request) -> None:
         """Pin a steered request to the current version; let the prefix cache share only what is plain."""
@@ -53,7 +59,9 @@ class EngineDirectory:
         if version is not None:  # (None: the worker runs it plain and logs why)
             params.extra_args[VERSION_KEY] = version
             bound = replace(spec, version=version)
-            salts.append((bound.first_position(request.num_prompt_tokens), bound.cache_salt()))
+            serving = self.serving.get(version)  # None: a version pinned by the front end and retired since
+            first = 0 if serving is None else resolve(bound, serving).first_position(request.num_prompt_tokens)
+            salts.append((first, bound.cache_salt()))
         if args.score_from is not None:
             salts.append((args.score_from - 1, f"score:{request.request_id}"))
         if salts and self.salter is not None:

@@ -56,6 +56,7 @@ def attach_after_load(load_model: Callable) -> Callable:
         model_config = self.vllm_config.model_config
         runner.lingosteer_state = attach_to_model(
             runner.get_model(), model_config.model, runner.device, runner.max_num_tokens,
+            model_config.get_hidden_size(), model_config.dtype,
             getattr(model_config.hf_text_config, "bos_token_id", None),
         )
 

@@ -2,13 +2,16 @@
 
 Over HTTP the same keys arrive as `vllm_xargs`. Keys:
   language   FLORES-200 code of the loaded intervention to apply (required)
-  alpha      strength; default: the intervention's manifest default
-  layers     subset of the intervention's layers; default: all of them
+  alpha      strength
+  layers     subset of the intervention's layers
   positions  "last" (last prompt token, INCLINE), "prompt" (every prompt token after a
              leading BOS), "all" (those and every generated token), or [start, end)
              prompt token ranges, taken as given (BOS is position 0),
              nested [[0, 12], [30, 41]] or flat [0, 12, 30, 41]
              (vLLM's HTTP layer types `vllm_xargs` values as scalars or flat lists)
+What a request leaves out comes from the artifact's serving defaults (`resolve`, the one
+answer to "what does a request naming only its language get", which the worker, the
+server and the benchmarks all call).
 The engine core adds `lingosteer_version` (the intervention version bound at
 arrival), so a request keeps that version even if the language is swapped.
 
@@ -23,13 +26,14 @@ the front end (validation), the engine core (binding) and the worker, which keep
 the result by request id until the request finishes (`worker_state.WorkerState`).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
+
+from alignment.artifact import ALPHA_LIMIT, POSITION_MODES, ServingDefaults
 
 LANGUAGE_KEY = "language"
 VERSION_KEY = "lingosteer_version"
 SCORE_FROM_KEY = "lingosteer_score_from"
-POSITION_MODES = ("last", "prompt", "all")
 
 
 class RequestSpecError(ValueError):
@@ -39,9 +43,10 @@ class RequestSpecError(ValueError):
 @dataclass(frozen=True)
 class InterventionRequest:
     language: str
+    # None: the serving default (`resolve`)
     alpha: float | None = None
     layers: tuple[int, ...] | None = None
-    positions: str | tuple[tuple[int, int], ...] = "last"
+    positions: str | tuple[tuple[int, int], ...] | None = None
     version: str | None = None
 
     def cache_salt(self) -> str:
@@ -51,13 +56,40 @@ class InterventionRequest:
             f"lingosteer:{self.language}:{self.version}:{self.alpha}:{layers}:{self.positions}"
         )
 
+    def spans(self, prompt_len: int, first_steerable: int = 0) -> list[tuple[int, int | None]]:
+        """The [start, end) positions steered (end None: on through the generated tokens); given
+        ranges are prompt ranges, cut at its end. `first_steerable`: 1 past a leading BOS."""
+        if self.positions is None:
+            raise ValueError("the positions of an unresolved request are its serving default's: resolve() it first")
+        if isinstance(self.positions, str):
+            return [position_span(self.positions, prompt_len, first_steerable)]
+        return [(start, min(end, prompt_len)) for start, end in self.positions]
+
     def first_position(self, prompt_len: int) -> int:
-        """The first token position this intervention changes: the KV before it is the plain run's."""
-        if self.positions == "last":
-            return prompt_len - 1
-        if self.positions in ("prompt", "all"):
-            return 0
-        return min(start for start, _ in self.positions)
+        """The first token position this intervention changes: the KV before it is the plain run's.
+        Whether the prompt starts with BOS is not known here, so a leading BOS counts as changed."""
+        return min(start for start, _ in self.spans(prompt_len))
+
+
+def resolve(spec: InterventionRequest, serving: ServingDefaults,
+            available: tuple[int, ...] | None = None) -> InterventionRequest:
+    """What `spec` gets from an intervention whose serving defaults are `serving`: its explicit
+    alpha, layers and positions win, the rest are the serving defaults'. `available`: the
+    intervention's layers; explicit layers outside them are dropped (the server answers 400 first)."""
+    layers = serving.layers if spec.layers is None else spec.layers
+    return replace(
+        spec,
+        alpha=serving.alpha if spec.alpha is None else spec.alpha,
+        layers=tuple(layer for layer in layers if available is None or layer in available),
+        positions=serving.positions if spec.positions is None else spec.positions,
+    )
+
+
+def position_span(mode: str, prompt_len: int, first_steerable: int = 0) -> tuple[int, int | None]:
+    """`POSITION_MODES[mode]` for a prompt of `prompt_len` tokens; raises RequestSpecError on an unknown mode."""
+    if mode not in POSITION_MODES:
+        raise RequestSpecError(f"position mode must be one of {tuple(POSITION_MODES)}, got {mode!r}")
+    return POSITION_MODES[mode](prompt_len, first_steerable)
 
 
 @dataclass(frozen=True)
@@ -94,7 +126,7 @@ def parse_request_spec(extra_args: dict[str, Any] | None) -> InterventionRequest
         language=language,
         alpha=_parse_alpha(extra_args.get("alpha")),
         layers=_parse_layers(extra_args.get("layers")),
-        positions=_parse_positions(extra_args.get("positions", "last")),
+        positions=_parse_positions(extra_args.get("positions")),
         version=extra_args.get(VERSION_KEY),
     )
 
@@ -104,8 +136,8 @@ def _parse_alpha(value: Any) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RequestSpecError(f"'alpha' must be a number, got {value!r}")
-    if not -10.0 <= value <= 10.0:
-        raise RequestSpecError(f"'alpha' must lie in [-10, 10], got {value}")
+    if not -ALPHA_LIMIT <= value <= ALPHA_LIMIT:
+        raise RequestSpecError(f"'alpha' must lie in [{-ALPHA_LIMIT:g}, {ALPHA_LIMIT:g}], got {value}")
     return float(value)
 
 
@@ -124,7 +156,9 @@ def flatten_ranges(ranges) -> list[int]:
     return [bound for pair in ranges for bound in pair]
 
 
-def _parse_positions(value: Any) -> str | tuple[tuple[int, int], ...]:
+def _parse_positions(value: Any) -> str | tuple[tuple[int, int], ...] | None:
+    if value is None:
+        return None
     if isinstance(value, (list, tuple)) and value and not isinstance(value[0], (list, tuple)):
         if len(value) % 2:
             raise RequestSpecError(f"flat 'positions' ranges need an even count of bounds, got {value!r}")
@@ -132,7 +166,7 @@ def _parse_positions(value: Any) -> str | tuple[tuple[int, int], ...]:
     if isinstance(value, str):
         if value not in POSITION_MODES:
             raise RequestSpecError(
-                f"'positions' must be one of {POSITION_MODES} or a list of [start, end) "
+                f"'positions' must be one of {tuple(POSITION_MODES)} or a list of [start, end) "
                 f"ranges, got {value!r}"
             )
         return value

@@ -9,6 +9,9 @@ vLLM decoder layers return (hidden_states, residual); the next layer's fused
 add+norm takes the stream as hidden_states + residual. For a selected row we
 compute h = hidden + residual in fp32, h' = h + alpha (W h + b - h), then store
 residual = h' (model dtype) and hidden = 0. Unselected rows are not touched.
+W h + b - h is computed in the form the map was stored (step_plan.RowGroup): the matmuls
+in the bank's (the engine's) dtype, whose GEMMs accumulate in fp32, the update in fp32; a
+shift-only map adds its bias with no matmul.
 """
 
 from contextlib import contextmanager
@@ -38,7 +41,14 @@ def steer_residual(hidden_states: torch.Tensor, residual: torch.Tensor, layer: i
     for group in plan.by_layer.get(layer, ()):
         stream = hidden_states.index_select(0, group.rows).float()
         stream += residual.index_select(0, group.rows).float()
-        shifted = torch.addmm(group.bias, stream, group.delta_t).mul_(group.alphas).add_(stream)
+        if group.down is None:
+            update = group.bias.float().expand_as(stream)
+        else:
+            update = torch.mm(stream.to(group.down.dtype), group.down)
+            if group.up is not None:
+                update = torch.mm(update, group.up)
+            update = update.float().add_(group.bias)
+        shifted = torch.addcmul(stream, update, group.alphas)
         residual.index_copy_(0, group.rows, shifted.to(residual.dtype))
         hidden_states.index_fill_(0, group.rows, 0)
 

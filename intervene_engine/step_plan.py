@@ -18,18 +18,20 @@ import numpy as np
 import torch
 from vllm.v1.utils import CpuGpuBuffer
 
+from intervene_engine.bank import DeviceBank
 from intervene_engine.request_spec import InterventionRequest
 from intervene_engine.store import LoadedIntervention
 
 
 @dataclass(frozen=True)
 class RowGroup:
-    """Rows that share one intervention at one layer: one batched matmul."""
+    """Rows that share one intervention at one layer: update = rows @ down (@ up) + bias, in the bank's dtype."""
 
     rows: torch.Tensor  # int64 [n]
     alphas: torch.Tensor  # fp32 [n, 1]
-    delta_t: torch.Tensor  # fp32 [d, d]
-    bias: torch.Tensor  # fp32 [d]
+    down: torch.Tensor | None  # [d, r]: D^T (full) or V^T (low rank); None: a shift, no matmul
+    up: torch.Tensor | None  # [r, d]: U^T (low rank)
+    bias: torch.Tensor  # [d]
 
 
 @dataclass(frozen=True)
@@ -46,23 +48,16 @@ class ScheduledRequest:
     num_computed: int  # tokens already in the KV cache = position of first_row
     prompt_len: int
     first_steerable: int  # 1 when the prompt starts with BOS: never steered by "prompt" / "all"
-    spec: InterventionRequest
-    intervention: LoadedIntervention
+    spec: InterventionRequest  # resolved against the intervention's serving defaults
+    intervention: LoadedIntervention  # its map on the host (`InterventionStore.hold`)
 
 
 def selected_rows(req: ScheduledRequest) -> np.ndarray:
     """Row indices (into the flattened step) that this request wants intervened."""
     start, end = req.num_computed, req.num_computed + req.num_rows
-    positions = req.spec.positions
-    if positions == "all":
-        spans = [(max(start, req.first_steerable), end)]
-    elif positions == "prompt":
-        spans = [(max(start, req.first_steerable), min(end, req.prompt_len))]
-    elif positions == "last":
-        last = req.prompt_len - 1
-        spans = [(last, last + 1)] if start <= last < end else []
-    else:
-        spans = [(max(s, start), min(e, end, req.prompt_len)) for s, e in positions]
+    # The steered positions, cut to this step's [start, end).
+    spans = [(max(lo, start), end if hi is None else min(hi, end))
+             for lo, hi in req.spec.spans(req.prompt_len, req.first_steerable)]
     offset = req.first_row - start
     parts = [np.arange(lo + offset, hi + offset) for lo, hi in spans if lo < hi]
     return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
@@ -94,7 +89,9 @@ class StepBuffers:
         return rows, alphas
 
 
-def build_step_plan(requests: list[ScheduledRequest], buffers: StepBuffers) -> StepPlan | None:
+def build_step_plan(requests: list[ScheduledRequest], buffers: StepBuffers, bank: DeviceBank,
+                    pinned: frozenset[str] = frozenset()) -> StepPlan | None:
+    """The step's row groups, reading each version's map from its bank slot (copied in if needed)."""
     # Group by (version, layers): one gather + matmul per group and layer.
     grouped: dict[tuple, list[tuple[np.ndarray, float]]] = defaultdict(list)
     interventions: dict[str, LoadedIntervention] = {}
@@ -103,24 +100,24 @@ def build_step_plan(requests: list[ScheduledRequest], buffers: StepBuffers) -> S
         if rows.size == 0:
             continue
         intervention = req.intervention
-        layers = intervention.layers if req.spec.layers is None else tuple(
-            layer for layer in req.spec.layers if layer in intervention.delta_t
-        )
-        alpha = intervention.default_alpha if req.spec.alpha is None else req.spec.alpha
-        grouped[(intervention.version, layers)].append((rows, alpha))
+        # req.spec is resolved (`request_spec.resolve`): its alpha and layers are what the request gets.
+        grouped[(intervention.version, req.spec.layers)].append((rows, req.spec.alpha))
         interventions[intervention.version] = intervention
     if not grouped:
         return None
+    views = bank.views({version: i.compact for version, i in interventions.items()}, set(pinned))
     # Each group's rows are one contiguous slice of the step's buffers.
     rows, alphas = buffers.fill([part for parts in grouped.values() for part in parts])
     by_layer: dict[int, list[RowGroup]] = defaultdict(list)
     start = 0
     for (version, layers), parts in grouped.items():
         end = start + sum(part_rows.size for part_rows, _ in parts)
-        intervention = interventions[version]
+        view = views[version]
         for layer in layers:
-            by_layer[layer].append(
-                RowGroup(rows[start:end], alphas[start:end], intervention.delta_t[layer], intervention.bias[layer])
-            )
+            i = view.index[layer]
+            by_layer[layer].append(RowGroup(
+                rows[start:end], alphas[start:end], None if view.down is None else view.down[i],
+                None if view.up is None else view.up[i], view.bias[i],
+            ))
         start = end
     return StepPlan(dict(by_layer))

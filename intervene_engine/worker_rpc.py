@@ -5,9 +5,10 @@ nested in RPC arguments would arrive as lists, so artifacts travel as file paths
 """
 
 
-def lingosteer_load(self, path: str) -> dict:
-    """Validate and load (or replace) an intervention; the old version keeps serving on failure."""
-    return self.model_runner.lingosteer_state.load(path)
+def lingosteer_load(self, path: str, pin: bool = False) -> dict:
+    """Validate and load (or replace) an intervention; the old version keeps serving on failure.
+    `pin`: keep the language in a device slot (`bank.DeviceBank`)."""
+    return self.model_runner.lingosteer_state.load(path, pin)
 
 
 def lingosteer_unload(self, language: str) -> str:
@@ -16,7 +17,7 @@ def lingosteer_unload(self, language: str) -> str:
 
 def lingosteer_release_unused(self, versions_in_use: list[str]) -> None:
     """Drop retired versions; the engine core names those its requests still use."""
-    self.model_runner.lingosteer_state.store.release_unused(set(versions_in_use))
+    self.model_runner.lingosteer_state.release_unused(set(versions_in_use))
 
 
 def lingosteer_list(self) -> list[dict]:
@@ -25,13 +26,14 @@ def lingosteer_list(self) -> list[dict]:
 
 
 def lingosteer_status(self) -> dict:
-    """Architecture support and every version held (current or still used in flight)."""
+    """Architecture support, every version held (current or still used in flight) and the bank's state."""
     state = self.model_runner.lingosteer_state
     return {
         "architecture": state.architecture,
         "supported": state.supported,
         "current": dict(state.store.current),
         "versions_held": sorted(state.store.versions),
+        "bank": state.bank_status(),
     }
 
 

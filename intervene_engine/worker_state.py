@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from alignment.artifact import discover_interventions, find_artifact_dirs
-from intervene_engine.request_spec import InterventionRequest, RequestSpecError, parse_request_args
+from intervene_engine.bank import BankConfig, DeviceBank
+from intervene_engine.request_spec import InterventionRequest, RequestSpecError, parse_request_args, resolve
 from intervene_engine.step_plan import ScheduledRequest, StepBuffers, StepPlan, build_step_plan
 from intervene_engine.store import InterventionStore, LoadedIntervention, read_intervention
 from lingosteer.fingerprint import model_fingerprint
@@ -38,11 +39,11 @@ class UnsupportedArchitectureError(ValueError):
 class WorkerRequest:
     """What the worker needs of one request for its whole life."""
 
-    spec: InterventionRequest | None = None
+    spec: InterventionRequest | None = None  # resolved against the intervention's serving defaults
     intervention: LoadedIntervention | None = None  # None: the request runs plain
     score_from: int | None = None  # see request_spec.SCORE_FROM_KEY
-    # 1 when the prompt starts with BOS. The maps are fitted on sentence tokens, never on BOS, and
-    # calibration (evaluation.scoring, steer mode "context") never steers it: serving matches.
+    # 1 when the prompt starts with BOS, which no position mode steers (request_spec.POSITION_MODES):
+    # the maps are fitted on sentence tokens, never on BOS, and calibration never steers it either.
     first_steerable: int = 0
 
 
@@ -53,7 +54,10 @@ class WorkerState:
     num_layers: int
     device: torch.device
     max_rows: int  # rows in one step at most (vLLM's max_num_batched_tokens)
+    hidden_size: int
+    dtype: torch.dtype = torch.float32  # the engine's: the bank's and every host map's
     bos_token_id: int | None = None  # the model config's; a leading BOS is never steered
+    bank_config: BankConfig = field(default_factory=BankConfig)
     store: InterventionStore = field(default_factory=InterventionStore)
     requests: dict[str, WorkerRequest] = field(default_factory=dict)  # by request id, until it finishes
     _fingerprint: dict | None = None
@@ -61,6 +65,10 @@ class WorkerState:
 
     def __post_init__(self) -> None:
         self.buffers = StepBuffers(self.max_rows, self.device)
+        # Allocated here, once: at attach time, before vLLM profiles memory and sizes its KV cache.
+        self.bank = DeviceBank(self.bank_config, self.num_layers, self.hidden_size, self.dtype, self.device)
+        self.store.max_cpu_languages = self.bank_config.max_cpu_languages
+        self.store.max_pins = self.bank_config.max_languages - 1
 
     @property
     def supported(self) -> bool:
@@ -73,15 +81,42 @@ class WorkerState:
             self._fingerprint = model_fingerprint(self.model_dir)
         return self._fingerprint
 
-    def load(self, path: str | Path) -> dict:
+    def load(self, path: str | Path, pin: bool = False) -> dict:
         if not self.supported:
             raise UnsupportedArchitectureError(
                 f"lingosteer cannot steer {self.architecture}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
-        intervention = read_intervention(path, self.fingerprint, self.num_layers, self.device)
-        self.store.install(intervention)
+        intervention = self._read(path)
+        self.bank.check_fits(intervention.compact, str(path))
+        self.store.install(intervention, pin=pin)
+        if intervention.language in self.store.pinned:
+            self.bank.pin(intervention.version, intervention.compact, self.store.pinned_versions())
+        self.bank.drop(self.store.trim(self._versions_in_use()))
         logger.info("loaded intervention %s version %s from %s", intervention.language, intervention.version, path)
-        return intervention.describe()
+        return {**intervention.describe(), "pinned": intervention.language in self.store.pinned}
+
+    def release_unused(self, versions_in_use: set[str]) -> None:
+        self.bank.drop(self.store.release_unused(versions_in_use))
+
+    def _read(self, path: str | Path) -> LoadedIntervention:
+        return read_intervention(path, self.fingerprint, self.num_layers, self.dtype)
+
+    def _versions_in_use(self) -> set[str]:
+        return {request.intervention.version for request in self.requests.values() if request.intervention}
+
+    def bank_status(self) -> dict:
+        return {
+            "max_languages": self.bank_config.max_languages,
+            "max_cpu_languages": self.bank_config.max_cpu_languages,
+            "max_map_rank": self.bank_config.max_map_rank or "full",
+            "bank_bytes": self.bank.memory_bytes,
+            "resident": sorted(self.bank.slot_of),
+            "on_host": [version for version, i in self.store.versions.items() if i.compact is not None],
+            "evictions": self.bank.evictions,
+            "swaps_in": self.bank.swaps_in,
+            "overflows": self.bank.overflows,
+            "loads_on_demand": self.store.loads_on_demand,
+        }
 
     def plan_step(self, runner) -> StepPlan | None:
         """The rows to steer in the step the runner is about to run (None: nothing to do)."""
@@ -96,6 +131,11 @@ class WorkerState:
             request = self.request(req_id, state)
             if request.intervention is None:
                 continue
+            try:
+                intervention = self.store.hold(request.intervention.version, self._read)
+            except (ValueError, OSError) as error:  # its artifact changed or went away: never crash a step
+                logger.error("request %s runs plain: cannot read its intervention again: %s", req_id, error)
+                continue
             scheduled.append(
                 ScheduledRequest(
                     first_row=int(query_start[i]),
@@ -104,10 +144,16 @@ class WorkerState:
                     prompt_len=state.num_prompt_tokens,
                     first_steerable=request.first_steerable,
                     spec=request.spec,
-                    intervention=request.intervention,
+                    intervention=intervention,
                 )
             )
-        return build_step_plan(scheduled, self.buffers) if scheduled else None
+        if self.store.over_host_capacity:
+            # Maps read again from disk, or kept past the cap while a wide batch used them: release the
+            # least recently used ones no running request holds (once per step: a length check when within).
+            self.bank.drop(self.store.trim(self._versions_in_use()))
+        if not scheduled:
+            return None
+        return build_step_plan(scheduled, self.buffers, self.bank, frozenset(self.store.pinned_versions()))
 
     def request(self, req_id: str, state) -> WorkerRequest:
         """The request's arguments and intervention (`state`: vLLM's CachedRequestState), resolved when
@@ -137,6 +183,8 @@ class WorkerState:
         if intervention is None and spec.language not in self._warned_languages:
             self._warned_languages.add(spec.language)
             logger.warning("no intervention loaded for %r; request runs plain", spec.language)
+        if intervention is not None:  # what the request left out: the bound version's serving defaults
+            spec = resolve(spec, intervention.serving, intervention.layers)
         starts_with_bos = bool(prompt_token_ids) and prompt_token_ids[0] == self.bos_token_id
         return WorkerRequest(spec, intervention, args.score_from, first_steerable=int(starts_with_bos))
 
@@ -146,12 +194,14 @@ def decoder_layers(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
     return [(i, inner.layers[i]) for i in range(inner.start_layer, inner.end_layer)]
 
 
-def attach_to_model(model: torch.nn.Module, model_dir: str, device: torch.device, max_rows: int,
-                    bos_token_id: int | None = None) -> WorkerState:
-    """Route every decoder layer's output through the steering op (before compilation)."""
+def attach_to_model(model: torch.nn.Module, model_dir: str, device: torch.device, max_rows: int, hidden_size: int,
+                    dtype: torch.dtype, bos_token_id: int | None = None) -> WorkerState:
+    """Route every decoder layer's output through the steering op (before compilation), and allocate the bank
+    (`BankConfig.from_env`)."""
     architecture = type(model).__name__
     num_layers = len(model.model.layers) if hasattr(model, "model") else 0
-    state = WorkerState(architecture, model_dir, num_layers, device, max_rows, bos_token_id=bos_token_id)
+    state = WorkerState(architecture, model_dir, num_layers, device, max_rows, hidden_size, dtype,
+                        bos_token_id=bos_token_id, bank_config=BankConfig.from_env())
     if not state.supported:
         logger.warning("lingosteer: %s is not supported; the engine runs plain", architecture)
         return state

@@ -7,6 +7,7 @@ the admin routes (if a token is configured), `/v1/interference*` (if a matrix is
 given) and the lingosteer metrics in vLLM's `/metrics`.
 """
 
+import asyncio
 import logging
 import signal
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ class ServerOptions:
     language_confidence: float = DEFAULT_MIN_CONFIDENCE
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # completion and chat bodies
+    pins: tuple[str, ...] = ()  # languages (FLORES codes) kept in a device slot from the start
 
 
 async def attach_lingosteer(app, engine_client, args, options: ServerOptions) -> InterventionRegistry:
@@ -45,10 +47,12 @@ async def attach_lingosteer(app, engine_client, args, options: ServerOptions) ->
     registry = InterventionRegistry(engine_client, options.interventions)
     registry.pin_versions()
     await registry.refresh()
-    await preload(registry, Path(args.model))
+    await preload(registry, Path(args.model), options.pins)
+    app.state.lingosteer_bank_poll = asyncio.create_task(registry.poll_bank())  # held: tasks are weakly referenced
     prompt_tokenizer = PromptTokenizer(engine_client.get_tokenizer(), load_chat_template(args.chat_template))
     router = LanguageRouter(
-        registry, LanguageDetector(options.language_confidence), prompt_tokenizer, options.auto_language
+        registry, LanguageDetector(options.language_confidence), prompt_tokenizer, options.auto_language,
+        served_models=tuple(path.name for path in app.state.openai_serving_models.base_model_paths),
     )
     mount(app, registry, router, options)
     return registry
@@ -76,12 +80,17 @@ def mount(app, registry: InterventionRegistry, router: LanguageRouter, options: 
     app.openapi_schema = None  # rebuilt with our routes on the next /openapi.json
 
 
-async def preload(registry: InterventionRegistry, model_dir: Path) -> None:
-    """Load every artifact under the root fitted on this model; others are skipped with a log line."""
+async def preload(registry: InterventionRegistry, model_dir: Path, pins: tuple[str, ...] = ()) -> None:
+    """Load every artifact under the root fitted on this model (pinning `pins`); others are skipped with a log
+    line. Loading keeps at most --max-cpu-languages maps on the host: the rest are read again on first use."""
     chosen = discover_interventions(registry.root, fingerprint=model_fingerprint(model_dir), within_root=True)
-    for path in chosen.values():
+    missing = sorted(set(pins) - set(chosen))
+    if missing:
+        raise ValueError(f"--pin {' '.join(missing)}: no intervention for this model under {registry.root} "
+                         f"(found: {', '.join(sorted(chosen)) or 'none'})")
+    for language, path in chosen.items():
         try:
-            info, _ = await registry.load(path)
+            info, _ = await registry.load(path, pin=language in pins)
         except LoadError as error:
             raise ValueError(f"cannot preload {path}: {error}") from None
         logger.info("lingosteer: loaded %s version %s from %s", info.language, info.version, info.path)

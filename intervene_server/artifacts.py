@@ -2,20 +2,20 @@
 
 A load by path must stay inside the root after resolving symlinks (no `..`, no
 link pointing out). An upload (manifest.json + matrices.safetensors) is written
-to the upload directory under its content hash, atomically, and then loaded
+to the upload directory under its version (`alignment.artifact.artifact_version`,
+the content hash the engine names it by), atomically, and then loaded
 like any other artifact; the engine does all content validation. The upload
 directory keeps only uploads that are loaded: the engine holds a loaded version's
 tensors in memory, so a replaced or unloaded upload's files are removed.
 """
 
-import hashlib
 import os
 import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from alignment.artifact import MANIFEST_NAME, MATRICES_NAME, files_outside
+from alignment.artifact import MANIFEST_NAME, MATRICES_NAME, artifact_version, files_outside
 
 DEFAULT_MAX_UPLOAD_BYTES = 512 * 1024 * 1024
 UPLOAD_DIR_NAME = ".uploads"  # inside the root; hidden, so startup preloading skips it
@@ -48,21 +48,22 @@ def resolve_in_root(root: Path, requested: str) -> Path:
 
 
 def store_upload(upload_dir: Path, manifest: bytes, matrices: bytes) -> Path:
-    """Write an uploaded artifact as `<upload_dir>/<sha256 prefix>/`, all or nothing."""
-    digest = hashlib.sha256(manifest + b"\0" + matrices).hexdigest()[:16]
-    target = upload_dir / digest
-    if target.is_dir():
-        return target
+    """Write an uploaded artifact as `<upload_dir>/<its version>/`, all or nothing."""
     upload_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=upload_dir))
+    target = None
     try:
         (staging / MANIFEST_NAME).write_bytes(manifest)
         (staging / MATRICES_NAME).write_bytes(matrices)
-        os.replace(staging, target)
+        target = upload_dir / artifact_version(staging)
+        if not target.is_dir():  # the same files, uploaded before, are that upload
+            os.replace(staging, target)
     except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-        if not target.is_dir():
+        # A concurrent upload of the same files may have got there first: that is this upload.
+        if target is None or not target.is_dir():
             raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # still there only if the files were stored before
     return target
 
 

@@ -17,8 +17,15 @@ from intervene_server import metrics
 from intervene_server.artifacts import ArtifactPathError, remove_unused_uploads, resolve_in_root, store_upload
 from intervene_server.auth import audit, require_token
 from intervene_server.path_languages import language_or_404
-from intervene_server.registry import InterventionRegistry, LoadError
-from intervene_server.schemas import ErrorBody, InterventionList, LoadRequest, LoadResult, UnloadResult
+from intervene_server.registry import InterventionRegistry, LoadError, NoEarlierVersionError
+from intervene_server.schemas import (
+    ErrorBody,
+    HistoryEntry,
+    InterventionList,
+    LoadRequest,
+    LoadResult,
+    UnloadResult,
+)
 
 
 def public_router(registry: InterventionRegistry) -> APIRouter:
@@ -35,7 +42,7 @@ def public_router(registry: InterventionRegistry) -> APIRouter:
 def admin_router(
     registry: InterventionRegistry, token: str, upload_dir: Path, max_upload_bytes: int
 ) -> APIRouter:
-    errors = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 411, 413, 422)}
+    errors = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 411, 413, 422)}
     router = APIRouter(prefix="/admin", tags=["lingosteer admin"], responses=errors)
     caller = Annotated[str, Depends(require_token(token))]
     # Every change holds this lock from storing an upload to removing the uploads no longer loaded,
@@ -44,14 +51,15 @@ def admin_router(
     uploads_lock = asyncio.Lock()
 
     async def remove_unused(request: Request) -> None:
-        in_use = [registry.root / info.path for info in registry.loaded.values()]
-        removed = await run_in_threadpool(remove_unused_uploads, upload_dir, in_use)
+        # What is loaded, and what a rollback would load again.
+        removed = await run_in_threadpool(remove_unused_uploads, upload_dir, registry.paths_to_keep())
         if removed:
             audit("uploads_removed", request, removed=removed)
 
-    async def load(request: Request, path: Path, shown: str) -> LoadResult:
+    async def load(request: Request, path: Path, shown: str, pin: bool = False, source: str = "path") -> LoadResult:
+        caller_address = request.client.host if request.client else "unknown"
         try:
-            info, replaced = await registry.load(path)
+            info, replaced = await registry.load(path, pin=pin, loaded_by=caller_address, source=source)
         except LoadError as error:
             metrics.INTERVENTION_EVENTS.labels(event="rejected", language="unknown").inc()
             audit("load_rejected", request, artifact=shown, error=str(error))
@@ -71,7 +79,7 @@ def admin_router(
             raise HTTPException(400, str(error)) from None
         async with uploads_lock:
             try:
-                return await load(request, path, body.path)
+                return await load(request, path, body.path, pin=body.pin)
             finally:
                 await remove_unused(request)  # the upload it replaced, if any
 
@@ -92,7 +100,7 @@ def admin_router(
         async with uploads_lock:
             path = await run_in_threadpool(store_upload, upload_dir, manifest_bytes, matrices_bytes)
             try:
-                return await load(request, path, f"upload {path.name}")
+                return await load(request, path, f"upload {path.name}", source="upload")
             finally:
                 await remove_unused(request)  # this upload if it was refused, and the upload it replaced
 
@@ -106,6 +114,27 @@ def admin_router(
         metrics.INTERVENTION_EVENTS.labels(event="unload", language=code).inc()
         audit("unload", request, language=code, version=version)
         return UnloadResult(language=code, version=version)
+
+    @router.post("/interventions/{language}/rollback", response_model=LoadResult)
+    async def rollback(language: str, request: Request, _: caller) -> LoadResult:
+        """Load the version of a language that was loaded before its current one (409 if there is none)."""
+        code = language_or_404(language, registry.loaded, "languages with a loaded intervention")
+        async with uploads_lock:
+            try:
+                previous = registry.previous(code)
+            except NoEarlierVersionError as error:
+                raise HTTPException(409, str(error)) from None
+            try:
+                return await load(request, registry.root / previous.path, previous.path,
+                                  pin=registry.loaded[code].pinned, source="rollback")
+            finally:
+                await remove_unused(request)
+
+    @router.get("/interventions/{language}/history", response_model=list[HistoryEntry])
+    async def history(language: str, _: caller) -> list[HistoryEntry]:
+        """Every load of a language since start, oldest first: version, path, who, when, how."""
+        code = language_or_404(language, registry.history, "languages loaded since start")
+        return registry.history[code]
 
     return router
 

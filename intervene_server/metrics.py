@@ -1,6 +1,6 @@
 """Prometheus metrics, in the default registry that vLLM's /metrics already serves."""
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 REQUESTS = Counter(
     "lingosteer_requests",
@@ -18,8 +18,26 @@ ROUTING_ERRORS = Counter(
 INTERVENTION_EVENTS = Counter(
     "lingosteer_intervention_events",
     "Loads, swaps and unloads of interventions, and refused loads.",
-    ["event", "language"],  # event: load | swap | unload | rejected
+    ["event", "language"],  # event: load | swap | unload | rejected (a rollback is a swap)
 )
+# The worker's bank (intervene_engine.bank), read from `lingosteer_status` every BANK_POLL_SECONDS:
+# the worker counts, these mirror its counts (so they are gauges, not counters).
+BANK_POLL_SECONDS = 10.0
+BANK = {
+    "resident": Gauge("lingosteer_bank_resident_languages", "Versions held in a device slot now."),
+    "bank_bytes": Gauge("lingosteer_bank_bytes", "Bytes of the device bank, allocated once at start."),
+    "evictions": Gauge("lingosteer_bank_evictions", "Versions evicted from a device slot since start."),
+    "loads_on_demand": Gauge("lingosteer_bank_loads_on_demand",
+                             "Maps read again from disk because a request needed them, since start."),
+    "overflows": Gauge("lingosteer_bank_overflows",
+                       "Versions a step served from the host copy because every slot was needed, since start."),
+}
+
+
+def set_bank(status: dict) -> None:
+    for key, gauge in BANK.items():
+        value = status[key]
+        gauge.set(len(value) if key == "resident" else value)
 
 
 def count_request(endpoint: str, applied) -> None:

@@ -34,6 +34,8 @@ BODY_FIELD = "lingosteer"
 ROUTED_PATHS = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
 _DONE = b"data: [DONE]"
 DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
+MODELS_PATH = "/v1/models"
+_ERROR_TYPES = {HTTPStatus.BAD_REQUEST: "BadRequestError", HTTPStatus.NOT_FOUND: "NotFoundError"}
 
 
 class LanguageRoutingMiddleware:
@@ -43,6 +45,8 @@ class LanguageRoutingMiddleware:
         self.max_request_bytes = max_request_bytes
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope.get("path") == MODELS_PATH and scope["method"] == "GET":
+            return await self.app(scope, receive, _ModelListSend(send, self.router))
         endpoint = ROUTED_PATHS.get(scope.get("path")) if scope["type"] == "http" else None
         if endpoint is None or scope["method"] != "POST":
             return await self.app(scope, receive, send)
@@ -57,20 +61,21 @@ class LanguageRoutingMiddleware:
             routed = await run_in_threadpool(self._route, body, endpoint)
         except RoutingError as error:
             metrics.ROUTING_ERRORS.labels(endpoint=endpoint).inc()
-            return await _send_openai_error(send, HTTPStatus.BAD_REQUEST, str(error), error.param)
+            return await _send_openai_error(send, error.status, str(error), error.param)
         if routed is None:  # not a JSON object, not ours to judge: vLLM answers with its own error
             return await self.app(scope, _replay(body, receive), send)
-        body, applied = routed
+        body, applied, echoed_bos = routed
         scope = {**scope, "headers": _with_content_length(scope["headers"], len(body))}
         token = current_applied.set(applied)
         try:
-            await self.app(scope, _replay(body, receive), _AnnotatingSend(send, applied))
+            await self.app(scope, _replay(body, receive), _AnnotatingSend(send, applied, echoed_bos))
         finally:
             current_applied.reset(token)
             metrics.count_request(endpoint, applied)
 
-    def _route(self, body: bytes, endpoint: str) -> tuple[bytes, AppliedIntervention] | None:
-        """The rewritten body and what it will get, or None if the body is not a JSON object."""
+    def _route(self, body: bytes, endpoint: str) -> tuple[bytes, AppliedIntervention, frozenset[int]] | None:
+        """The rewritten body, what it will get and the choices whose echoed prompt starts with a BOS the
+        server added; None if the body is not a JSON object."""
         try:
             payload = json.loads(body)
         except ValueError:
@@ -78,13 +83,18 @@ class LanguageRoutingMiddleware:
         if not isinstance(payload, dict):
             return None
         applied = self.router.route(payload, endpoint)
-        return json.dumps(payload).encode(), applied  # ASCII escapes: lossless even for lone surrogates
+        n = payload.get("n") if isinstance(payload.get("n"), int) else 1
+        # vLLM numbers the choices of prompt i i * n, ..., i * n + n - 1.
+        echoed_bos = frozenset(i * n + j for i in applied.bos_added or [] for j in range(n)) \
+            if payload.get("echo") else frozenset()
+        return json.dumps(payload).encode(), applied, echoed_bos  # ASCII escapes: lossless even for lone surrogates
 
 
 class _AnnotatingSend:
-    def __init__(self, send, applied: AppliedIntervention):
+    def __init__(self, send, applied: AppliedIntervention, echoed_bos: frozenset[int] = frozenset()):
         self.send = send
         self.applied = applied
+        self.echoed_bos = echoed_bos  # choices whose echoed logprobs start with an added BOS, dropped here
         self.start = None  # the held-back http.response.start message
         self.mode = None  # "json" | "stream" | "other", decided at the first body message
         self.json_parts: list[bytes] = []
@@ -126,6 +136,7 @@ class _AnnotatingSend:
         body = b"".join(self.json_parts)
         try:
             document = json.loads(body)
+            _drop_echoed_bos(document, self.echoed_bos)
             document[BODY_FIELD] = self.applied.model_dump(exclude_none=True, mode="json")
             body = _dumps(document)
         except (ValueError, TypeError):
@@ -148,6 +159,49 @@ class _AnnotatingSend:
             BODY_FIELD: self.applied.model_dump(exclude_none=True, mode="json"),
         }
         return chunk[:done] + b"data: " + _dumps(final) + b"\n\n" + chunk[done:]
+
+
+class _ModelListSend:
+    """vLLM's /v1/models answer, each served model's card followed by its BASE:LANG cards (`routing`)."""
+
+    def __init__(self, send, router: LanguageRouter):
+        self.send = send
+        self.router = router
+        self.start = None
+        self.parts: list[bytes] = []
+
+    async def __call__(self, message):
+        if message["type"] == "http.response.start":
+            self.start = message
+            return
+        if message["type"] != "http.response.body":
+            return await self.send(message)
+        self.parts.append(message.get("body", b""))
+        if message.get("more_body", False):
+            return
+        body = b"".join(self.parts)
+        if self.start["status"] == 200:
+            document = json.loads(body)
+            document["data"] = [
+                listed for card in document["data"]
+                for listed in [card, *(self.router.language_model_cards(card)
+                                       if card["id"] in self.router.served_models else [])]
+            ]
+            body = _dumps(document)
+        headers = MutableHeaders(raw=list(self.start["headers"]))
+        headers["content-length"] = str(len(body))
+        await self.send({**self.start, "headers": headers.raw})
+        await self.send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _drop_echoed_bos(document: dict, choices: frozenset[int]) -> None:
+    """Leave the added BOS out of these choices' echoed logprobs, so that entry j is prompt token j as sent
+    (lm-eval slices `token_logprobs` by its own context length)."""
+    for choice in document.get("choices", []) if choices else []:
+        logprobs = choice.get("logprobs") if choice.get("index") in choices else None
+        for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+            if logprobs and logprobs.get(key):
+                logprobs[key] = logprobs[key][1:]
 
 
 def _dumps(document) -> bytes:
@@ -191,8 +245,8 @@ def _with_content_length(headers: list, length: int) -> list:
 
 
 async def _send_openai_error(send, status: HTTPStatus, message: str, param: str | None) -> None:
-    # The error types vLLM gives: its own for a bad request, the status phrase for other HTTP errors.
-    error_type = "BadRequestError" if status == HTTPStatus.BAD_REQUEST else status.phrase
+    # The error types vLLM gives: its own for a bad request and an unknown model, the status phrase for others.
+    error_type = _ERROR_TYPES.get(status, status.phrase)
     body = _dumps({"error": {"message": message, "type": error_type, "param": param, "code": status.value}})
     await send({"type": "http.response.start", "status": status.value, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),

@@ -7,6 +7,7 @@ default). Offsets let `auto-spans` turn character spans into token ranges;
 tests check the token ids against vLLM's own `/tokenize`.
 """
 
+import functools
 from dataclasses import dataclass
 
 
@@ -40,6 +41,10 @@ def user_text_parts(payload: dict, endpoint: str) -> list[TextPart]:
     return parts
 
 
+def _is_id(token) -> bool:
+    return isinstance(token, int) and not isinstance(token, bool)
+
+
 def message_text(content) -> str:
     """A chat message's text: a string, or its text parts joined by newlines (as vLLM does)."""
     if isinstance(content, str):
@@ -56,6 +61,27 @@ class PromptTokenizer:
     def __init__(self, tokenizer, chat_template: str | None):
         self.tokenizer = tokenizer
         self.chat_template = chat_template
+
+    @functools.cached_property
+    def added_bos(self) -> int | None:
+        """The BOS id the tokenizer puts before every text prompt (None: it adds none)."""
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None and self.tokenizer("a").input_ids[:1] == [bos] else None
+
+    def with_bos(self, prompt) -> tuple[object, list[int]]:
+        """A token-id completion prompt (one list of ids, or a list of them) with the BOS a text prompt
+        would get put before each that lacks it, and the indices of those; other prompts as they are.
+        vLLM takes token ids as given, so a client tokenizing without BOS (lm-eval's default) would
+        otherwise score a model that never saw a prompt without it."""
+        bos = self.added_bos
+        single = isinstance(prompt, list) and bool(prompt) and all(_is_id(t) for t in prompt)
+        prompts = [prompt] if single else prompt
+        if bos is None or not isinstance(prompts, list) or not all(
+                isinstance(p, list) and p and all(_is_id(t) for t in p) for p in prompts):
+            return prompt, []
+        added = [i for i, p in enumerate(prompts) if p[0] != bos]
+        completed = [[bos, *p] if i in added else p for i, p in enumerate(prompts)]
+        return (completed[0] if single else completed), added
 
     def offsets(self, text: str, add_special_tokens: bool) -> list[tuple[int, int]]:
         try:

@@ -17,11 +17,13 @@ import functools
 import logging
 from collections.abc import Callable
 from contextvars import ContextVar
+from datetime import UTC, datetime
 from pathlib import Path
 
 from intervene_engine.request_spec import LANGUAGE_KEY, VERSION_KEY
 from intervene_engine.vllm_compat import patches_in
-from intervene_server.schemas import AppliedIntervention, InterventionInfo
+from intervene_server import metrics
+from intervene_server.schemas import AppliedIntervention, HistoryEntry, InterventionInfo
 
 logger = logging.getLogger("lingosteer.server")
 
@@ -33,11 +35,16 @@ class LoadError(ValueError):
     """The engine refused an artifact (the old version keeps serving)."""
 
 
+class NoEarlierVersionError(LookupError):
+    """A rollback for a language that has no version before the current one."""
+
+
 class InterventionRegistry:
     def __init__(self, engine_client, root: Path):
         self.engine = engine_client
         self.root = root.resolve()
         self.loaded: dict[str, InterventionInfo] = {}
+        self.history: dict[str, list[HistoryEntry]] = {}  # per language, oldest first
         self._swap = asyncio.Lock()
 
     async def refresh(self) -> None:
@@ -45,23 +52,60 @@ class InterventionRegistry:
         [entries] = await self.engine.collective_rpc("lingosteer_list")
         self.loaded = {entry["language"]: self._info(entry) for entry in entries}
 
-    async def load(self, path: Path) -> tuple[InterventionInfo, str | None]:
-        """Load or replace; returns the new info and the version it replaced."""
+    async def load(self, path: Path, pin: bool = False, loaded_by: str = "startup",
+                   source: str = "startup") -> tuple[InterventionInfo, str | None]:
+        """Load or replace (`pin`: keep it in a device slot); returns the new info and the version it replaced."""
         async with self._swap:
             try:
-                [entry] = await self.engine.collective_rpc("lingosteer_load", args=(str(path),))
+                [entry] = await self.engine.collective_rpc("lingosteer_load", args=(str(path), pin))
             except Exception as error:  # the worker's validation error, relayed by the engine core
                 raise LoadError(_last_line(error)) from None  # nothing changed
             info = self._info(entry)
             replaced = self.loaded.get(info.language)
             self.loaded = {**self.loaded, info.language: info}
+            self.history.setdefault(info.language, []).append(HistoryEntry(
+                version=info.version, path=info.path, loaded_by=loaded_by,
+                at=datetime.now(UTC).isoformat(timespec="seconds"), source=source))
         return info, replaced.version if replaced else None
+
+    def previous(self, language: str) -> HistoryEntry:
+        """The latest version of `language` loaded before its current one."""
+        current = self.version_of(language)
+        for entry in reversed(self.history.get(language, [])):
+            if entry.version != current:
+                return entry
+        raise NoEarlierVersionError(f"{language} has no version loaded before {current}: nothing to roll back to")
+
+    def paths_to_keep(self) -> list[Path]:
+        """Artifact directories loaded now, or one rollback away: uploads among them must stay."""
+        keep = [self.root / info.path for info in self.loaded.values()]
+        for language in self.loaded:
+            try:
+                keep.append(self.root / self.previous(language).path)
+            except NoEarlierVersionError:
+                pass
+        return keep
+
+    async def update_bank_metrics(self) -> None:
+        """The bank's gauges from the worker (`lingosteer_status`)."""
+        [status] = await self.engine.collective_rpc("lingosteer_status")
+        metrics.set_bank(status["bank"])
 
     async def unload(self, language: str) -> str:
         async with self._swap:
             [version] = await self.engine.collective_rpc("lingosteer_unload", args=(language,))
             self.loaded = {code: info for code, info in self.loaded.items() if code != language}
         return version
+
+    async def poll_bank(self) -> None:
+        """Keep the bank's gauges current: evictions and loads on demand happen in the worker's steps, which
+        send no message, so the front end asks (one small RPC every `metrics.BANK_POLL_SECONDS`)."""
+        while True:
+            await asyncio.sleep(metrics.BANK_POLL_SECONDS)
+            try:
+                await self.update_bank_metrics()
+            except Exception as error:  # a dead engine is reported by vLLM's own health check
+                logger.warning("lingosteer: cannot read the bank's state: %s", error)
 
     def version_of(self, language: str) -> str | None:
         info = self.loaded.get(language)

@@ -1,4 +1,12 @@
-"""Per-request language routing: turn a request's `vllm_xargs` into what the plugin runs.
+"""Per-request language routing: turn a request's `model` and `vllm_xargs` into what the plugin runs.
+
+Languages are models, as vLLM's LoRA adapters are: `BASE:LANG` (e.g. `gemma-3-270m:swh_Latn`)
+names the served model BASE steered for LANG with its serving defaults, for every loaded
+intervention (`language_model_cards` lists them in /v1/models with parent BASE). The router
+rewrites `model` to BASE and sets `vllm_xargs.language`; the request's other `vllm_xargs`
+(alpha, layers, positions) still override the defaults. A `vllm_xargs.language` naming
+another language than the model name is a 400: neither silently wins. An unknown BASE or
+LANG is OpenAI's 404 listing the models that exist.
 
 `language` may be a FLORES-200 / ISO 639-1 / ISO 639-3 code (normalised), `"auto"`
 (identify the prompt's language; chat: the user turns), or `"auto-spans"` (identify
@@ -10,9 +18,15 @@ language). Server-only keys are consumed here and never reach the engine:
 """
 
 from dataclasses import dataclass
+from http import HTTPStatus
 
 from intervene_engine.request_spec import (
-    LANGUAGE_KEY, VERSION_KEY, RequestSpecError, flatten_ranges, parse_request_spec,
+    LANGUAGE_KEY,
+    VERSION_KEY,
+    RequestSpecError,
+    flatten_ranges,
+    parse_request_spec,
+    resolve,
 )
 from intervene_server import metrics
 from intervene_server.detection import LanguageDetector
@@ -27,11 +41,16 @@ STEERING_KEYS = (LANGUAGE_KEY, "alpha", "layers", "positions")
 
 
 class RoutingError(ValueError):
-    """The request's language routing arguments are invalid (HTTP 400)."""
+    """The request's language routing arguments are invalid (HTTP 400), or its model does not exist (404)."""
 
-    def __init__(self, message: str, param: str = "vllm_xargs"):
+    def __init__(self, message: str, param: str = "vllm_xargs", status: HTTPStatus = HTTPStatus.BAD_REQUEST):
         super().__init__(message)
         self.param = param
+        self.status = status
+
+
+def language_model_name(base: str, language: str) -> str:
+    return f"{base}:{language}"
 
 
 @dataclass
@@ -40,6 +59,19 @@ class LanguageRouter:
     detector: LanguageDetector
     prompt_tokenizer: PromptTokenizer
     auto_language: bool = False  # requests without a language are treated as "auto"
+    served_models: tuple[str, ...] = ()  # the BASE names vLLM serves (--served-model-name)
+
+    def language_model_cards(self, base_card: dict) -> list[dict]:
+        """/v1/models entries of BASE:LANG for a base model's card (vLLM's `ModelCard`, as JSON), one per
+        loaded intervention, with parent BASE as vLLM lists a LoRA adapter."""
+        base = base_card["id"]
+        return [
+            {**base_card, "id": language_model_name(base, language), "parent": base, "owned_by": "lingosteer",
+             "lingosteer": {"language": language, "version": info.version,
+                            "serving": info.serving.model_dump(mode="json"),
+                            "defaults": "calibrated" if info.evidence else "uncalibrated"}}
+            for language, info in sorted(self.registry.loaded.items())
+        ]
 
     def route(self, payload: dict, endpoint: str) -> AppliedIntervention:
         """Rewrite `payload["vllm_xargs"]` in place; return what will be applied.
@@ -59,6 +91,13 @@ class LanguageRouter:
         if on_missing not in ON_MISSING:
             raise RoutingError(f"'on_missing' must be one of {ON_MISSING}, got {on_missing!r}")
         min_confidence = _confidence(xargs.pop("min_confidence", self.detector.min_confidence))
+        named = self._model_language(payload, loaded)
+        if named is not None:
+            given = xargs.get(LANGUAGE_KEY)
+            if given not in (None, "") and _normalized(given) != named:
+                raise RoutingError(f"model {payload['model']}:{named} is steered for {named}, but vllm_xargs.language "
+                                   f"is {given!r}: name the language once (drop one of them)")
+            xargs[LANGUAGE_KEY] = named
         requested = xargs.get(LANGUAGE_KEY)
         if requested is None and self.auto_language:
             requested = AUTO
@@ -88,7 +127,38 @@ class LanguageRouter:
             payload["vllm_xargs"] = xargs
         else:
             payload.pop("vllm_xargs", None)
+        if endpoint == "completion":
+            self._add_bos(payload, applied)
         return applied
+
+    def _add_bos(self, payload: dict, applied: AppliedIntervention) -> None:
+        """Start token-id prompts with the BOS their model's tokenizer adds (`PromptTokenizer.with_bos`)."""
+        prompt, added = self.prompt_tokenizer.with_bos(payload.get("prompt"))
+        if not added:
+            return
+        if payload.get("echo") and payload.get("stream"):
+            # The echoed prompt would include the added BOS, one place off the prompt the client indexes.
+            raise RoutingError("echo with stream=true needs token-id prompts that start with BOS "
+                               f"(id {self.prompt_tokenizer.added_bos}), as this model's tokenizer starts text "
+                               "prompts: add it, or send stream=false and the server adds it", "prompt")
+        payload["prompt"] = prompt
+        applied.bos_added = added
+
+    def _model_language(self, payload: dict, loaded: dict[str, InterventionInfo]) -> str | None:
+        """The language a `BASE:LANG` model name selects (rewriting `model` to BASE); None for other names,
+        which vLLM judges (BASE, a LoRA adapter or its own 404)."""
+        model = payload.get("model")
+        if not isinstance(model, str) or model in self.served_models or ":" not in model:
+            return None
+        base, _, code = model.rpartition(":")
+        language = _normalized(code) if base in self.served_models else None
+        if language not in loaded:
+            models = [*self.served_models,
+                      *(language_model_name(name, code) for name in self.served_models for code in sorted(loaded))]
+            raise RoutingError(f"The model `{model}` does not exist; models: {', '.join(models)}", "model",
+                               HTTPStatus.NOT_FOUND)
+        payload["model"] = base
+        return language
 
     def _explicit(self, requested: str, on_missing: str, loaded: dict[str, InterventionInfo]) -> AppliedIntervention:
         try:
@@ -181,16 +251,12 @@ class LanguageRouter:
         alpha of 0 means steering is off for this language unless the request asks for it."""
         serving = info.serving
         if "alpha" not in xargs and serving.alpha == 0:
-            summary = (info.evidence or {}).get("summary", "its serving alpha is 0")
+            summary = info.evidence.summary if info.evidence else "its serving alpha is 0"
             return _plain(f"steering {applied.language} is off by default ({summary}); pass 'alpha' to steer anyway",
                           source=applied.source, language=applied.language, confidence=applied.confidence,
                           spans=applied.spans, defaults="calibrated" if info.evidence else "uncalibrated")
-        # Only what differs from the engine's own defaults travels: the engine already takes
-        # alpha from the bound version, every layer of it, and the last prompt token.
-        if "layers" not in xargs and sorted(serving.layers) != sorted(info.layers):
-            xargs["layers"] = serving.layers
-        if "positions" not in xargs and serving.positions != "last":
-            xargs["positions"] = serving.positions
+        # Only what the request set travels: the plugin fills the rest from the bound version's
+        # serving defaults (`request_spec.resolve`), as it does under plain `vllm serve`.
         applied.defaults = "calibrated" if info.evidence else "uncalibrated"
         return applied
 
@@ -203,15 +269,25 @@ class LanguageRouter:
         if spec.layers is not None and not set(spec.layers) <= set(info.layers):
             raise RoutingError(f"'layers' {list(spec.layers)} are not all in the {applied.language} "
                                f"intervention's layers {info.layers}")
-        applied.alpha = info.default_alpha if spec.alpha is None else spec.alpha
-        applied.layers = list(spec.layers) if spec.layers is not None else list(info.layers)
-        applied.positions = spec.positions if isinstance(spec.positions, str) else [list(r) for r in spec.positions]
+        resolved = resolve(spec, info.serving)
+        applied.alpha = resolved.alpha
+        applied.layers = list(resolved.layers)
+        applied.positions = (resolved.positions if isinstance(resolved.positions, str)
+                             else [list(r) for r in resolved.positions])
 
 
 def _plain(reason: str, source: str = "none", **fields) -> AppliedIntervention:
     if fields.get("confidence") is not None and source == "none":
         source = "detected"
     return AppliedIntervention(applied=False, source=source, reason=reason, **fields)
+
+
+def _normalized(code) -> str | None:
+    """The FLORES code of `code`, or None where it is none."""
+    try:
+        return normalize_code(code) if isinstance(code, str) else None
+    except UnknownLanguageError:
+        return None
 
 
 def _confidence(value) -> float:

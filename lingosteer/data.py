@@ -286,10 +286,14 @@ def parallel_xcopa(lang: str, xcopa_dir: Path | str | None = None) -> list[tuple
     return [pair for a, b in zip(items, translated) for pair in zip(sentences(a), sentences(b))]
 
 
-def code_switched(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """INCLINE's fitting lines: every odd pair (0-based) becomes (source + ' ' + target, target + ' ' + target),
-    so the map also sees sentences that switch into the target language half-way."""
-    return [(s, t) if i % 2 == 0 else (f"{s} {t}", f"{t} {t}") for i, (s, t) in enumerate(pairs)]
+def code_switched(pairs: list[tuple[str, str]], every: int = 2) -> list[tuple[str, str]]:
+    """Code-switched fitting lines: every `every`-th pair becomes (source + ' ' + target, target + ' ' + target),
+    so the map also sees sentences that switch into the target language half-way.
+
+    The default is INCLINE's lines: every odd pair (0-based). `every=1` switches every pair: the
+    code-switched set that bench/alignment_recipes.py adds to SIB-200 (docs/alignment.md's
+    "sib + code-switched" row was computed with it)."""
+    return [(f"{s} {t}", f"{t} {t}") if i % every == every - 1 else (s, t) for i, (s, t) in enumerate(pairs)]
 
 
 # --- XNLI ----------------------------------------------------------------------

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from alignment.artifact import load_intervention, save_intervention
+from alignment.artifact import Evidence, load_intervention, save_intervention
 from alignment.estimator import LinearAligner
 from alignment.hf_steering import steered
 from lingosteer.fingerprint import model_fingerprint
@@ -34,8 +34,16 @@ def write_planted_intervention(
     return save_intervention(
         out_dir, aligner, fingerprint=model_fingerprint(model_dir), source=source, target="eng_Latn",
         layers=layers, pooling="mean", fit_data={"planted": True, "seed": seed, **(fit_data or {})},
-        default_alpha=default_alpha, overwrite=True,
+        alpha=default_alpha, overwrite=True,
     )
+
+
+def planted_evidence(**fields) -> Evidence:
+    """Calibration evidence as `align build` records it, with `fields` planted and the rest filler."""
+    filler = dict(task="xcopa", file="val.sw.jsonl", items=100, plain_accuracy=0.5, cross_validated_accuracy=0.5,
+                  delta=0.0, delta_ci95=[-0.05, 0.05], adopted=False, fold_choices=[], candidate_accuracy={},
+                  rule="planted", date="today", engine={}, summary="planted")
+    return Evidence(**{**filler, **fields})
 
 
 def run_plain_vllm(model_dir: Path, prompts: list, engine: dict, sampling: dict) -> list[dict]:

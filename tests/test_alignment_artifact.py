@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from alignment import artifact
+from alignment.artifact import ServingDefaults as Serving
 from alignment.artifact import load_intervention, save_intervention
 from alignment.estimator import LinearAligner
 
@@ -36,11 +37,12 @@ def save(path, aligner=None, **kwargs):
 @pytest.mark.parametrize("dtype, tol", [("float32", 1e-6), ("bfloat16", 2e-2)])
 def test_round_trip_full(tmp_path, dtype, tol):
     aligner, X = fitted()
-    save(tmp_path / "a", aligner, dtype=dtype, default_alpha=0.5)
+    save(tmp_path / "a", aligner, dtype=dtype, alpha=0.5)
     loaded = load_intervention(tmp_path / "a", expected_fingerprint=FINGERPRINT)
-    assert (loaded.source, loaded.target, loaded.layers, loaded.default_alpha) == ("swh_Latn", "eng_Latn", LAYERS, 0.5)
+    assert (loaded.source, loaded.target, loaded.layers, loaded.serving.alpha) == ("swh_Latn", "eng_Latn", LAYERS, 0.5)
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
-    assert manifest["format_version"] == 2 and manifest["dtype"] == dtype and manifest["parametrization"] == "full"
+    assert manifest["format_version"] == 3 and manifest["dtype"] == dtype and manifest["parametrization"] == "full"
+    assert "default_alpha" not in manifest and manifest["serving"]["alpha"] == 0.5  # one stored alpha
     assert manifest["lambdas"] == pytest.approx(list(aligner.lambdas_))
     for i, layer in enumerate(LAYERS):
         D_, b = loaded.delta(layer)
@@ -56,7 +58,7 @@ def test_round_trip_lowrank(tmp_path):
     aligner, X = fitted(rank=3)
     save(tmp_path / "a", aligner)
     loaded = load_intervention(tmp_path / "a")
-    assert loaded.manifest["parametrization"] == "lowrank" and loaded.manifest["rank"] == 3
+    assert loaded.manifest.parametrization == "lowrank" and loaded.manifest.rank == 3
     assert set(load_file(str(tmp_path / "a" / "matrices.safetensors"))) == {"U.1", "V.1", "b.1", "U.3", "V.3", "b.3"}
     np.testing.assert_allclose(loaded.apply(X[0], 1, alpha=1.0), aligner.transform(X[0], layer=0), atol=1e-4)
 
@@ -66,7 +68,7 @@ def test_round_trip_meanshift_stores_the_bias_alone(tmp_path):
     aligner = LinearAligner(solver="meanshift").fit(X, X + 2.5)
     save(tmp_path / "a", aligner)
     loaded = load_intervention(tmp_path / "a")
-    assert loaded.manifest["parametrization"] == "shift" and loaded.manifest["solver"] == "meanshift"
+    assert loaded.manifest.parametrization == "shift" and loaded.manifest.solver == "meanshift"
     assert set(load_file(str(tmp_path / "a" / "matrices.safetensors"))) == {"b.1", "b.3"}
     np.testing.assert_allclose(loaded.apply(X[0], 1, alpha=0.5), X[0] + 1.25, atol=1e-5)
 
@@ -86,8 +88,8 @@ def test_existing_directory_needs_overwrite_and_stays_valid(tmp_path):
     save(tmp_path / "a")
     with pytest.raises(FileExistsError):
         save(tmp_path / "a")
-    save(tmp_path / "a", fitted(seed=1)[0], overwrite=True, default_alpha=0.25)
-    assert load_intervention(tmp_path / "a").default_alpha == 0.25
+    save(tmp_path / "a", fitted(seed=1)[0], overwrite=True, alpha=0.25)
+    assert load_intervention(tmp_path / "a").serving.alpha == 0.25
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no staging leftovers
     assert all(p.stat().st_mode & 0o777 == 0o644 for p in (tmp_path / "a").iterdir())
 
@@ -129,7 +131,7 @@ CASES = {
     "missing field": (lambda p: _edit_manifest(p, pooling=None), artifact.ManifestError),
     "mistyped field": (lambda p: _edit_manifest(p, layers="1,3"), artifact.ManifestError),
     "layer beyond model": (lambda p: _edit_manifest(p, layers=[1, 9]), artifact.ManifestError),
-    "format version": (lambda p: _edit_manifest(p, format_version=3), artifact.FormatVersionError),
+    "format version": (lambda p: _edit_manifest(p, format_version=4), artifact.FormatVersionError),
     "serving layers not in artifact": (lambda p: _edit_manifest(p, serving={"alpha": 0.5, "layers": [0],
                                                                             "positions": "last"}),
                                        artifact.ManifestError),
@@ -187,24 +189,40 @@ def test_file_over_size_limit_is_refused(tmp_path):
 
 
 def test_serving_defaults_are_recorded_with_their_evidence_and_version_1_still_loads(tmp_path):
-    save(tmp_path / "a", default_alpha=0.5)
+    save(tmp_path / "a", alpha=0.5)
     loaded = load_intervention(tmp_path / "a")
-    assert loaded.serving == {"alpha": 0.5, "layers": LAYERS, "positions": "last"} and loaded.evidence is None
-    evidence = {"task": "xcopa", "items": 100, "plain": 0.55, "steered": 0.6, "rule": "..."}
-    artifact.set_serving_defaults(tmp_path / "a", {"alpha": -0.5, "layers": [3], "positions": "prompt"}, evidence)
+    assert loaded.serving == Serving(alpha=0.5, layers=LAYERS, positions="last") and loaded.evidence is None
+    evidence = artifact.Evidence(
+        task="xcopa", file="val.sw.jsonl", items=100, plain_accuracy=0.55, cross_validated_accuracy=0.6, delta=0.05,
+        delta_ci95=[0.01, 0.09], adopted=True, fold_choices=[], candidate_accuracy={}, rule="...", date="today",
+        engine={}, summary="...", minimum_detectable_gain=0.04)  # a field this code does not name is kept
+    artifact.set_serving_defaults(tmp_path / "a", Serving(alpha=-0.5, layers=[3], positions="prompt"), evidence)
     loaded = load_intervention(tmp_path / "a")
-    assert loaded.serving == {"alpha": -0.5, "layers": [3], "positions": "prompt"} and loaded.evidence == evidence
-    assert loaded.default_alpha == -0.5
+    assert loaded.serving == Serving(alpha=-0.5, layers=[3], positions="prompt") and loaded.evidence == evidence
     with pytest.raises(artifact.ManifestError, match="not a non-empty subset"):
-        artifact.set_serving_defaults(tmp_path / "a", {"alpha": 1.0, "layers": [2], "positions": "last"}, evidence)
-    assert load_intervention(tmp_path / "a").serving["layers"] == [3]  # the refused update changed nothing
-    # A version-1 manifest (no serving, no evidence) serves what version 1 served.
+        artifact.set_serving_defaults(tmp_path / "a", Serving(alpha=1.0, layers=[2], positions="last"), evidence)
+    assert load_intervention(tmp_path / "a").serving.layers == (3,)  # the refused update changed nothing
+    # A version-2 manifest stored the alpha twice; the serving alpha is the one read.
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    (tmp_path / "a" / "manifest.json").write_text(json.dumps({**manifest, "format_version": 2, "default_alpha": -0.5}))
+    assert load_intervention(tmp_path / "a").serving == Serving(alpha=-0.5, layers=[3], positions="prompt")
+    # A version-1 manifest (no serving, no evidence) serves what version 1 served.
     for key in ("serving", "evidence"):
         del manifest[key]
-    (tmp_path / "a" / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    (tmp_path / "a" / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1, "default_alpha": -0.5}))
     old = load_intervention(tmp_path / "a")
-    assert old.serving == {"alpha": -0.5, "layers": LAYERS, "positions": "last"} and old.evidence is None
+    assert old.serving == Serving(alpha=-0.5, layers=LAYERS, positions="last") and old.evidence is None
+    # Rewriting its serving defaults writes the current version, with one alpha.
+    artifact.set_serving_defaults(tmp_path / "a", Serving(alpha=0.25, layers=[3], positions="last"), evidence)
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert manifest["format_version"] == 3 and "default_alpha" not in manifest and manifest["serving"]["alpha"] == 0.25
+
+
+def test_the_version_is_the_content_hash_of_the_files(tmp_path):
+    first, same, other = save(tmp_path / "a"), save(tmp_path / "b"), save(tmp_path / "c", alpha=0.5)
+    # `created` is in the manifest: copy it so that only the alpha differs
+    (same / "manifest.json").write_bytes((first / "manifest.json").read_bytes())
+    assert artifact.artifact_version(first) == artifact.artifact_version(same) != artifact.artifact_version(other)
 
 
 def test_discovery_finds_artifacts_at_any_depth_and_skips_hidden_directories(tmp_path):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,9 +11,10 @@ import time
 import numpy as np
 import pytest
 
-from alignment.artifact import load_intervention
+from alignment.artifact import FORMAT_VERSION, ServingDefaults, load_intervention
 from lingosteer.entrypoints.main import main
 from lingosteer.fingerprint import model_fingerprint
+from plugin_support import planted_evidence
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +33,13 @@ def test_fit_writes_a_valid_artifact(fitted, data_dir):
     model_dir, out = fitted
     intervention = load_intervention(out, expected_fingerprint=model_fingerprint(model_dir))
     manifest = intervention.manifest
-    assert (manifest["source"], manifest["target"]) == ("swh_Latn", "eng_Latn")  # "sw" normalised
-    assert manifest["layers"] == [0, 1] and manifest["dtype"] == "bfloat16" and manifest["default_alpha"] == 0.5
-    assert manifest["fit_data"]["num_pairs"] == 40 and manifest["fit_data"]["num_heldout"] == 8
-    assert manifest["fit_data"]["corpus"] == "sib200" and manifest["fit_data"]["splits"] == ["train"]
-    assert set(manifest["metrics"]["heldout_error_ratio"]) == {"0", "1"}
-    assert all(lam > 0 for lam in manifest["lambdas"])
-    assert manifest["bias"] is True and manifest["standardise"] is False
+    assert (manifest.source, manifest.target) == ("swh_Latn", "eng_Latn")  # "sw" normalised
+    assert manifest.layers == [0, 1] and manifest.dtype == "bfloat16" and manifest.serving.alpha == 0.5
+    assert manifest.fit_data.num_pairs == 40 and manifest.fit_data.num_heldout == 8
+    assert manifest.fit_data.sources[0]["corpus"] == "sib200" and manifest.fit_data.sources[0]["splits"] == ["train"]
+    assert set(manifest.metrics["heldout_error_ratio"]) == {"0", "1"}
+    assert all(lam > 0 for lam in manifest.lambdas)
+    assert manifest.bias is True and manifest.standardise is False
 
 
 def test_eval_json_is_one_object_on_stdout(fitted, data_dir, tmp_path):
@@ -122,10 +124,10 @@ def test_fit_mixes_sources_and_a_ray_fit_equals_the_single_process_fit(tiny_mode
     assert main([*common, "--out", str(tmp_path / "local")]) == 0
     assert main([*common, "--ray", "--ray-workers", "2", "--out", str(tmp_path / "ray")]) == 0
     local, ray = (load_intervention(tmp_path / name) for name in ("local", "ray"))
-    sources = local.manifest["fit_data"]["sources"]
+    sources = local.fit_data.sources
     assert [s["corpus"] for s in sources] == ["sib200", "ntrex"] and sources[1]["lines"] == [0, 9]
-    assert local.manifest["fit_data"]["num_pairs"] == 30 and local.manifest["fit_data"]["recipe"] == "custom"
-    assert ray.manifest["lambdas"] == pytest.approx(local.manifest["lambdas"], rel=1e-9)
+    assert local.fit_data.num_pairs == 30 and local.fit_data.recipe == "custom"
+    assert ray.manifest.lambdas == pytest.approx(local.manifest.lambdas, rel=1e-9)
     local_tensors, ray_tensors = (load_file(str(tmp_path / name / "matrices.safetensors")) for name in ("local", "ray"))
     assert local_tensors.keys() == ray_tensors.keys()
     for name in local_tensors:
@@ -139,9 +141,9 @@ def test_fit_without_solver_or_data_options_uses_the_recommended_recipe(tiny_mod
     assert main(["align", "fit", "--model", str(tiny_model_dir("llama")), "--source", "sw", "--max-pairs", "20",
                  "--out", str(out)]) == 0
     manifest = load_intervention(out).manifest
-    assert [s["spec"] for s in manifest["fit_data"]["sources"]] == list(RECOMMENDED.data)
-    assert manifest["fit_data"]["recipe"] == "recommended"
-    assert (manifest["solver"], manifest["pooling"]) == (RECOMMENDED.solver, RECOMMENDED.pooling)
+    assert [s["spec"] for s in manifest.fit_data.sources] == list(RECOMMENDED.data)
+    assert manifest.fit_data.recipe == "recommended"
+    assert (manifest.solver, manifest.pooling) == (RECOMMENDED.solver, RECOMMENDED.pooling)
 
 
 def test_build_fits_calibrates_and_records_the_gate(tiny_model_dir, data_dir, tmp_path, capsys):
@@ -152,12 +154,56 @@ def test_build_fits_calibrates_and_records_the_gate(tiny_model_dir, data_dir, tm
                  "--calibrate", str(data_dir / "xcopa" / "val.sw.jsonl"), "--calibration-max-items", "40",
                  "--out", str(out)]) == 0
     manifest = load_intervention(out).manifest
-    evidence = manifest["evidence"]
-    assert evidence["task"] == "xcopa" and evidence["items"] == 40 and not evidence["adopted"]
-    assert manifest["serving"] == {"alpha": 0.0, "layers": [0, 1], "positions": "last"}
-    assert manifest["default_alpha"] == 0.0 and manifest["format_version"] == 2
-    assert "gate not cleared" in capsys.readouterr().err
+    evidence = manifest.evidence
+    assert evidence.task == "xcopa" and evidence.items == 40 and not evidence.adopted
+    assert manifest.serving == ServingDefaults(alpha=0.0, layers=[0, 1], positions="last")
+    assert manifest.format_version == FORMAT_VERSION
+    # One language: 'auto' is the per-language design; what it could have detected is recorded and said.
+    assert evidence.design == "current" and evidence.languages == ["swh_Latn"] and len(evidence.fold_choices) == 5
+    assert 0 <= evidence.discordance <= 1
+    floor = evidence.minimum_detectable_gain
+    assert floor is None or floor > 3.6  # 40 items cannot show INCLINE's average gain
+    assert re.fullmatch(r"off: no gain detectable; this calibration could only have detected gains above "
+                        r"\d+\.\d points", evidence.decision)
+    err = capsys.readouterr().err
+    assert "gate not cleared" in err and evidence.decision in err and evidence.decision in evidence.summary
     assert sorted(p.name for p in tmp_path.iterdir()) == ["swh_Latn"]  # no staging left behind
+
+
+def test_a_two_language_build_is_decided_jointly_by_the_pooled_design(tiny_model_dir, data_dir, tmp_path, capsys):
+    """Two languages found in the XCOPA directory, fitted and scored on one engine, decided together."""
+    out = tmp_path / "interventions"
+    assert main(["align", "build", "--model", str(tiny_model_dir("llama")), "--source", "sw,it",
+                 "--data", f"sib200:dev@{data_dir}", "--max-pairs", "24", "--layers", "0-1",
+                 "--calibrate", str(data_dir / "xcopa"), "--calibration-max-items", "40", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["ita_Latn", "swh_Latn"]  # no staging left behind
+    err = capsys.readouterr().err
+    for code in ("swh_Latn", "ita_Latn"):
+        manifest = load_intervention(out / code).manifest
+        evidence = manifest.evidence
+        assert manifest.source == code and evidence.file.endswith(f"val.{code[:2]}.jsonl") and evidence.items == 40
+        assert evidence.design == "pooled" and evidence.languages == ["swh_Latn", "ita_Latn"]
+        assert evidence.delta_ci95 is None and evidence.fold_choices == []  # no per-language CV interval
+        assert (manifest.serving.alpha != 0) is evidence.adopted and evidence.decision in err
+    # A shared design's power is the build's: one minimum and one discordance for both languages.
+    recorded = {(load_intervention(out / code).evidence.minimum_detectable_gain,
+                 load_intervention(out / code).evidence.discordance) for code in ("swh_Latn", "ita_Latn")}
+    assert len(recorded) == 1
+
+
+def test_interventions_list_says_the_design_and_the_detectable_gain(monkeypatch, capsys):
+    from lingosteer.entrypoints import serve
+
+    decision = "off: no gain detectable; this calibration could only have detected gains above 6.8 points"
+    evidence = planted_evidence(design="pooled", decision=decision).model_dump(mode="json")
+    row = {"language": "swh_Latn", "version": "v1", "serving": {"alpha": 0.0, "layers": [0, 1], "positions": "last"},
+           "memory_bytes": 2**20, "path": "swh"}
+    older = {**row, "language": "ita_Latn", "evidence": {**evidence, "design": None, "decision": None}}
+    monkeypatch.setattr(serve, "_request", lambda *args, **kwargs: {"interventions": [{**row, "evidence": evidence},
+                                                                                      older]})
+    assert main(["interventions", "list", "--server", "http://127.0.0.1:9"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and lines[1].strip() == f"gate design pooled: {decision}"
 
 
 def test_a_killed_build_leaves_nothing_behind(tiny_model_dir, data_dir, tmp_path):
@@ -190,7 +236,11 @@ def test_a_killed_build_leaves_nothing_behind(tiny_model_dir, data_dir, tmp_path
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--calibration-max-items", "10"], "too few for the gate (at least 40)"),
+        (["--calibration-max-items", "10"], "swh_Latn has 10 calibration items, the minimum is 40; at 10 items "
+                                             "a gain of +3.6 points would be adopted with probability at most 5%"),
+        (["--gate-design", "pooled"], "design 'pooled' shares one configuration across languages and needs 2 or "
+                                      "more; got 1 (swh_Latn): use 'current' for a single language"),
+        (["--source", "sw,swh_Latn"], "--source must name distinct languages; repeated: swh_Latn"),
         (["--source", "ita_Latn"], "no xcopa calibration file for ita_Latn"),
         (["--calibrate", "/no/such/file.jsonl"], "calibration path(s) not found"),
     ],
@@ -237,4 +287,4 @@ def test_the_recommended_recipe_leaves_out_a_corpus_that_lacks_the_language(tiny
     assert main(["align", "fit", "--model", str(tiny_model_dir("llama")), "--source", "ht", "--max-pairs", "12",
                  "--layers", "0", "--out", str(out)]) == 0
     assert "warning: ntrex:0-299 left out: no NTREX-128 file for language 'hat_Latn'" in capsys.readouterr().err
-    assert [s["corpus"] for s in load_intervention(out).manifest["fit_data"]["sources"]] == ["sib200"]
+    assert [s["corpus"] for s in load_intervention(out).fit_data.sources] == ["sib200"]

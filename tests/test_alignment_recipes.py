@@ -93,8 +93,8 @@ def test_artifacts_are_the_compared_fits_and_load_as_interventions(recipes, tiny
                                 expected_fingerprint=model_fingerprint(model_dir))
     expected = recipes["fit"](recipes["statistics"](recipes["load_states"](tmp_path / "states", "sw")),
                               "ridge-std", "mean", "sib+ntrex")
-    assert written.manifest["standardise"] is True and written.layers == [0, 1]
-    assert [s["spec"] for s in written.manifest["fit_data"]["sources"]] == ["sib200:train,dev", "ntrex:0-299"]
+    assert written.manifest.standardise is True and written.layers == [0, 1]
+    assert [s["spec"] for s in written.fit_data.sources] == ["sib200:train,dev", "ntrex:0-299"]
     x = rng.normal(size=(5, 128)).astype(np.float32)
     for layer in (0, 1):  # the artifact, applied as serving applies it at alpha 1, is the fitted map
         np.testing.assert_allclose(written.apply(x, layer, alpha=1.0), expected.transform(x, layer=layer),

@@ -17,11 +17,23 @@ from evaluation.calibration import choose_alpha, contiguous_folds, parse_grid
 from evaluation.report import markdown, read_report, write_report
 from evaluation.runner import BenchmarkConfig, Scorer, Timing, _score_all, run_benchmark
 from evaluation.scoring import PLAIN, Condition, Encoded, encode_examples, score_with_hf, score_with_vllm, steer_ranges
-from evaluation.stats import bootstrap_delta_ci, bootstrap_mean_ci, mcnemar_exact
-from evaluation.tasks import Example, build_examples, find_files, load_items, load_prompts
+from evaluation.stats import mcnemar_exact
+from evaluation.tasks import (
+    TASKS,
+    XCOPA,
+    XNLI,
+    Example,
+    build_examples,
+    find_files,
+    get_task,
+    infer_task,
+    load_items,
+    load_prompts,
+)
 from lingosteer.backend import scoring_engine_kwargs, shutdown_engine
 from lingosteer.data import load_sib200
-from plugin_support import write_planted_intervention
+from lingosteer.stats import bootstrap_delta_ci, bootstrap_mean_ci
+from plugin_support import planted_evidence, write_planted_intervention
 
 ENGINE = dict(dtype="float32", max_model_len=512, enforce_eager=True, seed=0)
 GRID = (-2.0, -1.0, 0.0, 1.0, 2.0)
@@ -82,7 +94,7 @@ def hf_model(model_dir):
 
 
 def config(model_dir, interventions, eval_paths, **kwargs):
-    return BenchmarkConfig(task=kwargs.pop("task", "xcopa"), model=model_dir, eval_paths=eval_paths,
+    return BenchmarkConfig(task=kwargs.pop("task", XCOPA), model=model_dir, eval_paths=eval_paths,
                            interventions=interventions, alpha_grid=GRID, bootstrap=500, progress=False, **kwargs)
 
 
@@ -91,7 +103,7 @@ def calibrated(llm, model_dir, interventions, xcopa_dir):
     """Calibrated on val.sw/it, evaluated on the same items (fine for mechanics) plus English."""
     cfg = config(model_dir, interventions, [xcopa_dir / "val.sw.jsonl", xcopa_dir / "val.it.jsonl",
                                             xcopa_dir / "val.en.jsonl"],
-                 calibrate_paths=[xcopa_dir / "val.sw.jsonl", xcopa_dir / "val.it.jsonl"], steer="context")
+                 calibrate_paths=[xcopa_dir / "val.sw.jsonl", xcopa_dir / "val.it.jsonl"], steer="prompt")
     return run_benchmark(cfg, llm=llm)
 
 
@@ -99,27 +111,27 @@ def calibrated(llm, model_dir, interventions, xcopa_dir):
 
 
 def test_xcopa_prompt_follows_lm_eval(xcopa_dir):
-    prompts = load_prompts("xcopa")
+    prompts = load_prompts(XCOPA)
     item = SimpleNamespace(premise="Mtu alivunja kioo.", choice1="Alikuwa na hasira.", choice2="Kioo kilikuwa safi.",
                            question="cause", label=0, idx=0)
-    (example,) = build_examples("xcopa", "sw", [item], prompts)
+    (example,) = build_examples(XCOPA, "sw", [item], prompts)
     assert example.context == "Mtu alivunja kioo kwa sababu"
     assert example.options == (" alikuwa na hasira.", " kioo kilikuwa safi.")
     with pytest.raises(ValueError, match="no prompt words for language 'xx'"):
-        build_examples("xcopa", "xx", [item], prompts)
+        build_examples(XCOPA, "xx", [item], prompts)
 
 
 def test_xnli_prompt_follows_lm_eval():
     item = SimpleNamespace(premise="Il pleut", hypothesis="Il fait beau", label=2)
-    (example,) = build_examples("xnli", "fr", [item], load_prompts("xnli"))
+    (example,) = build_examples(XNLI, "fr", [item], load_prompts(XNLI))
     assert example.context == "Il pleut, correct?"
     assert example.options == (" Oui, Il fait beau", " Aussi, Il fait beau", " Non, Il fait beau")
 
 
 def test_encoding_splits_context_and_option(tokenizer):
-    examples = build_examples("xcopa", "en", [SimpleNamespace(
+    examples = build_examples(XCOPA, "en", [SimpleNamespace(
         premise="The man broke the glass.", choice1="He was angry.", choice2="It was clean.",
-        question="effect", label=0, idx=0)], load_prompts("xcopa"))
+        question="effect", label=0, idx=0)], load_prompts(XCOPA))
     (options,) = encode_examples(tokenizer, examples)
     context_ids = tokenizer(examples[0].context)["input_ids"]
     for enc in options:
@@ -128,18 +140,29 @@ def test_encoding_splits_context_and_option(tokenizer):
         assert enc.token_ids[0] == tokenizer.bos_token_id and enc.num_special == 1
     enc = options[0]
     assert steer_ranges(enc, "last") == [[enc.context_len - 1, enc.context_len]]
-    assert steer_ranges(enc, "context") == [[1, enc.context_len]]
+    assert steer_ranges(enc, "prompt") == [[1, enc.context_len]]
     assert steer_ranges(enc, "all") == [[1, len(enc.token_ids)]]
 
 
 def test_files_named_by_language(xcopa_dir, tmp_path):
-    found = find_files("xcopa", [xcopa_dir / "val.sw.jsonl", xcopa_dir / "val.it.jsonl"])
+    found = find_files(XCOPA, [xcopa_dir / "val.sw.jsonl", xcopa_dir / "val.it.jsonl"])
     assert sorted(found) == ["it", "sw"]
     with pytest.raises(ValueError, match="two files for language 'en'"):
-        find_files("xcopa", [xcopa_dir])  # val.sw and flipped.sw
+        find_files(XCOPA, [xcopa_dir])  # val.sw and flipped.sw
     (tmp_path / "sw.jsonl").write_text("")
     with pytest.raises(ValueError, match="cannot tell the language"):
-        find_files("xcopa", [tmp_path / "sw.jsonl"])
+        find_files(XCOPA, [tmp_path / "sw.jsonl"])
+
+
+def test_tasks_are_values_looked_up_by_name():
+    assert get_task("xnli") is XNLI and XCOPA.chance == 0.5
+    with pytest.raises(ValueError, match="unknown task 'copa'; known: xcopa, xnli"):
+        get_task("copa")
+    for task in TASKS.values():
+        assert len(load_prompts(task)["mc"]["letters"]) == len(task.incline.answers) == task.choices
+    assert infer_task([Path("data/xnli/dev.sw.tsv")]) is XNLI
+    with pytest.raises(ValueError, match="pass --task xcopa or --task xnli"):
+        infer_task([Path("data/xcopa/val.sw.jsonl"), Path("data/xnli/dev.sw.tsv")])
 
 
 # ---- scoring against a direct computation ----------------------------------------------
@@ -158,9 +181,9 @@ def test_vllm_scores_equal_direct_and_hf_reference(llm, tokenizer, hf_model, int
     from lingosteer.data import load_xcopa
 
     llm.collective_rpc("lingosteer_load", args=(str(interventions / "swh"),))
-    examples = build_examples("xcopa", "sw", load_xcopa(xcopa_dir / "val.sw.jsonl")[:4], load_prompts("xcopa"))
+    examples = build_examples(XCOPA, "sw", load_xcopa(xcopa_dir / "val.sw.jsonl")[:4], load_prompts(XCOPA))
     encoded = [enc for options in encode_examples(tokenizer, examples) for enc in options]
-    steered = Condition("swh_Latn", 1.5, "context")
+    steered = Condition("swh_Latn", 1.5, "prompt")
     requests = [(enc, PLAIN) for enc in encoded] + [(enc, steered) for enc in encoded]
     vllm_scores = score_with_vllm(llm, requests, progress=False).scores
     hf_scores, _ = score_with_hf(hf_model, requests, {"swh_Latn": load_intervention(interventions / "swh")},
@@ -187,7 +210,7 @@ def test_predictions_pick_the_higher_loglikelihood(calibrated):
 def test_calibration_never_reads_the_evaluation_split(llm, model_dir, interventions, xcopa_dir, calibrated):
     report, _ = calibrated
     cfg = config(model_dir, interventions, [xcopa_dir / "flipped.sw.jsonl", xcopa_dir / "flipped.it.jsonl"],
-                 calibrate_paths=[xcopa_dir / "val.sw.jsonl", xcopa_dir / "val.it.jsonl"], steer="context")
+                 calibrate_paths=[xcopa_dir / "val.sw.jsonl", xcopa_dir / "val.it.jsonl"], steer="prompt")
     flipped, _ = run_benchmark(cfg, llm=llm)
     changed_somewhere = False
     for code in ("sw", "it"):
@@ -214,11 +237,16 @@ def test_choose_alpha_prefers_accuracy_then_weaker_alpha():
 
 def _prefilled_scorer(tmp_path, lang, tables_per_set):
     """A Scorer whose every entry is already scored, so it never calls the engine."""
+    from alignment.artifact import save_intervention
+    from alignment.estimator import LinearAligner
+
     map_sets = []
+    states = np.zeros((1, 4, 2))
     for m, tables in enumerate(tables_per_set):
-        artifact = tmp_path / f"maps{m}"
-        artifact.mkdir()
-        (artifact / "manifest.json").write_text(json.dumps({"fit_data": {}}))
+        # An artifact fitted on no benchmark items; its maps are never applied.
+        artifact = save_intervention(tmp_path / f"maps{m}", LinearAligner(solver="meanshift").fit(states, states + 1),
+                                     fingerprint={"hidden_size": 2}, source=lang.flores, target="eng_Latn",
+                                     layers=[0], pooling="mean", fit_data={})
         map_sets.append({lang.flores: artifact})
     scorer = Scorer(llm=None, map_sets=map_sets, timing=Timing(), progress=False)
     for m, tables in enumerate(tables_per_set):
@@ -330,7 +358,7 @@ def test_manifest_alpha_without_calibration_and_xnli(llm, model_dir, interventio
     for code, sentences in (("sw", sw), ("en", en)):
         lines = [f"{sentences[i]}\t{sentences[i + 1]}\t{labels[i % 3]}" for i in range(9)]
         (tmp_path / f"dev.{code}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    report, items = run_benchmark(config(model_dir, interventions, [tmp_path], task="xnli"), llm=llm)
+    report, items = run_benchmark(config(model_dir, interventions, [tmp_path], task=XNLI), llm=llm)
     row = report["languages"]["sw"]
     assert row["alpha"] == 1.0 and row["n"] == 9  # the artifact's serving alpha
     assert all(len(r["baseline_scores"]) == 3 for r in items)
@@ -360,7 +388,7 @@ def test_shared_prefix_scoring_equals_the_plain_way(llm, tokenizer, intervention
     assert min(enc.context_len for enc in encoded) > 64
     assert len(encoded[-1].token_ids) - encoded[-1].context_len == 1
     conditions = [PLAIN, *(Condition("swh_Latn", a, "last") for a in (-1.0, 1.0, 2.0)),
-                  Condition("swh_Latn", 1.0, "context"), Condition("swh_Latn", 1.0, "all")]
+                  Condition("swh_Latn", 1.0, "prompt"), Condition("swh_Latn", 1.0, "all")]
     requests = [(enc, condition) for condition in conditions for enc in encoded]
     llm.reset_prefix_cache()
     plain_way = score_with_vllm(llm, requests, progress=False, shared_prefix=False)
@@ -373,7 +401,7 @@ def test_shared_prefix_scoring_equals_the_plain_way(llm, tokenizer, intervention
         chosen = lambda scores: scores[k * width:(k + 1) * width].reshape(-1, 2).argmax(axis=1)  # noqa: E731
         assert (chosen(fast.scores) == chosen(plain_way.scores)).all()
     assert plain_way.cached_tokens == 0 and fast.cached_tokens >= 32 * len(encoded) * 3
-    # "context" and "all" steer from token 1: they share blocks among themselves, never with plain runs.
+    # "prompt" and "all" steer from token 1: they share blocks among themselves, never with plain runs.
     everywhere = [(enc, condition) for condition in conditions[-2:] for enc in encoded]
     llm.reset_prefix_cache()
     alone = score_with_vllm(llm, everywhere, progress=False).cached_tokens
@@ -404,8 +432,8 @@ def test_per_fold_interventions_score_each_fold_with_its_own_maps(llm, model_dir
     cfg = config(model_dir, [interventions, other.parent], [xcopa_dir / "val.sw.jsonl"], cross_fit=2)
     report, items = run_benchmark(cfg, llm=llm)
     assert report["languages"]["sw"]["intervention"] == [str(interventions / "swh"), str(other)]
-    lang = find_files("xcopa", [xcopa_dir / "val.sw.jsonl"])
-    examples = build_examples("xcopa", "sw", load_items("xcopa", lang["sw"]), load_prompts("xcopa"), "lm-eval")
+    lang = find_files(XCOPA, [xcopa_dir / "val.sw.jsonl"])
+    examples = build_examples(XCOPA, "sw", load_items(XCOPA, lang["sw"]), load_prompts(XCOPA), "lm-eval")
     encoded = encode_examples(tokenizer, examples)
     for fold, artifact in enumerate([interventions / "swh", other]):
         rows = [r for r in items if r["fold"] == fold]
@@ -442,12 +470,12 @@ def test_serving_defaults_are_reported_only_on_items_they_were_not_calibrated_on
                                                                                   tmp_path):
     """An artifact calibrated on the first 6 items of val.sw.jsonl: the bench refuses to report its
     defaults on them, and with --skip-items 6 scores items 6-11 exactly as a run over the whole file does."""
-    from alignment.artifact import set_serving_defaults
+    from alignment.artifact import ServingDefaults, set_serving_defaults
 
     sw, half = xcopa_dir / "val.sw.jsonl", N_ITEMS // 2
     built = write_planted_intervention(tmp_path / "built" / "swh", model_dir, [0, 1], "swh_Latn", seed=1, strength=3.0)
-    set_serving_defaults(built, {"alpha": 1.0, "layers": [0, 1], "positions": "last"},
-                         {"task": "xcopa", "file": f"elsewhere/{sw.name}", "items": half, "summary": "planted"})
+    set_serving_defaults(built, ServingDefaults(alpha=1.0, layers=[0, 1], positions="last"),
+                         planted_evidence(file=f"elsewhere/{sw.name}", items=half))
     for skip in (0, half - 1):
         with pytest.raises(ValueError, match=rf"items 0-{half - 1} of val.sw.jsonl.*--skip-items {half}"):
             run_benchmark(config(model_dir, tmp_path / "built", [sw], skip_items=skip), llm=llm)
@@ -536,6 +564,16 @@ def test_bootstrap_mean_ci_brackets_the_accuracy_and_weighs_languages_equally():
         [(small[:1] | large).astype(float) - large], 500, 3)
 
 
+def test_shared_items_resample_an_item_with_all_of_its_rows():
+    row = (np.random.default_rng(4).random(300) < 0.6).astype(float)
+    one = bootstrap_mean_ci([row], 2000, 0)
+    # Two identical rows: drawn together they are one row; drawn independently their noise averages out.
+    shared = bootstrap_mean_ci([row, row], 2000, 0, shared_items=True)
+    independent = bootstrap_mean_ci([row, row], 2000, 0)
+    assert shared == pytest.approx(one)
+    assert independent[1] - independent[0] < 0.8 * (shared[1] - shared[0])
+
+
 # ---- calibrated serving defaults (align build) ------------------------------------------
 
 
@@ -568,18 +606,21 @@ def test_cross_validation_chooses_each_fold_on_the_others_and_scores_it_under_th
 
 
 def test_gate_adopts_only_a_gain_whose_ci_clears_zero():
-    from evaluation.calibration import ServingConfig, choose_serving
+    from alignment.artifact import ServingDefaults
+    from evaluation.calibration import choose_serving
 
     rng = np.random.default_rng(0)
     n = 100
     plain = rng.random(n) < 0.5
-    helpful, useless = ServingConfig(0.5, (1, 2), "last"), ServingConfig(-1.0, (1,), "prompt")
+    helpful = ServingDefaults(alpha=0.5, layers=(1, 2), positions="last")
+    useless = ServingDefaults(alpha=-1.0, layers=(1,), positions="prompt")
     correct = {helpful: plain | (rng.random(n) < 0.5), useless: rng.random(n) < 0.5}
     choice = choose_serving(correct, plain)
     assert choice.adopted and choice.config == helpful and choice.delta_ci95[0] > 0
     assert choice.cross_validated_accuracy > choice.plain_accuracy and len(choice.fold_choices) == 5
     # Noise around plain: whatever wins on a fold, the cross-validated gain does not clear zero.
-    noise = {ServingConfig(a, (1,), "last"): plain ^ (rng.random(n) < 0.1) for a in (-1.0, 1.0)}
+    noise = {ServingDefaults(alpha=a, layers=(1,), positions="last"): plain ^ (rng.random(n) < 0.1)
+             for a in (-1.0, 1.0)}
     off = choose_serving(noise, plain)
     assert not off.adopted and off.config is None and off.delta_ci95[0] <= 0
     with pytest.raises(ValueError, match="at least 40"):
@@ -597,10 +638,10 @@ def test_calibration_adopts_a_planted_gain_and_stays_off_without_one(llm, model_
     # Options of four words each: close enough in length that steering can flip the choice.
     sentences = [" ".join(text.split()[:4]) for text in _sentences("swh_Latn", data_dir, 62)]
     write_xcopa(tmp_path / "val.sw.jsonl", sentences)
-    _, items = load_calibration_items(str(model_dir), [tmp_path / "val.sw.jsonl"], "swh_Latn", "xcopa")
+    _, items = load_calibration_items(str(model_dir), [tmp_path / "val.sw.jsonl"], "swh_Latn", XCOPA)
     strong = write_planted_intervention(tmp_path / "strong", model_dir, [0, 1], "swh_Latn", seed=5, strength=30.0)
     scorer = Scorer(llm, [{"swh_Latn": strong}], Timing(), progress=False)
-    steered = Condition("swh_Latn", 1.0, "context", (0, 1))  # = serving alpha 1, every layer, positions "prompt"
+    steered = Condition("swh_Latn", 1.0, "prompt", (0, 1))  # = serving alpha 1, every layer, positions "prompt"
     scorer.score([(items, c, np.arange(items.n)) for c in (PLAIN, steered)], maps=0)
     picks = {name: scorer.scores(items, c, 0).argmax(axis=1) for name, c in (("plain", PLAIN), ("steered", steered))}
     assert (picks["plain"] != picks["steered"]).sum() >= 3  # the planted map changes some choices
@@ -612,20 +653,23 @@ def test_calibration_adopts_a_planted_gain_and_stays_off_without_one(llm, model_
         records = [{**json.loads(line), "label": int(label)} for line, label in zip(lines, picks[name])]
         (tmp_path / name / "val.sw.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         artifact = shutil.copytree(strong, tmp_path / name / "artifact")
-        _, items = load_calibration_items(str(model_dir), [tmp_path / name], "swh_Latn", "xcopa")
-        evidence = calibrate_serving(artifact, str(model_dir), "xcopa", items, progress=False, llm=llm)
+        _, items = load_calibration_items(str(model_dir), [tmp_path / name], "swh_Latn", XCOPA)
+        evidence = calibrate_serving(artifact, str(model_dir), XCOPA, items, progress=False, llm=llm)
         serving = load_intervention(artifact).serving
-        assert evidence["adopted"] is expect_adopted and evidence["items"] == 60, evidence["summary"]
-        assert (serving["alpha"] != 0) is expect_adopted
-        assert ("gate not cleared" in evidence["summary"]) is not expect_adopted
-        assert evidence["rule"].startswith("Candidates:") and len(evidence["candidate_accuracy"]) == 16  # 2 layer sets
+        assert evidence.adopted is expect_adopted and evidence.items == 60, evidence.summary
+        assert (serving.alpha != 0) is expect_adopted
+        assert ("gate not cleared" in evidence.summary) is not expect_adopted
+        assert evidence.rule.startswith("Candidates:") and len(evidence.candidate_accuracy) == 16  # 2 layer sets
 
 
 def test_a_configuration_chosen_across_languages_is_judged_on_a_language_it_was_not_chosen_on():
-    from evaluation.calibration import ServingConfig, choose_across_languages
+    from alignment.artifact import ServingDefaults
+    from evaluation.calibration import choose_across_languages
 
-    steady, spiky = ServingConfig(0.5, (1,), "last"), ServingConfig(-1.0, (0, 1), "prompt")
-    stronger_twin = ServingConfig(1.0, (1,), "last")  # the same gains as `steady`: the tie goes to the weaker
+    steady = ServingDefaults(alpha=0.5, layers=(1,), positions="last")
+    spiky = ServingDefaults(alpha=-1.0, layers=(0, 1), positions="prompt")
+    # the same gains as `steady`: the tie goes to the weaker
+    stronger_twin = ServingDefaults(alpha=1.0, layers=(1,), positions="last")
     gains = {"x": {steady: 0.05, stronger_twin: 0.05, spiky: 0.30},
              "y": {steady: 0.05, stronger_twin: 0.05, spiky: -0.02},
              "z": {steady: 0.05, stronger_twin: 0.05, spiky: -0.02}}
@@ -640,7 +684,7 @@ def test_bench_pooled_choice_reads_the_calibration_evidence_of_built_artifacts(m
     import subprocess
     import sys
 
-    from alignment.artifact import set_serving_defaults
+    from alignment.artifact import ServingDefaults, set_serving_defaults
     from evaluation.calibration import search_space
     from lingosteer import REPO_ROOT
 
@@ -648,8 +692,8 @@ def test_bench_pooled_choice_reads_the_calibration_evidence_of_built_artifacts(m
     for code, flores, plain in (("sw", "swh_Latn", 0.5), ("it", "ita_Latn", 0.6), ("tr", "tur_Latn", 0.4)):
         path = write_planted_intervention(tmp_path / "built" / code, model_dir, [0, 1], flores)
         accuracy = {c.describe(): plain + (0.1 if c == candidates[0] else -0.01 * i) for i, c in enumerate(candidates)}
-        set_serving_defaults(path, {"alpha": 0.0, "layers": [0, 1], "positions": "last"},
-                             {"task": "xcopa", "items": 100, "plain_accuracy": plain, "candidate_accuracy": accuracy})
+        set_serving_defaults(path, ServingDefaults(alpha=0.0, layers=[0, 1], positions="last"),
+                             planted_evidence(plain_accuracy=plain, candidate_accuracy=accuracy))
     done = subprocess.run([sys.executable, "bench/pooled_choice.py", str(tmp_path / "built"), "--json"],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr

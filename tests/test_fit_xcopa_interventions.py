@@ -1,11 +1,10 @@
 """bench/fit_xcopa_interventions.py on the tiny Llama: one map per fold, never fitted on its own fold."""
 
 import importlib.util
-import json
 
 import numpy as np
 
-from alignment.artifact import load_intervention
+from alignment.artifact import TaskItems, load_intervention
 from lingosteer import REPO_ROOT
 
 
@@ -23,14 +22,14 @@ def test_each_fold_map_leaves_out_its_fold(model_dir, data_dir, tmp_path):
             "--xcopa-items", "10", "--xcopa-folds", "2", "--data-dir", str(data_dir), "--out", str(out)]
     assert _fit_script().main(args) == 0
 
-    manifests = [json.loads((out / f"fold{k}" / "swh_Latn" / "manifest.json").read_text()) for k in range(2)]
-    assert [m["fit_data"]["task_items"] for m in manifests] == [
-        {"file": "val.sw.jsonl", "ranges": [[5, 10]]}, {"file": "val.sw.jsonl", "ranges": [[0, 5]]}]
-    # 20 SIB-200 + 10 NTREX pairs shared, plus 3 sentences of each of the 5 items kept
-    assert [m["fit_data"]["sources"][-1]["pairs"] for m in manifests] == [15, 15]
     maps = [load_intervention(out / f"fold{k}" / "swh_Latn") for k in range(2)]
+    assert [m.fit_data.task_items for m in maps] == [
+        TaskItems(file="val.sw.jsonl", ranges=[[5, 10]]), TaskItems(file="val.sw.jsonl", ranges=[[0, 5]])]
+    # 20 SIB-200 + 10 NTREX pairs shared, plus 3 sentences of each of the 5 items kept
+    assert [m.fit_data.sources[-1]["pairs"] for m in maps] == [15, 15]
+    assert [m.fit_data.num_pairs for m in maps] == [45, 45]
     assert not np.allclose(maps[0].delta(0)[0], maps[1].delta(0)[0])
 
     # Quechua has neither NTREX nor translated XCOPA items: SIB-200 only, no task items, same map in both folds
-    quechua = [json.loads((out / f"fold{k}" / "quy_Latn" / "manifest.json").read_text()) for k in range(2)]
-    assert all("task_items" not in m["fit_data"] and len(m["fit_data"]["sources"]) == 1 for m in quechua)
+    quechua = [load_intervention(out / f"fold{k}" / "quy_Latn") for k in range(2)]
+    assert all(m.fit_data.task_items is None and len(m.fit_data.sources) == 1 for m in quechua)

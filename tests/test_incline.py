@@ -12,10 +12,11 @@ from alignment.estimator import LinearAligner
 from alignment.hf_steering import layer_hooks
 from alignment.hidden_states import load_model_and_tokenizer
 from evaluation import incline
-from evaluation.stats import bootstrap_delta_ci
+from evaluation.tasks import XCOPA, XNLI
 from lingosteer.entrypoints.main import main
 from lingosteer.data import code_switched, load_xcopa, load_xnli
 from lingosteer.fingerprint import model_fingerprint
+from lingosteer.stats import bootstrap_delta_ci
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def items(data_dir):
 
 @pytest.fixture(scope="module")
 def task_items(data_dir, items):
-    return {"xcopa": items, "xnli": load_xnli(data_dir / "xnli" / "dev.sw.tsv")[:4]}
+    return {XCOPA: items, XNLI: load_xnli(data_dir / "xnli" / "dev.sw.tsv")[:4]}
 
 
 def _incline_artifact(path, model_dir, layers, scale=0.5, seed=0, source="swh_Latn"):
@@ -48,7 +49,7 @@ def _incline_artifact(path, model_dir, layers, scale=0.5, seed=0, source="swh_La
     return load_intervention(path)
 
 
-@pytest.mark.parametrize("task", ["xcopa", "xnli"])
+@pytest.mark.parametrize("task", [XCOPA, XNLI], ids=lambda task: task.name)
 def test_fast_path_equals_their_two_pass_protocol(gemma, task_items, task, tmp_path):
     model_dir, model, tokenizer = gemma
     layers = list(range(model.config.num_hidden_layers))
@@ -122,6 +123,7 @@ def test_a_map_form_artifact_is_refused(gemma, items, tmp_path):
 def test_code_switching_rewrites_the_odd_pairs():
     pairs = [("s0", "t0"), ("s1", "t1"), ("s2", "t2"), ("s3", "t3")]
     assert code_switched(pairs) == [("s0", "t0"), ("s1 t1", "t1 t1"), ("s2", "t2"), ("s3 t3", "t3 t3")]
+    assert code_switched(pairs, every=1) == [(f"s{i} t{i}", f"t{i} t{i}") for i in range(4)]  # alignment_recipes'
 
 
 def test_fit_recipe_incline_is_their_fit(tiny_model_dir, data_dir, tmp_path, capsys):
@@ -130,18 +132,18 @@ def test_fit_recipe_incline_is_their_fit(tiny_model_dir, data_dir, tmp_path, cap
     assert main(["align", "fit", "--model", str(model_dir), "--source", "sw", "--recipe", "incline",
                  "--max-pairs", "40", "--out", str(out)]) == 0
     manifest = load_intervention(out).manifest
-    assert (manifest["solver"], manifest["form"], manifest["pooling"]) == ("lstsq", "incline", "mean")
-    assert manifest["fit_data"]["recipe"] == "incline" and manifest["fit_data"]["code_switched"] is True
-    assert manifest["fit_data"]["num_pairs"] == 40 and manifest["fit_data"]["sources"][0]["spec"] == "sib200:train"
+    assert (manifest.solver, manifest.form, manifest.pooling) == ("lstsq", "incline", "mean")
+    assert manifest.fit_data.recipe == "incline" and manifest.fit_data.code_switched is True
+    assert manifest.fit_data.num_pairs == 40 and manifest.fit_data.sources[0]["spec"] == "sib200:train"
     code = main(["align", "fit", "--model", str(model_dir), "--source", "sw", "--recipe", "incline",
                  "--solver", "ridge", "--out", str(tmp_path / "x")])
     assert code == 2 and "drop --solver" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("task, eval_file", [("xcopa", "val.sw.jsonl"), ("xnli", "dev.sw.tsv")])
+@pytest.mark.parametrize("task, eval_file", [(XCOPA, "val.sw.jsonl"), (XNLI, "dev.sw.tsv")],
+                         ids=["xcopa", "xnli"])
 def test_bench_section_scores_every_language_and_renders_beside_ours(gemma, data_dir, tmp_path, monkeypatch,
                                                                      task, eval_file):
-    from evaluation import stats
     from evaluation.report import _incline_markdown
     from evaluation.runner import BenchmarkConfig, load_language_sets, run_incline
     from evaluation.tasks import load_prompts
@@ -152,11 +154,11 @@ def test_bench_section_scores_every_language_and_renders_beside_ours(gemma, data
         resamples_used.append(resamples)
         return bootstrap_delta_ci(pairs, resamples, *args, **kwargs)
 
-    monkeypatch.setattr(stats, "bootstrap_delta_ci", recording_ci)
+    monkeypatch.setattr(incline, "bootstrap_delta_ci", recording_ci)
 
     model_dir, model, tokenizer = gemma
     _incline_artifact(tmp_path / "incline" / "sw", model_dir, [0, 1])
-    config = BenchmarkConfig(task=task, model=str(model_dir), eval_paths=[data_dir / task / eval_file],
+    config = BenchmarkConfig(task=task, model=str(model_dir), eval_paths=[data_dir / task.name / eval_file],
                              incline=tmp_path / "incline", max_items=10, progress=False, bootstrap=200)
     eval_sets = load_language_sets(config, config.eval_paths, tokenizer, load_prompts(task))
     section = run_incline(config, model_dir, eval_sets)
@@ -176,20 +178,20 @@ def test_bench_incline_without_an_artifact_for_a_language_is_refused(gemma, data
 
     model_dir, _, tokenizer = gemma
     (tmp_path / "empty").mkdir()
-    config = BenchmarkConfig(task="xcopa", model=str(model_dir), eval_paths=[data_dir / "xcopa" / "val.sw.jsonl"],
+    config = BenchmarkConfig(task=XCOPA, model=str(model_dir), eval_paths=[data_dir / "xcopa" / "val.sw.jsonl"],
                              incline=tmp_path / "empty", max_items=2, progress=False)
-    eval_sets = load_language_sets(config, config.eval_paths, tokenizer, load_prompts("xcopa"))
+    eval_sets = load_language_sets(config, config.eval_paths, tokenizer, load_prompts(XCOPA))
     with pytest.raises(FileNotFoundError, match="no intervention for swh_Latn"):
         run_incline(config, model_dir, eval_sets)
 
 
-@pytest.mark.parametrize("task", ["xcopa", "xnli"])
+@pytest.mark.parametrize("task", [XCOPA, XNLI], ids=lambda task: task.name)
 def test_answer_likelihood_reads_the_answer_logits_at_the_last_prompt_token(gemma, task_items, task, tmp_path):
     model_dir, model, tokenizer = gemma
     intervention = _incline_artifact(tmp_path / "a", model_dir, [0, 1])
     items = task_items[task]
     correct = incline.score_items(model, tokenizer, intervention, items, grid=(0.0, 1.0), task=task)
-    first = [tokenizer(f" {answer}", add_special_tokens=False).input_ids[0] for answer in incline.TASKS[task].answers]
+    first = [tokenizer(f" {answer}", add_special_tokens=False).input_ids[0] for answer in task.incline.answers]
     for i, item in enumerate(items):
         full_ids, last, _ = incline._encode(tokenizer, item, task)
         logits = model(full_ids).logits[0]
@@ -197,15 +199,15 @@ def test_answer_likelihood_reads_the_answer_logits_at_the_last_prompt_token(gemm
         # their exact match: the gold answer's tokens are the argmax at every answer position
         argmax = logits[last:].argmax(-1)
         expected = incline.normalise(tokenizer.decode(argmax, skip_special_tokens=True))
-        assert correct["exact_match"][0, i] == (expected == incline.TASKS[task].answers[item.label].lower())
+        assert correct["exact_match"][0, i] == (expected == task.incline.answers[item.label].lower())
 
 
 def test_xnli_is_asked_as_their_loader_asks_it(data_dir):
     item = load_xnli(data_dir / "xnli" / "dev.sw.tsv")[0]
-    assert incline.question(item, "xnli") == (f"Take the following as truth: {item.premise}\nThen the following "
-                                              f'statement: "{item.hypothesis}" is "true", "false", or "inconclusive"?')
+    assert incline.question(item, XNLI) == (f"Take the following as truth: {item.premise}\nThen the following "
+                                            f'statement: "{item.hypothesis}" is "true", "false", or "inconclusive"?')
     # labels 0 entailment, 1 neutral, 2 contradiction -> their answer words
-    assert incline.TASKS["xnli"].answers == ("true", "inconclusive", "false")
+    assert XNLI.incline.answers == ("true", "inconclusive", "false")
 
 
 def test_bench_incline_keeps_what_it_scored_and_a_rerun_scores_only_what_is_missing(gemma, data_dir, tmp_path,
@@ -216,16 +218,16 @@ def test_bench_incline_keeps_what_it_scored_and_a_rerun_scores_only_what_is_miss
     model_dir, _, tokenizer = gemma
     for code, flores in (("sw", "swh_Latn"), ("tr", "tur_Latn")):
         _incline_artifact(tmp_path / "incline" / code, model_dir, [0, 1], source=flores)
-    config = BenchmarkConfig(task="xcopa", model=str(model_dir), incline=tmp_path / "incline", max_items=6,
+    config = BenchmarkConfig(task=XCOPA, model=str(model_dir), incline=tmp_path / "incline", max_items=6,
                              eval_paths=[data_dir / "xcopa" / f"val.{code}.jsonl" for code in ("sw", "tr")],
                              progress=False, bootstrap=200, scores_dir=tmp_path / "scores")
-    eval_sets = load_language_sets(config, config.eval_paths, tokenizer, load_prompts("xcopa"))
+    eval_sets = load_language_sets(config, config.eval_paths, tokenizer, load_prompts(XCOPA))
     score_items, scored = incline.score_items, []
 
     def interrupted_after_one_language(model, tokenizer, intervention, items, **kwargs):
         if scored:
             raise KeyboardInterrupt
-        scored.append(intervention.manifest["source"])
+        scored.append(intervention.source)
         return score_items(model, tokenizer, intervention, items, **kwargs)
 
     monkeypatch.setattr(incline, "score_items", interrupted_after_one_language)
@@ -234,7 +236,7 @@ def test_bench_incline_keeps_what_it_scored_and_a_rerun_scores_only_what_is_miss
     first = scored[0]
 
     def counted(model, tokenizer, intervention, items, **kwargs):
-        scored.append(intervention.manifest["source"])
+        scored.append(intervention.source)
         return score_items(model, tokenizer, intervention, items, **kwargs)
 
     monkeypatch.setattr(incline, "score_items", counted)
@@ -247,7 +249,7 @@ def test_bench_incline_keeps_what_it_scored_and_a_rerun_scores_only_what_is_miss
 
     # Items 6-11 of the same files (--skip-items 6) are other items: scored afresh, never read from the store.
     later = BenchmarkConfig(**{**vars(config), "skip_items": 6, "max_items": 6})
-    later_sets = load_language_sets(later, later.eval_paths, tokenizer, load_prompts("xcopa"), later.skip_items)
+    later_sets = load_language_sets(later, later.eval_paths, tokenizer, load_prompts(XCOPA), later.skip_items)
     premises = []
     monkeypatch.setattr(incline, "score_items", lambda model, tokenizer, intervention, items, **kwargs: (
         premises.append([item.premise for item in items]) or score_items(model, tokenizer, intervention, items,

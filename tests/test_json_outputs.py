@@ -34,3 +34,13 @@ def test_lingosteer_bench_json_is_one_object(tiny_model_dir, data_dir, tmp_path)
                   "--eval", str(data_dir / "xcopa" / "val.sw.jsonl"), "--max-items", "4", "--out", str(tmp_path),
                   "--json"])
     assert result["languages"]["sw"]["n"] == 4
+
+
+def test_bench_capacity_json_is_one_object(tiny_model_dir):
+    # 6 languages cycling through 2 slots and 3 host copies: every request evicts a slot, some read a map again.
+    result = run([sys.executable, "bench/capacity.py", "--model", str(tiny_model_dir("llama")), "--languages", "6",
+                  "--slots", "2", "--max-cpu-languages", "3", "--requests", "12", "--max-tokens", "2",
+                  "--enforce-eager", "--json"])
+    assert result["errors"] == 0 and result["evictions"] > 0 and result["loads_on_demand"] > 0
+    assert set(result["latency_ms"]) == {"resident", "swap_in", "load_on_demand"}
+    assert sum(summary["n"] for summary in result["latency_ms"].values()) == 12

@@ -17,7 +17,7 @@ import lm_eval.tasks
 import pytest
 from lm_eval.tasks import TaskManager
 
-from evaluation.tasks import build_examples, load_items, load_prompts
+from evaluation.tasks import XCOPA, build_examples, load_items, load_prompts
 
 LMEVAL_XCOPA_DIR = Path(lm_eval.tasks.__file__).parent / "xcopa"
 # XCOPA has 11 languages; fewer tasks would mean the group was not read as expected.
@@ -62,16 +62,16 @@ def lmeval_xcopa(data_dir):
 def test_lmeval_defines_every_xcopa_language(lmeval_xcopa):
     assert len(lmeval_xcopa) >= MIN_LANGUAGES, f"lm-eval's xcopa group gave only {sorted(lmeval_xcopa)}"
     # Every lm-eval language has its connector words in our configuration.
-    missing = sorted(set(lmeval_xcopa) - set(load_prompts("xcopa")["connectors"]))
+    missing = sorted(set(lmeval_xcopa) - set(load_prompts(XCOPA)["connectors"]))
     assert not missing, f"configs/bench/xcopa.yaml lacks lm-eval's XCOPA languages {missing}"
 
 
 def test_xcopa_prompts_equal_lmeval(lmeval_xcopa, data_dir):
-    prompts = load_prompts("xcopa")
+    prompts = load_prompts(XCOPA)
     mismatches = []
     for lang, (task, requests) in sorted(lmeval_xcopa.items()):
-        items = load_items("xcopa", data_dir / "xcopa" / f"val.{lang}.jsonl")
-        examples = build_examples("xcopa", lang, items, prompts, "lm-eval")
+        items = load_items(XCOPA, data_dir / "xcopa" / f"val.{lang}.jsonl")
+        examples = build_examples(XCOPA, lang, items, prompts, "lm-eval")
         docs = task.eval_docs
         assert len(requests) == len(docs) == len(examples), f"{lang}: item counts differ"
         for doc_id, (context, continuations) in sorted(requests.items()):

@@ -1,13 +1,18 @@
 """The plugin's pure parts: request arguments, which rows of a step are steered, which get logits."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
+from alignment.artifact import POSITION_MODES, ServingDefaults
+from evaluation.scoring import Encoded, steer_ranges
 from intervene_engine.prompt_logits import prompt_logprobs_of_scored_rows, scored_slices
 from intervene_engine.request_spec import (
-    SCORE_FROM_KEY, InterventionRequest, RequestSpecError, parse_request_spec, parse_score_from,
+    SCORE_FROM_KEY, InterventionRequest, RequestSpecError, parse_request_spec, parse_score_from, resolve,
 )
+from intervene_engine.bank import BankConfig, CompactMap, DeviceBank
 from intervene_engine.step_plan import ScheduledRequest, StepBuffers, build_step_plan, selected_rows
 from intervene_engine.store import LoadedIntervention
 
@@ -61,17 +66,49 @@ def test_cache_salt_differs_whenever_the_intervention_differs():
 
 
 def _intervention(version="v1", layers=(0, 1), dim=4, alpha=1.0):
+    """A full map with D^T = (layer + 1) I and b = 0 at each layer."""
+    compact = CompactMap("full", tuple(layers), torch.stack([torch.eye(dim) * (layer + 1) for layer in layers]),
+                         None, torch.zeros(len(layers), dim))
     return LoadedIntervention(
-        language="swh_Latn", target="eng_Latn", version=version, path="/x", default_alpha=alpha,
-        serving={"alpha": alpha, "layers": list(layers), "positions": "last"}, evidence=None,
-        delta_t={layer: torch.eye(dim) * (layer + 1) for layer in layers},
-        bias={layer: torch.zeros(dim) for layer in layers},
+        language="swh_Latn", target="eng_Latn", version=version, path="/x",
+        serving=ServingDefaults(alpha=alpha, layers=layers, positions="last"), evidence=None,
+        layers=tuple(layers), form="full", memory_bytes=compact.memory_bytes, compact=compact,
     )
 
 
+def _bank(dim=4):
+    return DeviceBank(BankConfig(max_languages=2, max_cpu_languages=2, max_map_rank=None), 2, dim, torch.float32,
+                      torch.device("cpu"))
+
+
 def _scheduled(first_row, num_rows, num_computed, prompt_len, positions, first_steerable=0, **spec):
-    return ScheduledRequest(first_row, num_rows, num_computed, prompt_len, first_steerable,
-                            InterventionRequest("swh_Latn", positions=positions, **spec), _intervention())
+    intervention = _intervention()
+    resolved = resolve(InterventionRequest("swh_Latn", positions=positions, **spec), intervention.serving,
+                       intervention.layers)
+    return ScheduledRequest(first_row, num_rows, num_computed, prompt_len, first_steerable, resolved, intervention)
+
+
+def test_what_a_request_leaves_out_comes_from_the_serving_defaults():
+    serving = ServingDefaults(alpha=0.5, layers=(1, 2), positions="prompt")
+    assert resolve(InterventionRequest("swh_Latn"), serving) == InterventionRequest(
+        "swh_Latn", alpha=0.5, layers=(1, 2), positions="prompt")
+    explicit = InterventionRequest("swh_Latn", alpha=-1.0, layers=(0, 3), positions=((2, 4),))
+    assert resolve(explicit, serving) == explicit
+    assert resolve(explicit, serving, available=(0, 1, 2)).layers == (0,)  # the artifact has no layer 3
+    with pytest.raises(ValueError, match="resolve"):
+        InterventionRequest("swh_Latn").spans(5)  # unresolved positions are not guessed
+
+
+def test_the_worker_steers_a_language_only_request_with_the_serving_defaults():
+    """What plain `vllm serve` and an offline vllm.LLM get: no server fills the defaults in."""
+    runner = _steering_runner({"r": {"language": "swh_Latn", "lingosteer_version": "v1"}}, {"r": 4})
+    state = runner.lingosteer_state
+    calibrated = _intervention("v1", layers=(0, 1))
+    state.store.install(replace(calibrated, serving=ServingDefaults(alpha=0.25, layers=(1,), positions="prompt")))
+    plan = state.plan_step(runner)
+    assert sorted(plan.by_layer) == [1]  # the serving layers only, not every layer of the artifact
+    [group] = plan.by_layer[1]
+    assert group.rows.tolist() == [0, 1, 2, 3] and group.alphas.squeeze(1).tolist() == [0.25] * 4
 
 
 @pytest.mark.parametrize("positions, num_computed, num_rows, expected", [
@@ -100,12 +137,31 @@ def test_a_leading_bos_is_steered_only_when_asked_for_explicitly(positions, expe
     assert selected_rows(_scheduled(10, 5, 0, 5, positions, first_steerable=1)).tolist() == expected
 
 
+def test_artifacts_store_the_position_modes_requests_take():
+    for mode in POSITION_MODES:
+        assert ServingDefaults(alpha=1.0, layers=(0,), positions=mode).positions == mode
+        assert parse_request_spec({"language": "swh_Latn", "positions": mode}).positions == mode
+    with pytest.raises(ValueError):
+        ServingDefaults(alpha=1.0, layers=(0,), positions="context")
+    with pytest.raises(RequestSpecError):
+        parse_request_spec({"language": "swh_Latn", "positions": "context"})
+
+
+@pytest.mark.parametrize("mode", POSITION_MODES)
+def test_a_scoring_request_steers_what_a_served_one_would(mode):
+    """The benchmark reads the same table: its context is the prompt, the option's tokens what follows it."""
+    option = Encoded(tuple(range(8)), context_len=5, num_special=1)  # BOS + 4 context tokens + 3 option tokens
+    scored = [i for start, end in steer_ranges(option, mode) for i in range(start, end)]
+    # A served prompt of the same 5 tokens and 3 tokens after it, all rows from flattened row 0.
+    assert selected_rows(_scheduled(0, 8, 0, 5, mode, first_steerable=1)).tolist() == scored
+
+
 def test_worker_marks_prompts_that_start_with_bos():
     from types import SimpleNamespace
 
     from intervene_engine.worker_state import WorkerState
 
-    state = WorkerState("LlamaForCausalLM", "unused", 2, torch.device("cpu"), 16, bos_token_id=2)
+    state = WorkerState("LlamaForCausalLM", "unused", 2, torch.device("cpu"), 16, 4, bos_token_id=2)
     state.store.install(_intervention("v1"))
     extra = {"language": "swh_Latn", "lingosteer_version": "v1"}
     with_bos = SimpleNamespace(sampling_params=SimpleNamespace(extra_args=extra), prompt_token_ids=[2, 9, 9])
@@ -120,7 +176,7 @@ def test_plan_groups_by_intervention_and_carries_per_request_alpha():
         _scheduled(3, 1, 5, 5, "all"),            # default alpha 1.0, same group
         _scheduled(4, 2, 0, 2, "all", layers=(1,)),  # other layer subset: own group
     ]
-    plan = build_step_plan(reqs, StepBuffers(16, torch.device("cpu")))
+    plan = build_step_plan(reqs, StepBuffers(16, torch.device("cpu")), _bank())
     assert sorted(plan.by_layer) == [0, 1]
     [group0] = plan.by_layer[0]
     assert group0.rows.tolist() == [0, 1, 2, 3]
@@ -129,14 +185,15 @@ def test_plan_groups_by_intervention_and_carries_per_request_alpha():
 
 
 def test_plan_is_none_when_no_row_is_selected():
-    assert build_step_plan([_scheduled(0, 1, 10, 5, "last")], StepBuffers(16, torch.device("cpu"))) is None
+    assert build_step_plan([_scheduled(0, 1, 10, 5, "last")], StepBuffers(16, torch.device("cpu")), _bank()) is None
 
 
 def test_step_plans_are_filled_into_buffers_allocated_once():
     buffers = StepBuffers(16, torch.device("cpu"))
-    build_step_plan([_scheduled(0, 3, 0, 3, "all", alpha=0.5)], buffers)
+    bank = _bank()
+    build_step_plan([_scheduled(0, 3, 0, 3, "all", alpha=0.5)], buffers, bank)
     plan = build_step_plan([_scheduled(0, 2, 0, 2, "all", layers=(1,)), _scheduled(2, 3, 0, 3, "all", alpha=2.0)],
-                           buffers)
+                           buffers, bank)
     groups = sorted(plan.by_layer[1], key=lambda group: group.rows.tolist())
     assert [g.rows.tolist() for g in groups] == [[0, 1], [2, 3, 4]]
     assert [g.alphas.squeeze(1).tolist() for g in groups] == [[1.0, 1.0], [2.0, 2.0, 2.0]]
@@ -151,7 +208,7 @@ def test_op_updates_only_selected_rows_with_the_formula():
     torch.manual_seed(0)
     hidden, residual = torch.randn(6, 4), torch.randn(6, 4)
     hidden_before, residual_before = hidden.clone(), residual.clone()
-    plan = build_step_plan([_scheduled(2, 2, 0, 2, "all", alpha=0.5)], StepBuffers(16, torch.device("cpu")))
+    plan = build_step_plan([_scheduled(2, 2, 0, 2, "all", alpha=0.5)], StepBuffers(16, torch.device("cpu")), _bank())
     with active_plan(plan):
         torch.ops.lingosteer.steer_residual(hidden, residual, 1)
     stream = hidden_before[2:4] + residual_before[2:4]
@@ -196,7 +253,7 @@ def _runner_with(requests: dict[str, tuple[int | None, int, int]], scheduled: di
                            query_start_loc=SimpleNamespace(np=starts),
                            input_batch=SimpleNamespace(req_id_to_index={rid: i for i, rid in enumerate(order)}),
                            model_config=SimpleNamespace(logprobs_mode="raw_logprobs"), sampler=Sampler,
-                           lingosteer_state=WorkerState("LlamaForCausalLM", "unused", 2, torch.device("cpu"), 16))
+                           lingosteer_state=WorkerState("LlamaForCausalLM", "unused", 2, torch.device("cpu"), 16, 4))
 
 
 def test_scoring_requests_get_log_probabilities_only_for_rows_they_read_in_one_call():
@@ -265,7 +322,7 @@ def test_preloading_finds_nested_artifacts_of_this_model_and_refuses_empty_entri
     from intervene_engine.worker_state import PRELOAD_ENV, WorkerState, _preload_paths
 
     fingerprint = {"architecture": "LlamaForCausalLM", "hidden_size": 4, "num_hidden_layers": 2}
-    state = WorkerState("LlamaForCausalLM", "unused", 2, torch.device("cpu"), 16, _fingerprint=fingerprint)
+    state = WorkerState("LlamaForCausalLM", "unused", 2, torch.device("cpu"), 16, 4, _fingerprint=fingerprint)
     swahili = _save_shift(tmp_path / "root" / "llama" / "swh", "swh_Latn", fingerprint)
     _save_shift(tmp_path / "root" / "llama" / ".ita_Latn.build.xyz", "ita_Latn", fingerprint)  # a writer's staging
     other = _save_shift(tmp_path / "other" / "qwen2" / "swh", "swh_Latn", {**fingerprint, "architecture": "Qwen2"})
@@ -293,7 +350,7 @@ def _steering_runner(extra_args: dict[str, dict | None], rows: dict[str, int]):
     from intervene_engine.worker_state import WorkerState
 
     order = list(rows)
-    state = WorkerState("LlamaForCausalLM", "unused", 2, torch.device("cpu"), 16)
+    state = WorkerState("LlamaForCausalLM", "unused", 2, torch.device("cpu"), 16, 4)
     return SimpleNamespace(
         lingosteer_state=state,
         requests={rid: SimpleNamespace(sampling_params=SimpleNamespace(extra_args=extra), num_prompt_tokens=8,
@@ -336,7 +393,7 @@ def test_worker_keeps_a_request_on_its_bound_version_and_runs_unbound_requests_p
     assert group.rows.tolist() == [0, 1]
     state.store.install(_intervention("v2"))  # loaded after the unbound request arrived: it stays plain
     [group] = state.plan_step(runner).by_layer[0]
-    assert group.rows.tolist() == [0, 1] and group.delta_t is state.store.get("v1").delta_t[0]
+    assert group.rows.tolist() == [0, 1] and list(state.bank.slot_of) == ["v1"]
 
 
 def test_worker_forgets_requests_when_vllm_drops_their_state():
@@ -357,9 +414,10 @@ def test_engine_directory_follows_load_and_unload_answers_and_binds_each_request
     from intervene_engine.engine_directory import EngineDirectory
     from intervene_engine.request_spec import VERSION_KEY
 
-    directory = EngineDirectory([{"language": "swh_Latn", "version": "s1"}])
-    directory.follow("lingosteer_load", {"language": "ita_Latn", "version": "i1"})
-    directory.follow("lingosteer_load", {"language": "swh_Latn", "version": "s2"})  # a swap
+    serving = {"alpha": 1.0, "layers": [0], "positions": "last"}
+    directory = EngineDirectory([{"language": "swh_Latn", "version": "s1", "serving": serving}])
+    directory.follow("lingosteer_load", {"language": "ita_Latn", "version": "i1", "serving": serving})
+    directory.follow("lingosteer_load", {"language": "swh_Latn", "version": "s2", "serving": serving})  # a swap
     directory.follow("lingosteer_unload", "i1")
     assert directory.versions == {"swh_Latn": "s2"}
 

@@ -178,7 +178,7 @@ def test_preloads_this_models_artifacts_only(server):
     interventions = loaded(server)
     assert set(interventions) == {"swh_Latn", "ita_Latn"}
     assert interventions["swh_Latn"]["path"] == "llama/swh" and interventions["swh_Latn"]["layers"] == [0, 1]
-    assert interventions["ita_Latn"]["default_alpha"] == 0.7
+    assert interventions["ita_Latn"]["serving"]["alpha"] == 0.7
     assert interventions["swh_Latn"]["memory_bytes"] == 2 * (128 * 128 + 128) * 4
 
 
@@ -645,3 +645,69 @@ def test_openapi_of_our_routes_fuzzed_without_server_errors(server):
             assert response.status_code < 500, f"{case.method} {case.formatted_path}: {response.text[:300]}"
 
         fuzz()
+
+
+# ---- languages as model names; lm-eval's local-completions against the server ----------------
+
+
+def test_languages_are_models_with_parent_base(client, model_name, server):
+    cards = {card.id: card for card in client.models.list().data}
+    assert set(cards) == {model_name, f"{model_name}:ita_Latn", f"{model_name}:swh_Latn"}
+    italian = cards[f"{model_name}:ita_Latn"].model_extra
+    assert italian["parent"] == model_name and italian["lingosteer"]["version"] == loaded(server)["ita_Latn"]["version"]
+    assert italian["lingosteer"]["serving"]["alpha"] == 0.7
+
+
+def test_a_language_model_name_steers_as_vllm_xargs_do(client, model_name):
+    from openai import NotFoundError
+
+    explicit, _, _ = complete(client, model_name, ITALIAN[1], {"language": "ita_Latn"})
+    named, field, header = complete(client, f"{model_name}:ita_Latn", ITALIAN[1])
+    assert field == header and field["applied"] and field["language"] == "ita_Latn" and field["alpha"] == 0.7
+    assert_same_generation(named, explicit, tolerance=0.0)
+    with pytest.raises(NotFoundError, match=f"models: {model_name}, {model_name}:ita_Latn"):
+        complete(client, f"{model_name}:fra_Latn", ITALIAN[1])
+
+
+def _local_xcopa_task(directory: Path) -> None:
+    """lm-eval's own xcopa_sw (prompts, choices, metric), its dataset pointed at the local file."""
+    import lm_eval.tasks
+
+    (directory / "xcopa_sw_local.yaml").write_text(
+        f"include: {Path(lm_eval.tasks.__file__).parent / 'xcopa' / 'default_sw.yaml'}\n"
+        "task: xcopa_sw_local\ndataset_path: json\ndataset_name: null\n"
+        f"dataset_kwargs:\n  data_files:\n    validation: {DATA / 'xcopa' / 'val.sw.jsonl'}\n"
+        "test_split: null\n")
+
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def test_lm_eval_local_completions_scores_token_prompts_as_if_they_started_with_bos(
+        server, model_name, model_dir, tmp_path):
+    """lm-eval's defaults (add_bos_token=False): the server adds BOS and leaves it out of the echo."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    _local_xcopa_task(tmp_path)
+    results = {}
+    for model in (model_name, f"{model_name}:swh_Latn"):
+        args = dict(model=model, base_url=server["base"] + "/v1/completions", tokenizer=str(model_dir),
+                    tokenizer_backend="huggingface", num_concurrent=1, max_retries=1)
+        out = simple_evaluate(model="local-completions", model_args=args, tasks=["xcopa_sw_local"], limit=4,
+                              task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True)
+        results[model] = out["samples"]["xcopa_sw_local"]
+    # Each option's log-likelihood is what the same prompt, sent with BOS, gets for the option's tokens.
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    sample = results[model_name][0]
+    context, option = sample["arguments"][0]
+    context_ids = tokenizer(context, add_special_tokens=False).input_ids
+    whole = tokenizer(context + option, add_special_tokens=False).input_ids
+    reply = httpx.post(server["base"] + "/v1/completions", json={
+        "model": model_name, "prompt": [tokenizer.bos_token_id, *whole], "echo": True, "max_tokens": 1,
+        "logprobs": 1, "temperature": 0}, timeout=120).json()
+    expected = sum(reply["choices"][0]["logprobs"]["token_logprobs"][1 + len(context_ids):-1])
+    assert sample["resps"][0][0][0] == pytest.approx(expected, abs=1e-4)
+    assert len(results[f"{model_name}:swh_Latn"]) == 4

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from alignment.artifact import discover_interventions
+from alignment.artifact import Evidence, artifact_version, discover_interventions
 from intervene_server.artifacts import ArtifactPathError, resolve_in_root, store_upload
 from intervene_server.detection import LanguageDetector, split_sentences
 from intervene_server.prompt_tokens import PromptTokenizer
@@ -27,17 +27,20 @@ def router(tokenizer, tmp_path):
     for language, layers, alpha in (("swh_Latn", [0, 1], 1.0), ("ita_Latn", [1], 0.7)):
         registry.loaded[language] = InterventionInfo(
             language=language, target="eng_Latn", version=f"v-{language}", path=language,
-            layers=layers, default_alpha=alpha, memory_bytes=0,
-            serving={"alpha": alpha, "layers": layers, "positions": "last"},
+            layers=layers, memory_bytes=0, serving={"alpha": alpha, "layers": layers, "positions": "last"},
         )
     # Calibrated: Estonian on layer 1 only, every prompt token; Turkish off (no clear gain).
-    evidence = {"summary": "XCOPA calibration: +0.0 points, 95% CI [-3.0, +3.0], gate not cleared"}
+    evidence = Evidence(task="xcopa", file="val.et.jsonl", items=100, plain_accuracy=0.55,
+                        cross_validated_accuracy=0.55, delta=0.0, delta_ci95=[-0.03, 0.03], adopted=False,
+                        fold_choices=[], candidate_accuracy={}, rule="...", date="today", engine={},
+                        summary="XCOPA calibration: +0.0 points, 95% CI [-3.0, +3.0], gate not cleared")
     for language, serving in (("est_Latn", {"alpha": -0.5, "layers": [1], "positions": "prompt"}),
                               ("tur_Latn", {"alpha": 0.0, "layers": [0, 1], "positions": "last"})):
         registry.loaded[language] = InterventionInfo(
             language=language, target="eng_Latn", version=f"v-{language}", path=language, layers=[0, 1],
-            default_alpha=serving["alpha"], memory_bytes=0, serving=serving, evidence=evidence)
-    return LanguageRouter(registry, LanguageDetector(0.5), PromptTokenizer(tokenizer, CHAT_TEMPLATE))
+            memory_bytes=0, serving=serving, evidence=evidence)
+    return LanguageRouter(registry, LanguageDetector(0.5), PromptTokenizer(tokenizer, CHAT_TEMPLATE),
+                          served_models=("tiny",))
 
 
 def test_detector_names_flores_codes_with_confidence():
@@ -68,7 +71,8 @@ def test_requests_naming_only_their_language_get_the_serving_defaults(router):
     applied = router.route(payload, "completion")
     assert applied.applied and applied.defaults == "calibrated"
     assert (applied.alpha, applied.layers, applied.positions) == (-0.5, [1], "prompt")
-    assert payload["vllm_xargs"] == {"language": "est_Latn", "layers": [1], "positions": "prompt"}
+    # Only what the request set travels: the plugin resolves the rest against the bound version.
+    assert payload["vllm_xargs"] == {"language": "est_Latn"}
     # What the request names wins over the defaults.
     payload = {"prompt": "x", "vllm_xargs": {"language": "et", "alpha": 0.25, "positions": "all"}}
     applied = router.route(payload, "completion")
@@ -76,6 +80,45 @@ def test_requests_naming_only_their_language_get_the_serving_defaults(router):
     # Uncalibrated artifacts serve their manifest's values, and say so.
     applied = router.route({"prompt": "x", "vllm_xargs": {"language": "sw"}}, "completion")
     assert applied.applied and applied.defaults == "uncalibrated" and applied.alpha == 1.0
+
+
+@pytest.mark.parametrize("endpoint", ["completion", "chat"])
+def test_a_model_name_base_colon_language_steers_with_the_serving_defaults(router, endpoint):
+    payload = {"model": "tiny:et", "prompt": "x", "messages": [{"role": "user", "content": "x"}]}
+    applied = router.route(payload, endpoint)
+    assert applied.applied and applied.source == "explicit" and applied.language == "est_Latn"
+    assert (applied.alpha, applied.layers, applied.positions) == (-0.5, [1], "prompt")
+    assert payload["model"] == "tiny" and payload["vllm_xargs"] == {"language": "est_Latn"}  # vLLM sees BASE
+    payload = {"model": "tiny:est_Latn", "prompt": "x", "vllm_xargs": {"alpha": 0.25, "language": "et"}}
+    applied = router.route(payload, endpoint)  # vllm_xargs override any field; the same language is no conflict
+    assert (applied.alpha, applied.positions) == (0.25, "prompt")
+    payload = {"model": "tiny", "prompt": "x"}
+    assert not router.route(payload, endpoint).applied and payload["model"] == "tiny"
+
+
+def test_a_model_name_and_another_language_in_vllm_xargs_conflict(router):
+    payload = {"model": "tiny:swh_Latn", "prompt": "x", "vllm_xargs": {"language": "ita_Latn"}}
+    with pytest.raises(RoutingError, match="name the language once") as raised:
+        router.route(payload, "completion")
+    assert raised.value.status == 400
+
+
+@pytest.mark.parametrize("model", ["tiny:fra_Latn", "tiny:xx_Nope", "other:swh_Latn"])
+def test_an_unknown_model_name_is_404_listing_the_models(router, model):
+    with pytest.raises(RoutingError, match="does not exist") as raised:
+        router.route({"model": model, "prompt": "x"}, "completion")
+    assert raised.value.status == 404 and raised.value.param == "model"
+    assert "models: tiny, tiny:est_Latn, tiny:ita_Latn, tiny:swh_Latn, tiny:tur_Latn" in str(raised.value)
+
+
+def test_every_loaded_language_is_a_model_card_with_parent_base(router):
+    base = {"id": "tiny", "object": "model", "root": "/m/tiny", "parent": None, "max_model_len": 64}
+    cards = {card["id"]: card for card in router.language_model_cards(base)}
+    assert sorted(cards) == ["tiny:est_Latn", "tiny:ita_Latn", "tiny:swh_Latn", "tiny:tur_Latn"]
+    estonian = cards["tiny:est_Latn"]
+    assert estonian["parent"] == "tiny" and estonian["root"] == "/m/tiny" and estonian["max_model_len"] == 64
+    assert estonian["lingosteer"] == {"language": "est_Latn", "version": "v-est_Latn", "defaults": "calibrated",
+                                      "serving": {"alpha": -0.5, "layers": [1], "positions": "prompt"}}
 
 
 def test_a_language_whose_calibration_found_no_gain_runs_plain_unless_alpha_is_asked(router):
@@ -215,7 +258,7 @@ def test_uploads_are_stored_by_content_hash(tmp_path):
     first = store_upload(tmp_path / ".uploads", b"{}", b"abc")
     again = store_upload(tmp_path / ".uploads", b"{}", b"abc")
     other = store_upload(tmp_path / ".uploads", b"{}", b"abd")
-    assert first == again != other
+    assert first == again != other and first.name == artifact_version(first)  # named as the engine names it
     assert (first / "matrices.safetensors").read_bytes() == b"abc"
     assert not [p for p in (tmp_path / ".uploads").iterdir() if p.name.startswith(".incoming")]
     assert discover_interventions(tmp_path) == {}  # hidden: not preloaded at startup
@@ -435,8 +478,9 @@ class _WorkerBehindRpc:
 
         from intervene_engine.worker_state import WorkerState
 
-        layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
-        state = WorkerState("LlamaForCausalLM", str(model_dir), layers, torch.device("cpu"), max_rows=64)
+        config = json.loads((model_dir / "config.json").read_text())
+        state = WorkerState("LlamaForCausalLM", str(model_dir), config["num_hidden_layers"], torch.device("cpu"),
+                            max_rows=64, hidden_size=config["hidden_size"])
         self.worker = SimpleNamespace(model_runner=SimpleNamespace(lingosteer_state=state))
 
     async def collective_rpc(self, method: str, args: tuple = ()) -> list:
@@ -533,6 +577,35 @@ def test_push_and_rm_reach_every_server_of_a_fleet_and_name_those_that_failed(fl
     assert not first_registry.loaded
 
 
+def test_rollback_reloads_the_previous_version_from_its_history_and_409s_without_one(fleet, model_dir, tmp_path,
+                                                                                    capsys):
+    from lingosteer.entrypoints.main import main
+    from plugin_support import write_planted_intervention
+
+    [(first, registry), _], first_artifact = fleet
+    write_planted_intervention(first_artifact.parent / "swh_v2", model_dir, [0, 1], "swh_Latn", seed=7)
+    token_file = tmp_path / "token"
+    token_file.write_text(ADMIN_TOKEN)
+    token_file.chmod(0o600)
+    admin = ["--server", first, "--token-file", str(token_file)]
+
+    assert main(["interventions", "push", "llama/swh", *admin]) == 0
+    original = registry.version_of("swh_Latn")
+    assert main(["interventions", "rollback", "swh_Latn", *admin]) == 2  # nothing before it
+    assert "server answered 409: swh_Latn has no version loaded before" in capsys.readouterr().err
+    assert main(["interventions", "push", "llama/swh_v2", "--pin", *admin]) == 0
+    replaced = registry.version_of("swh_Latn")
+    assert replaced != original and registry.loaded["swh_Latn"].pinned
+    capsys.readouterr()
+    assert main(["interventions", "rollback", "sw", *admin]) == 0
+    assert capsys.readouterr().out.strip() == (
+        f"{first}: rolled swh_Latn back to version {original} (was {replaced})")
+    assert registry.version_of("swh_Latn") == original and registry.loaded["swh_Latn"].pinned  # the pin stays
+    assert [(entry.version, entry.source, entry.path) for entry in registry.history["swh_Latn"]] == [
+        (original, "path", "llama/swh"), (replaced, "path", "llama/swh_v2"), (original, "rollback", "llama/swh")]
+    assert registry.history["swh_Latn"][0].loaded_by == "127.0.0.1"
+
+
 def test_registry_follows_loads_and_unloads_from_their_answers_alone(model_dir, tmp_path):
     """The worker's store is the record; the registry reads it once, then applies each answer
     (no list RPC after a change), replacing its dict so a reader's snapshot never changes."""
@@ -624,8 +697,9 @@ def test_identical_uploads_at_once_get_the_answer_of_their_content(model_dir, tm
 
 
 def test_the_upload_directory_keeps_only_the_uploads_that_are_loaded(model_dir, tmp_path):
-    """A replaced or unloaded upload's files are removed (the engine holds loaded tensors in memory);
-    without this every hot swap by upload would leave its predecessor on disk for good."""
+    """An upload's files stay while it is loaded or one rollback away (the version before the current one,
+    which the worker may also read again after releasing it to disk); otherwise they are removed: without
+    this every hot swap by upload would leave its predecessors on disk for good."""
     import asyncio
 
     import httpx
@@ -659,18 +733,49 @@ def test_the_upload_directory_keeps_only_the_uploads_that_are_loaded(model_dir, 
 
             first = await upload(versions[0])
             seen.append(sorted(p.name for p in uploads.iterdir()))
-            second = await upload(versions[1])  # replaces the first: its files go
+            second = await upload(versions[1])  # replaces the first, which stays for a rollback
             seen.append(sorted(p.name for p in uploads.iterdir()))
             assert (await upload(versions[1])) == second  # the same upload again keeps its files
             seen.append(sorted(p.name for p in uploads.iterdir()))
             response = await client.post("/admin/interventions", json={"path": "swh_v3"}, headers=auth)
-            assert response.status_code == 200, response.json()  # a load by path replaces the upload
+            assert response.status_code == 200, response.json()  # a load by path: the first upload goes
             seen.append(sorted(p.name for p in uploads.iterdir()))
-            await upload(versions[0])
+            await upload(versions[0])  # the second goes (the rollback target is now swh_v3)
+            seen.append(sorted(p.name for p in uploads.iterdir()))
             assert (await client.delete("/admin/interventions/swh_Latn", headers=auth)).status_code == 200
             seen.append(sorted(p.name for p in uploads.iterdir()))
             return [[first.split("/")[-1]], [second.split("/")[-1]], *seen]
 
     first, second, *seen = asyncio.run(scenario())
-    assert seen == [first, second, second, [], []]
+    both = sorted(first + second)
+    assert seen == [first, both, both, second, first, []]
     assert all(version.is_dir() for version in versions)  # artifacts in the root itself are never touched
+
+
+def test_token_prompts_without_bos_get_the_bos_their_tokenizer_adds_to_text(router, tokenizer):
+    bos = tokenizer.bos_token_id
+    assert tokenizer("a").input_ids[0] == bos  # the tiny model's tokenizer starts text prompts with BOS
+    payload = {"model": "tiny", "prompt": [[5, 6], [bos, 7]], "echo": True, "max_tokens": 1}
+    applied = router.route(payload, "completion")
+    assert payload["prompt"] == [[bos, 5, 6], [bos, 7]] and applied.bos_added == [0]
+    payload = {"prompt": [5, 6]}
+    assert router.route(payload, "completion").bos_added == [0] and payload["prompt"] == [bos, 5, 6]
+    payload = {"prompt": "text", "echo": True}  # vLLM's tokenizer adds it to text
+    assert router.route(payload, "completion").bos_added is None and payload["prompt"] == "text"
+    with pytest.raises(RoutingError, match="echo with stream"):
+        router.route({"prompt": [5, 6], "echo": True, "stream": True}, "completion")
+
+
+def test_echoed_logprobs_leave_the_added_bos_out():
+    from intervene_server.middleware import _drop_echoed_bos
+
+    def choice(index):
+        return {"index": index, "logprobs": {
+            "tokens": ["<bos>", "a", "b"], "token_logprobs": [None, -1.0, -2.0],
+            "top_logprobs": [None, {"a": -1.0}, {"b": -2.0}], "text_offset": [0, 5, 6]}}
+
+    document = {"choices": [choice(0), choice(1)]}
+    _drop_echoed_bos(document, frozenset({1}))
+    assert document["choices"][0] == choice(0)
+    assert document["choices"][1]["logprobs"] == {"tokens": ["a", "b"], "token_logprobs": [-1.0, -2.0],
+                                                   "top_logprobs": [{"a": -1.0}, {"b": -2.0}], "text_offset": [5, 6]}

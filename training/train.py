@@ -69,6 +69,38 @@ def learning_rate_factor(step: int, config: TrainingConfig) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def configure_optimizer(
+    model: torch.nn.Module, config: TrainingConfig
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW with weight decay on >= 2-D parameters only (matrices, embeddings; not biases or norms), and
+    its learning-rate schedule over `config.steps` (`learning_rate_factor`)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        eps=config.adam_eps,
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, config))
+    return optimizer, schedule
+
+
+def train_step(
+    model: torch.nn.Module,
+    loss: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    grad_clip: float,
+) -> None:
+    """One update from a batch's loss: backward, clip the gradient norm, step the optimizer and the schedule."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    schedule.step()
+
+
 @torch.no_grad()
 def evaluate_mlm(model: MaskedLMEncoder, corpus: SweepCorpus, language: str, config: TrainingConfig) -> float:
     """Token-averaged MLM loss on the language's test sentences, with masks fixed by `eval_mask_seed`."""
@@ -114,15 +146,7 @@ def train_run(
     generator = torch.Generator().manual_seed(seed)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = MaskedLMEncoder(config, corpus.vocab_size, corpus.pad_id, attention_backend).to(device)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.learning_rate,
-        betas=(config.adam_beta1, config.adam_beta2),
-        eps=config.adam_eps,
-    )
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, config))
+    optimizer, schedule = configure_optimizer(model, config)
 
     started = time.perf_counter()
     model.train()
@@ -136,11 +160,7 @@ def train_run(
         if not (labels != -100).any():
             continue
         loss = model(inputs.to(device), labels.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        schedule.step()
+        train_step(model, loss, optimizer, schedule, config.grad_clip)
         if step >= config.steps - max(1, config.steps // 10):
             recent.append(loss.item())
     train_seconds = time.perf_counter() - started

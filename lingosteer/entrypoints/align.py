@@ -2,6 +2,8 @@
 
     lingosteer align fit --model gemma-3-270m --source swh_Latn --target eng_Latn \\
         --out interventions/gemma-3-270m/swh_Latn          # the recommended recipe (alignment/recipe.py)
+    lingosteer align build --model gemma-3-270m --source sw,th,tr --calibrate ../shared/data/xcopa \\
+        --out interventions/gemma-3-270m                    # fit, then one gate (design 'pooled') for all three
     lingosteer align fit ... --data sib200:train,dev --data ntrex:0-299 --solver procrustes --ray
     lingosteer align eval --model gemma-3-270m --intervention interventions/gemma-3-270m/swh_Latn \\
         --data sib200:test --json
@@ -13,20 +15,23 @@ Progress bars go to stderr; `eval --json` prints exactly one JSON object to stdo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
 from pathlib import Path
 
-from alignment.artifact import DTYPES, FORMS, load_intervention, replace_dir, save_intervention
+from alignment.artifact import DTYPES, FORMS, FitData, load_intervention, replace_dir
 from alignment.diagnose import diagnose_languages, write_diagnosis_report
-from alignment.estimator import SOLVERS, LinearAligner
+from alignment.estimator import SOLVERS
 from alignment.evaluate import evaluate_intervention, write_compare_report, write_eval_report
-from alignment.fitting import ExtractionSettings, fit_statistics
+from alignment.fitting import Compute, fit_artifact
 from alignment.hidden_states import POOLINGS, extract_hidden_states, load_model_and_tokenizer
 from alignment.recipe import RECIPES, RECOMMENDED, Recipe
-from evaluation.serving_defaults import calibrate_serving, load_calibration_items
-from lingosteer.data import code_switched, parse_parallel_source
+from evaluation.gate_designs import DESIGNS
+from evaluation.serving_defaults import calibrate_languages, load_calibration_sets
+from evaluation.tasks import TASKS
+from lingosteer.data import parse_parallel_source
 from lingosteer.fingerprint import model_fingerprint
 from lingosteer.languages import UnknownLanguageError, normalize_code
 from lingosteer.markdown import markdown_table
@@ -35,6 +40,8 @@ from lingosteer.models import resolve_model
 DATA_HELP = ("parallel data CORPUS[:SPLITS|:FIRST-LAST][@DIR], e.g. sib200:train,dev, ntrex:0-299@/data/ntrex128 "
              "or xcopa (validation items vs their English translations)")
 FLORES_SHAPE = re.compile(r"^[a-z]{3}_[A-Z][a-z]{3}$")
+# `carry` needs a second, larger labelled set scored under every candidate: `align build` does not score one.
+CLI_DESIGNS = tuple(name for name, design in DESIGNS.items() if not design.uses_proxy)
 
 
 def register(subparsers) -> None:
@@ -48,10 +55,18 @@ def register(subparsers) -> None:
     build = commands.add_parser(
         "build", help="fit with the recommended recipe, then choose the serving defaults on labelled calibration "
                       "data (steering stays off unless its gain clears the gate)")
-    _add_fit_arguments(build)
+    _add_fit_arguments(build, several_sources=True)
     build.add_argument("--calibrate", nargs="+", required=True, type=Path, metavar="FILE_OR_DIR",
-                       help="XCOPA/XNLI-style files (language from the file name, as bench reads them)")
-    build.add_argument("--task", choices=("xcopa", "xnli"), default=None,
+                       help="XCOPA/XNLI-style files or directories of them (<split>.<iso>.jsonl: the language "
+                            "from the file name, as bench reads them); one file per language built")
+    build.add_argument("--gate-design", choices=("auto", *CLI_DESIGNS), default="auto",
+                       help="how the gate decides (evaluation/gate_designs.py, docs/benchmarks.md 'Gate power'). "
+                            "auto (default): pooled for 2+ languages (one configuration chosen across languages, "
+                            "each language judged on a choice made without it; 100 XCOPA items x 11 languages "
+                            "detect +3.5 points), current for one: no single-language design meets the no-harm "
+                            "targets with power (current detects only gains above 9.3 points on 100 items). "
+                            "pooled and shrinkage need 2+ languages; carry (a larger proxy set) is not offered here")
+    build.add_argument("--task", choices=tuple(TASKS), default=None,
                        help="the calibration task (default: from the paths' names)")
     build.add_argument("--calibration-max-items", type=int, default=None, help="only the first N calibration items")
     build.add_argument("--engine-dtype", default="float32", help="dtype of the scoring engine (default float32)")
@@ -83,11 +98,19 @@ def register(subparsers) -> None:
     diagnose.set_defaults(func=run_diagnose)
 
 
-def _add_fit_arguments(parser) -> None:
+def _add_fit_arguments(parser, several_sources: bool = False) -> None:
     _add_model_and_data(parser, several=True)
-    parser.add_argument("--source", required=True, help="source language code (e.g. swh_Latn, sw)")
+    if several_sources:
+        parser.add_argument("--source", required=True, action="append",
+                            help="source language code(s): sw, or sw,th,tr, or repeated; each is fitted and "
+                                 "calibrated, and the gate decides for all of them together")
+    else:
+        parser.add_argument("--source", required=True, help="source language code (e.g. swh_Latn, sw)")
     parser.add_argument("--target", default="eng_Latn", help="target language code (default eng_Latn)")
-    parser.add_argument("--out", required=True, type=Path, help="artifact directory to write")
+    parser.add_argument("--out", required=True, type=Path,
+                        help="artifact directory to write" + (" (several sources: the directory that gets one "
+                                                              "artifact per language, <out>/<FLORES code>)"
+                                                              if several_sources else ""))
     parser.add_argument("--layers", default="all", help="'all' or a list like 0,4,6-9 (0-based decoder layers)")
     parser.add_argument("--recipe", choices=RECIPES, default=None,
                         help="a named fitting recipe (alignment/recipe.py): recommended (the default when no solver "
@@ -199,85 +222,28 @@ def _states(model, tokenizer, sentences, layers, pooling, batch_size):
 def run_fit(args) -> int:
     if args.out.exists() and not args.overwrite:
         raise ValueError(f"{args.out} exists; pass --overwrite to replace it")
-    fit_artifact(args, args.out, overwrite=args.overwrite)
+    _fit(args, args.out, overwrite=args.overwrite)
     return 0
 
 
-def fit_artifact(args, out: Path, overwrite: bool) -> None:
-    """Fit the maps the fit options (or their recipe) ask for and write the artifact to `out`."""
-    source, target = language_code(args.source), language_code(args.target)
-    if source == target:
-        raise ValueError(f"source and target are the same language ({source})")
-    if args.chunk_size < 1 or args.batch_size < 1:
-        raise ValueError("--chunk-size and --batch-size must be positive")
-    if args.ray is not None and args.ray_workers < 1:
-        raise ValueError("--ray-workers must be at least 1")
-    recipe_name, recipe, data_given = fit_recipe(args)
-    max_pairs = args.max_pairs or recipe.max_pairs
-    # Settings are checked before the slow part: a solver option that does not apply fails here.
-    aligner = LinearAligner(solver=recipe.solver, bias=recipe.bias, rank=recipe.rank,
-                            standardise=recipe.standardise, holdout_fraction=args.holdout_fraction)
-    sources, pairs = [], []
-    for spec in recipe.data:
-        data = parse_parallel_source(spec)
-        try:
-            found = data.pairs(source, target)
-        except FileNotFoundError as error:
-            # The recommended recipe's corpora do not cover every language (NTREX has no Haitian
-            # Creole): without --data, a corpus that lacks the language is left out, and said so.
-            if data_given:
-                raise
-            print(f"warning: {spec} left out: {error}", file=sys.stderr)
-            continue
-        sources.append((spec, data))
-        pairs += found
-    if not sources:
-        raise ValueError(f"no source of {', '.join(recipe.data)} has {source}-{target} pairs")
-    pairs = _check_pair_count(pairs[:max_pairs] if max_pairs else pairs, " + ".join(recipe.data), source, target,
-                              max_pairs)
-    if recipe.code_switch:
-        pairs = code_switched(pairs)
-    model_dir = resolve_model(args.model)
-    fingerprint = model_fingerprint(model_dir)
-    layers = parse_layers(args.layers, fingerprint["num_hidden_layers"])
-    settings = ExtractionSettings(layers=tuple(layers), pooling=recipe.pooling, batch_size=args.batch_size,
-                                  chunk_size=args.chunk_size, holdout_fraction=args.holdout_fraction)
-    statistics = fit_statistics(model_dir, pairs, settings, ray_address=args.ray,
-                                workers=args.ray_workers if args.ray is not None else 0)
-    aligner = aligner.merge(statistics).solve()
-
-    bytes_per_value = 4 if args.dtype == "float32" else 2
-    metrics = {
-        "heldout_error_ratio": {str(layer): _finite_or_none(r)
-                                for layer, r in zip(layers, aligner.heldout_error_ratio_)},
-        "heldout_error_ratio_meaning": "held-out squared distance left by the map fitted without the held-out "
-                                       "pairs, over that left by no intervention (lower is better)",
-        "parameter_bytes": aligner.parameter_bytes(bytes_per_value),
-    }
-    described = [{**data.describe(), "spec": spec} for spec, data in sources]
-    fit_data = {**described[0], "sources": described, "num_pairs": len(pairs),
-                "num_heldout": aligner.heldout_stats_.n, "max_pairs": max_pairs,
-                "code_switched": recipe.code_switch, "recipe": recipe_name}
-    save_intervention(
-        out, aligner, fingerprint=fingerprint, source=source, target=target, layers=layers,
-        pooling=recipe.pooling, fit_data=fit_data, metrics=metrics, dtype=args.dtype, form=recipe.form,
-        default_alpha=args.alpha, overwrite=overwrite,
-    )
-    size = sum(p.stat().st_size for p in out.iterdir())
-    print(f"wrote {out} ({source} -> {target}, {len(layers)} layers, {len(pairs)} pairs, {recipe.solver}, "
-          f"recipe {recipe_name}, {size:,} bytes)", file=sys.stderr)
+def _fit(args, out: Path, overwrite: bool, source: str | None = None) -> None:
+    """Fit the recipe the fit options ask for and write the artifact of `source` (default --source) to `out`."""
+    name, recipe, data_given = fit_recipe(args)
+    fit_artifact(recipe, args.model, language_code(source or args.source), language_code(args.target), out, name=name,
+                 skip_missing=not data_given, dtype=args.dtype, alpha=args.alpha, overwrite=overwrite,
+                 compute=Compute(batch_size=args.batch_size, chunk_size=args.chunk_size, ray_address=args.ray,
+                                 workers=args.ray_workers))
 
 
-# The fit options a recipe sets (argparse names); a named --recipe refuses them. --max-pairs is
-# not one of them: it only shortens the recipe's data (INCLINE's recipe itself takes the first 500).
+# The fit options a recipe sets (argparse names); a named --recipe refuses them. --max-pairs,
+# --layers and --holdout-fraction are not among them: they apply to any recipe (INCLINE's recipe
+# itself takes the first 500 pairs; --max-pairs shortens that).
 RECIPE_OPTIONS = ("solver", "pooling", "data", "bias", "rank", "standardise", "form", "code_switch")
 
 
 def fit_recipe(args) -> tuple[str, Recipe, bool]:
     """(the name recorded in the manifest, the recipe to fit, whether --data was given): a named
     --recipe, or the recommended one with the options given on top ("custom" if they change it)."""
-    import dataclasses
-
     given = {name: getattr(args, name) for name in RECIPE_OPTIONS if getattr(args, name, None) is not None}
     if "data" in given:
         given["data"] = tuple(given["data"])
@@ -285,38 +251,72 @@ def fit_recipe(args) -> tuple[str, Recipe, bool]:
         if given:
             flags = ", ".join("--" + name.replace("_", "-") for name in given)
             raise ValueError(f"--recipe {args.recipe} sets the fit itself; drop {flags} or drop --recipe")
-        return args.recipe, RECIPES[args.recipe], False
-    recipe = dataclasses.replace(RECOMMENDED, **given)
-    return ("recommended" if recipe == RECOMMENDED else "custom"), recipe, "data" in given
+        name, recipe = args.recipe, RECIPES[args.recipe]
+    else:
+        recipe = dataclasses.replace(RECOMMENDED, **given)
+        name = "recommended" if recipe == RECOMMENDED else "custom"
+    num_layers = model_fingerprint(resolve_model(args.model))["num_hidden_layers"]
+    recipe = dataclasses.replace(recipe, max_pairs=args.max_pairs or recipe.max_pairs,
+                                 layers=tuple(parse_layers(args.layers, num_layers)),
+                                 holdout_fraction=args.holdout_fraction)
+    return name, recipe, "data" in given
+
+
+def build_sources(args) -> list[str]:
+    """--source values (comma-separated or repeated) -> distinct FLORES codes, in the order given."""
+    sources = [language_code(part) for given in args.source for part in given.split(",") if part.strip()]
+    repeated = sorted({code for code in sources if sources.count(code) > 1})
+    if repeated or not sources:
+        raise ValueError(f"--source must name distinct languages; repeated: {', '.join(repeated) or 'none given'}")
+    return sources
+
+
+def gate_design(name: str, languages: int):
+    """--gate-design: 'auto' is pooled for 2 or more languages and current for one (docs/benchmarks.md)."""
+    if name == "auto":
+        name = "pooled" if languages >= 2 else "current"
+    return DESIGNS[name]
 
 
 def run_build(args) -> int:
-    """Fit into a staging directory, calibrate there, then move it into place: an interrupted
-    build never leaves an artifact that would serve uncalibrated defaults."""
+    """Fit each language into a staging directory, calibrate them there together, then move them into place:
+    an interrupted build never leaves an artifact that would serve uncalibrated defaults."""
     import shutil
     import tempfile
 
 
-    if args.out.exists() and not args.overwrite:
-        raise ValueError(f"{args.out} exists; pass --overwrite to replace it")
+    sources = build_sources(args)
+    outs = {sources[0]: args.out} if len(sources) == 1 else {code: args.out / code for code in sources}
+    existing = [str(out) for out in outs.values() if out.exists()]
+    if existing and not args.overwrite:
+        raise ValueError(f"{', '.join(existing)} exist(s); pass --overwrite to replace")
     if args.calibration_max_items is not None and args.calibration_max_items < 1:
         raise ValueError("--calibration-max-items must be positive")
     missing = [str(path) for path in args.calibrate if not path.exists()]
     if missing:
         raise FileNotFoundError(f"calibration path(s) not found: {', '.join(missing)}")
-    task, items = load_calibration_items(args.model, args.calibrate, language_code(args.source), args.task,
-                                         args.calibration_max_items)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.build.", dir=args.out.parent))
+    design = gate_design(args.gate_design, len(sources))
+    task, sets = load_calibration_sets(args.model, args.calibrate, sources, TASKS[args.task] if args.task else None,
+                                       args.calibration_max_items)
+    design.check({code: items.n for code, items in sets.items()})
+    parent = args.out.parent if len(sources) == 1 else args.out
+    parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{args.out.name}.build." if len(sources) == 1 else ".build."
+    staging = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     try:
-        artifact = staging / "artifact"
-        fit_artifact(args, artifact, overwrite=False)
-        print("calibrating the serving defaults (fit done; scoring every candidate through vLLM)", file=sys.stderr)
-        evidence = calibrate_serving(artifact, args.model, task, items, dtype=args.engine_dtype)
-        replace_dir(artifact, args.out)
+        staged = {code: staging / code for code in sources}
+        for code, artifact in staged.items():
+            _fit(args, artifact, overwrite=False, source=code)
+        print(f"calibrating the serving defaults of {', '.join(sources)} (fits done; scoring every candidate "
+              f"through vLLM; gate design {design.name})", file=sys.stderr)
+        evidence = calibrate_languages({code: (staged[code], sets[code]) for code in sources}, args.model, task,
+                                       design, dtype=args.engine_dtype)
+        for code in sources:
+            replace_dir(staged[code], outs[code])
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    print(f"{args.out}: {evidence['summary']}", file=sys.stderr)
+    for code in sources:
+        print(f"{outs[code]}: {evidence[code].summary}", file=sys.stderr)
     return 0
 
 
@@ -325,9 +325,9 @@ def run_eval(args) -> int:
     _, model, tokenizer, fingerprint = _load_model(args.model)
     intervention = load_intervention(args.intervention, expected_fingerprint=fingerprint)
     eval_data = parse_parallel_source(args.data).describe()
-    _warn_if_overlapping(intervention.manifest["fit_data"], eval_data)
+    _warn_if_overlapping(intervention.fit_data, eval_data)
     _, pairs = _load_pairs(args.data, intervention.source, intervention.target, args.max_pairs)
-    pooling = intervention.manifest["pooling"]
+    pooling = intervention.manifest.pooling
     X_src = _states(model, tokenizer, [s for s, _ in pairs], intervention.layers, pooling, args.batch_size)
     X_tgt = _states(model, tokenizer, [t for _, t in pairs], intervention.layers, pooling, args.batch_size)
     report = evaluate_intervention(intervention, X_src, X_tgt, alpha=args.alpha)
@@ -351,16 +351,16 @@ def run_compare(args) -> int:
     states, rows = {}, []
     for path in args.interventions:
         intervention = load_intervention(path, expected_fingerprint=fingerprint)
-        _warn_if_overlapping(intervention.manifest["fit_data"], eval_data)
-        key = (intervention.source, intervention.target, intervention.manifest["pooling"])
+        _warn_if_overlapping(intervention.fit_data, eval_data)
+        key = (intervention.source, intervention.target, intervention.manifest.pooling)
         if key not in states:
             _, pairs = _load_pairs(args.data, intervention.source, intervention.target, args.max_pairs)
             states[key] = [_states(model, tokenizer, [pair[side] for pair in pairs], list(range(
                 fingerprint["num_hidden_layers"])), key[2], args.batch_size) for side in (0, 1)]
         X_src, X_tgt = (s[intervention.layers] for s in states[key])
         report = evaluate_intervention(intervention, X_src, X_tgt, alpha=1.0)
-        rows.append({"intervention": str(path), "solver": intervention.manifest["solver"],
-                     "standardise": bool(intervention.manifest.get("standardise", False)), "pooling": key[2],
+        rows.append({"intervention": str(path), "solver": intervention.manifest.solver,
+                     "standardise": intervention.manifest.standardise, "pooling": key[2],
                      "source": intervention.source, "num_pairs": report["num_pairs"],
                      "bytes": sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file()),
                      "layers": report["layers"]})
@@ -395,9 +395,10 @@ def run_diagnose(args) -> int:
     return 0
 
 
-def _warn_if_overlapping(fit_data: dict, eval_data: dict) -> None:
+def _warn_if_overlapping(fit_data: FitData, eval_data: dict) -> None:
     """Evaluating on the pairs the map was fitted on flatters it: say so loudly."""
-    for fitted in fit_data.get("sources", [fit_data]):
+    # Manifests older than `sources` named their one source's fields at the top of fit_data.
+    for fitted in fit_data.sources or [fit_data.model_extra or {}]:
         if (fitted.get("corpus"), fitted.get("data_dir")) != (eval_data["corpus"], eval_data["data_dir"]):
             continue
         shared_splits = set(fitted.get("splits", [])) & set(eval_data["splits"])
@@ -407,6 +408,3 @@ def _warn_if_overlapping(fit_data: dict, eval_data: dict) -> None:
             print(f"warning: evaluation data overlaps the fitting data ({eval_data['corpus']} "
                   f"{sorted(shared_splits) or fit_lines or ''}); these numbers are not held-out", file=sys.stderr)
 
-
-def _finite_or_none(value: float):
-    return None if value != value else float(value)

@@ -17,15 +17,15 @@ from pathlib import Path
 from evaluation.calibration import DEFAULT_GRID, parse_grid
 from evaluation.report import markdown, write_report
 from evaluation.runner import BenchmarkConfig, run_benchmark
-from evaluation.scoring import STEER_MODES
 from evaluation.tasks import PROMPT_STYLES, TASKS
+from alignment.artifact import DEFAULT_POSITIONS, POSITION_MODES
 
 
 def register(subparsers) -> None:
     bench = subparsers.add_parser("bench", help="XCOPA / XNLI accuracy, baseline vs intervened, alpha calibrated")
     tasks = bench.add_subparsers(dest="bench_task", required=True)
-    for task in TASKS:
-        parser = tasks.add_parser(task, help=f"{task.upper()} benchmark (files <split>.<lang>.jsonl|tsv)")
+    for task in TASKS.values():
+        parser = tasks.add_parser(task.name, help=f"{task.name.upper()} benchmark (files <split>.<lang>.jsonl|tsv)")
         parser.add_argument("--model", required=True, help="prepared model name or Hugging Face model directory")
         parser.add_argument("--interventions", type=Path, nargs="+", default=None, metavar="DIR",
                             help="directory of intervention artifacts (one per language, at any depth); under "
@@ -41,13 +41,14 @@ def register(subparsers) -> None:
         parser.add_argument("--out", type=Path, required=True, help="report directory")
         parser.add_argument("--alpha-grid", type=parse_grid, default=DEFAULT_GRID,
                             help="comma-separated alphas tried in calibration (default %(default)s)")
-        parser.add_argument("--steer", choices=STEER_MODES, default="last",
-                            help="tokens steered: last context token (INCLINE, default), all context tokens, "
+        parser.add_argument("--steer", choices=tuple(POSITION_MODES), default=DEFAULT_POSITIONS,
+                            help="tokens steered, as a served request's positions with the context as the prompt: "
+                                 "the last context token (INCLINE, default), every context token after BOS, "
                                  "or context and option tokens")
         parser.add_argument("--prompt", choices=PROMPT_STYLES, default="lm-eval",
                             help="lm-eval log-likelihood templates (default) or a multiple-choice prompt")
         parser.add_argument("--prompts", type=Path, default=None,
-                            help=f"prompt configuration (default configs/bench/{task}.yaml)")
+                            help=f"prompt configuration (default configs/bench/{task.name}.yaml)")
         parser.add_argument("--groups", type=Path, default=None,
                             help="language groups to average over (default configs/bench/groups.yaml)")
         parser.add_argument("--max-items", type=int, default=None, help="use only the first N items of each file")

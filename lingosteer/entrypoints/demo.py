@@ -26,7 +26,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from alignment.artifact import InterventionError, load_intervention
+from alignment.artifact import Evidence, InterventionError, load_intervention
 from lingosteer import DEFAULT_DATA_DIR
 from lingosteer.fingerprint import model_fingerprint
 from lingosteer.models import prepare_model as prepare
@@ -76,7 +76,8 @@ def build_intervention(model_dir: Path, data_dir: Path, out: Path, log: Path) ->
 
     banner(f"2. Build {SOURCE} -> {TARGET}: fit, then calibrate the serving defaults on XCOPA validation")
     try:
-        if load_intervention(out, expected_fingerprint=model_fingerprint(model_dir)).evidence is None:
+        evidence = load_intervention(out, expected_fingerprint=model_fingerprint(model_dir)).evidence
+        if evidence is None or evidence.design is None:  # older builds recorded no gate design
             raise InterventionError("not calibrated")
         print(f"reusing {out} (built earlier on this model; delete it to rebuild)")
     except InterventionError:
@@ -87,14 +88,15 @@ def build_intervention(model_dir: Path, data_dir: Path, out: Path, log: Path) ->
     return out
 
 
-def show_evidence_and_transfer(model_dir: Path, data_dir: Path, intervention: Path, log: Path) -> dict:
+def show_evidence_and_transfer(model_dir: Path, data_dir: Path, intervention: Path, log: Path) -> Evidence:
     artifact = load_intervention(intervention)
     evidence = artifact.evidence
     banner("3. The evidence behind the serving defaults, and the map on sentences it never saw")
-    print(f"calibration: {evidence['summary']}")
-    print(f"  plain accuracy {evidence['plain_accuracy']:.3f}, cross-validated steered accuracy "
-          f"{evidence['cross_validated_accuracy']:.3f} on {evidence['items']} items")
-    print(f"  serving defaults: {artifact.serving}")
+    print(f"calibration: {evidence.summary}")
+    print(f"  plain accuracy {evidence.plain_accuracy:.3f}, cross-validated steered accuracy "
+          f"{evidence.cross_validated_accuracy:.3f} on {evidence.items} items")
+    print(f"  serving defaults: {artifact.serving.describe()}")
+    print(f"  gate design {evidence.design} ('auto' for one language): {evidence.decision}")
     report = json.loads(lingosteer("align", "eval", "--model", str(model_dir), "--intervention", str(intervention),
                                    "--data", f"xcopa@{data_dir}", "--json", capture=True, log=log))
     print("retrieval of XCOPA sentences (300, short, everyday; never fitted on), Swahili -> English:")
@@ -187,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         server.terminate()
         server.wait(timeout=120)
     banner("what this shows")
-    if evidence["adopted"]:
-        print(f"Swahili steering cleared the gate on calibration data: {evidence['summary']}")
+    if evidence.adopted:
+        print(f"Swahili steering cleared the gate on calibration data: {evidence.summary}")
     else:
         print("On this model, steering Swahili did not clear the do-no-harm gate on XCOPA calibration data, so a "
               "request naming only its language is served plain (and says why); steering runs only when asked for.")

@@ -54,10 +54,14 @@ def register(subparsers) -> None:
     push.add_argument("path", help="artifact directory: a path inside the server's interventions root, "
                                    "or (with --upload) a local directory to upload")
     push.add_argument("--upload", action="store_true", help="upload the local artifact's files")
+    push.add_argument("--pin", action="store_true", help="keep the language in a device slot")
     push.set_defaults(func=push_command)
     remove = actions.add_parser("rm", parents=[admin], help="unload the intervention of a language")
     remove.add_argument("language", help="FLORES-200 or ISO 639 code")
     remove.set_defaults(func=rm_command)
+    rollback = actions.add_parser("rollback", parents=[admin], help="load the version loaded before the current one")
+    rollback.add_argument("language", help="FLORES-200 or ISO 639 code")
+    rollback.set_defaults(func=rollback_command)
 
 
 def build_serve_parser():
@@ -88,6 +92,15 @@ def build_serve_parser():
                       help="admin upload size limit")
     ours.add_argument("--max-request-mb", type=float, default=DEFAULT_MAX_REQUEST_BYTES / 2**20, metavar="MB",
                       help="completion and chat request body size limit (413 beyond it)")
+    # Defaults: intervene_engine.bank (DEFAULT_*), which says why; given here as text so `--help` stays light.
+    ours.add_argument("--max-languages", type=int, default=4, metavar="N",
+                      help="device slots: maps one step can read without a host copy (allocated at start)")
+    ours.add_argument("--max-cpu-languages", type=int, default=16, metavar="M",
+                      help="maps held on the host; the least recently used others are read again from disk")
+    ours.add_argument("--max-map-rank", default="full", metavar="R",
+                      help="rank of each slot, or 'full' (d x d); a map of higher rank is refused at load")
+    ours.add_argument("--pin", action="append", default=[], metavar="LANG",
+                      help="FLORES code of a language kept in a device slot (repeat; at most --max-languages - 1)")
     return parser
 
 
@@ -136,6 +149,8 @@ def serve_command(args) -> int:
     for flag, megabytes in (("--max-request-mb", options.max_request_mb), ("--max-upload-mb", options.max_upload_mb)):
         if not megabytes > 0:
             raise ValueError(f"{flag} must be positive, got {megabytes}")
+    bank = bank_config(options)
+    os.environ.update(bank.env())  # read by the worker (bank.BankConfig.from_env), a child of this process
     token = None
     if options.admin_token_file and not options.no_admin:
         token = read_token_file(options.admin_token_file)
@@ -145,12 +160,29 @@ def serve_command(args) -> int:
         language_confidence=options.language_confidence,
         max_upload_bytes=int(options.max_upload_mb * 2**20),
         max_request_bytes=int(options.max_request_mb * 2**20),
+        pins=tuple(options.pin),
     )
     cli_env_setup()
     configure_logging_from_args(options)
     validate_parsed_serve_args(options)
     uvloop.run(run_server(options, server_options))
     return 0
+
+
+def bank_config(options):
+    """The bank the options ask for, validated before the engine's long start."""
+    from intervene_engine.bank import BankConfig, parse_map_rank  # local: loads torch (see serve_command)
+
+    try:
+        rank = parse_map_rank(options.max_map_rank)
+    except ValueError:
+        raise ValueError(f"--max-map-rank must be a positive integer or 'full', got {options.max_map_rank!r}") from None
+    bank = BankConfig(options.max_languages, options.max_cpu_languages, rank)
+    if len(options.pin) >= bank.max_languages:
+        raise ValueError(f"--pin names {len(options.pin)} languages, but at most --max-languages - 1 = "
+                         f"{bank.max_languages - 1} can be pinned (one slot stays for the others); "
+                         "raise --max-languages")
+    return bank
 
 
 def _headers(args) -> dict[str, str]:
@@ -211,6 +243,9 @@ def list_command(args) -> int:
         default = "off" if serving["alpha"] == 0 else f"alpha={serving['alpha']:g} {serving['positions']}"
         print(f"{item['language']:<10} {item['version']}  default {default} ({calibrated})  "
               f"layers={serving['layers']}  {item['memory_bytes'] / 2**20:.1f} MiB  {item['path']}")
+        evidence = item.get("evidence") or {}
+        if evidence.get("design"):  # evidence written before the gate's designs (#34) has no design
+            print(f"{'':<10} gate design {evidence['design']}: {evidence['decision']}")
     return 0
 
 
@@ -218,6 +253,8 @@ def push_command(args) -> int:
     from pathlib import Path
 
 
+    if args.upload and args.pin:
+        raise ValueError("--pin works with loads by path (push PATH --pin), not with --upload")
     if args.upload:  # read once, before any server is changed: every server gets the same bytes
         local = Path(args.path)
         files = {name: (name, (local / filename).read_bytes())
@@ -227,7 +264,7 @@ def push_command(args) -> int:
         if args.upload:
             result = _request(args, server, "POST", "/admin/interventions/upload", files=files)
         else:
-            result = _request(args, server, "POST", "/admin/interventions", json={"path": args.path})
+            result = _request(args, server, "POST", "/admin/interventions", json={"path": args.path, "pin": args.pin})
         loaded = result["loaded"]
         replaced = f" (replaced {result['replaced_version']})" if result.get("replaced_version") else ""
         return f"loaded {loaded['language']} version {loaded['version']}{replaced}"
@@ -245,3 +282,11 @@ def rm_command(args) -> int:
     return 0
 
 
+def rollback_command(args) -> int:
+    def rollback(server: str) -> str:
+        result = _request(args, server, "POST", f"/admin/interventions/{args.language}/rollback")
+        loaded = result["loaded"]
+        return f"rolled {loaded['language']} back to version {loaded['version']} (was {result['replaced_version']})"
+
+    _on_every_server(args, "rollback", rollback)
+    return 0
