@@ -90,15 +90,13 @@ class LanguageRoutingMiddleware:
         return json.dumps(payload).encode(), applied, echoed_bos  # ASCII escapes: lossless even for lone surrogates
 
 
-class _AnnotatingSend:
-    def __init__(self, send, applied: AppliedIntervention, echoed_bos: frozenset[int] = frozenset()):
+class _HeldStartSend:
+    """An ASGI `send` that holds the response's start message back until its body has been seen
+    (a rewritten body changes the headers); other messages pass through."""
+
+    def __init__(self, send):
         self.send = send
-        self.applied = applied
-        self.echoed_bos = echoed_bos  # choices whose echoed logprobs start with an added BOS, dropped here
         self.start = None  # the held-back http.response.start message
-        self.mode = None  # "json" | "stream" | "other", decided at the first body message
-        self.json_parts: list[bytes] = []
-        self.stream_fields: dict | None = None  # id/object/created/model of the first chunk
 
     async def __call__(self, message):
         if message["type"] == "http.response.start":
@@ -106,6 +104,22 @@ class _AnnotatingSend:
             return
         if message["type"] != "http.response.body":
             return await self.send(message)
+        return await self.body(message)
+
+    async def body(self, message) -> None:
+        raise NotImplementedError
+
+
+class _AnnotatingSend(_HeldStartSend):
+    def __init__(self, send, applied: AppliedIntervention, echoed_bos: frozenset[int] = frozenset()):
+        super().__init__(send)
+        self.applied = applied
+        self.echoed_bos = echoed_bos  # choices whose echoed logprobs start with an added BOS, dropped here
+        self.mode = None  # "json" | "stream" | "other", decided at the first body message
+        self.json_parts: list[bytes] = []
+        self.stream_fields: dict | None = None  # id/object/created/model of the first chunk
+
+    async def body(self, message) -> None:
         if self.mode is None:
             content_type = MutableHeaders(raw=self.start["headers"]).get("content-type", "")
             self.mode = (
@@ -161,21 +175,15 @@ class _AnnotatingSend:
         return chunk[:done] + b"data: " + _dumps(final) + b"\n\n" + chunk[done:]
 
 
-class _ModelListSend:
+class _ModelListSend(_HeldStartSend):
     """vLLM's /v1/models answer, each served model's card followed by its BASE:LANG cards (`routing`)."""
 
     def __init__(self, send, router: LanguageRouter):
-        self.send = send
+        super().__init__(send)
         self.router = router
-        self.start = None
         self.parts: list[bytes] = []
 
-    async def __call__(self, message):
-        if message["type"] == "http.response.start":
-            self.start = message
-            return
-        if message["type"] != "http.response.body":
-            return await self.send(message)
+    async def body(self, message) -> None:
         self.parts.append(message.get("body", b""))
         if message.get("more_body", False):
             return
