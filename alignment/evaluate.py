@@ -191,7 +191,6 @@ def plot_layer_curves(path: Path, panels: Sequence[LayerPanel], title: str = "")
     """The panels side by side, layers on the x axis, saved as PNG (atomically); `title` heads the figure."""
     from matplotlib.ticker import MaxNLocator
 
-
     plt = pyplot()
 
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)

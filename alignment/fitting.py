@@ -48,7 +48,6 @@ def accumulate_statistics(model_dir: str | Path, pairs: list[tuple[str, str]], s
     """An unsolved `LinearAligner` holding the statistics of `pairs` (ids `sample_ids`)."""
     from tqdm.auto import tqdm
 
-
     model, tokenizer = load_model_and_tokenizer(model_dir)
     aligner = LinearAligner(holdout_fraction=settings.holdout_fraction)
     chunks = range(0, len(pairs), settings.chunk_size)

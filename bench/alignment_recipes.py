@@ -280,7 +280,6 @@ def select(summary: dict) -> dict:
 def write_reports(report: dict, out: Path, docs: Path | None) -> None:
     import json
 
-
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "recipes.json", json.dumps(report, indent=1) + "\n")
     summary, codes = report["summary"], report["languages"]

@@ -82,7 +82,6 @@ def cached_extract(args, pairs):
     """`extract`, or its saved result when --states-cache names a file written for the same inputs."""
     from pathlib import Path
 
-
     key = f"{args.model}|{args.source}|{args.target}|{len(pairs)}|{args.chunk_size}"
     cache = Path(args.states_cache) if args.states_cache else None
     if cache and cache.is_file():

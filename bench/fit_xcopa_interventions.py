@@ -76,7 +76,6 @@ def xcopa_pairs(code: str, xcopa: Path, max_items: int) -> list[tuple[list[str],
 def main(argv=None) -> int:
     import numpy as np
 
-
     args = parse_args(argv)
     if args.xcopa_folds < 0:
         raise ValueError("--xcopa-folds must be 0, 1 or at least 2")

@@ -58,7 +58,6 @@ def calibration_gains(roots: list[Path]) -> dict[str, dict[str, dict]]:
 def summarise(gains: dict[str, dict]) -> dict:
     from scipy import stats
 
-
     chosen = choose_across_languages(gains)
     held_out = {language: gains[language][config] for language, config in chosen.items()}
     values = np.array(list(held_out.values()))

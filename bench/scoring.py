@@ -92,7 +92,6 @@ def run_lmeval(model_dir: Path, data_dir: Path, languages: list[str], items: int
     import vllm  # noqa: F401  imported before the clock starts, as in our engine's process
     from lm_eval.tasks import TaskManager
 
-
     alias_vllm_distribution()
     configure_cpu_environment()  # the same KV cache and cores as our engine gets
 

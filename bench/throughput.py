@@ -65,7 +65,6 @@ def synthetic_intervention(model_dir: Path, out_dir: Path, source: str = "swh_La
     """A valid artifact on every layer with a random map near identity (full, or of rank `rank`)."""
     import numpy as np
 
-
     fingerprint = model_fingerprint(model_dir)
     layers, dim = fingerprint["num_hidden_layers"], fingerprint["hidden_size"]
     rng = np.random.default_rng(seed)
@@ -81,7 +80,6 @@ def synthetic_intervention(model_dir: Path, out_dir: Path, source: str = "swh_La
 def start_engine(model_dir: Path, plugins: bool, enforce_eager: bool):
     """An engine whose processes see VLLM_PLUGINS as set here at their start."""
     from vllm import LLM
-
 
     previous = os.environ.pop("VLLM_PLUGINS", None)
     if not plugins:

@@ -128,7 +128,6 @@ class LingosteerLM(TemplateLM):
                  batch_size=None, max_batch_size=None, device=None) -> None:
         from transformers import AutoTokenizer
 
-
         super().__init__()
         if positions is not None and positions not in POSITION_MODES:
             raise ValueError(f"positions must be one of {tuple(POSITION_MODES)}, got {positions!r}")

@@ -103,7 +103,6 @@ def _summary(pairs, resamples: int, seed: int) -> dict:
 def _groups(config) -> dict[str, list[str]]:
     import yaml
 
-
     path = Path(config.groups_path) if config.groups_path else config_path("bench", "groups.yaml")
     if not path.is_file():
         raise FileNotFoundError(f"groups file {path} not found")

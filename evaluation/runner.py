@@ -152,7 +152,6 @@ def run_benchmark(config: BenchmarkConfig, llm=None) -> tuple[dict, list[dict]]:
     """Run the benchmark; returns (report, per-item records). Creates the vLLM engine unless given one."""
     from transformers import AutoTokenizer
 
-
     _check_config(config)
     model_dir = resolve_model(config.model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -181,9 +180,7 @@ def run_benchmark(config: BenchmarkConfig, llm=None) -> tuple[dict, list[dict]]:
             reference = _reference_check(config, scorer, model_dir, tokenizer, eval_sets, outcomes)
     finally:
         if own_engine:
-
             shutdown_engine(llm)
-
 
     report = build_report(config, model_dir, eval_sets, outcomes, map_sets, timing, reference, engine_facts(llm))
     if config.incline is not None:
@@ -389,7 +386,6 @@ def start_scoring_engine(model_dir: Path, dtype: str, **overrides):
     tokenizer (`lingosteer.backend.scoring_engine_kwargs`); `overrides` win."""
     from vllm import LLM
 
-
     return LLM(**scoring_engine_kwargs(model_dir, dtype=dtype, max_num_batched_tokens=SCORING_STEP_TOKENS,
                                        **overrides))
 
@@ -397,7 +393,6 @@ def start_scoring_engine(model_dir: Path, dtype: str, **overrides):
 def engine_facts(llm) -> dict:
     """What the numbers depend on besides the model and the items: dtype, CPU, vLLM."""
     import vllm
-
 
     model_config = llm.llm_engine.model_config
     return {"dtype": str(model_config.dtype).removeprefix("torch."), "device": "cpu" if is_cpu_backend() else "gpu",
@@ -527,7 +522,6 @@ def _score_all(config, scorer: Scorer, eval_sets, cal_sets) -> dict[str, Outcome
                 alphas[s.code], conditions[s.code] = alpha, _condition(s, alpha, steer)
                 calibration[s.code] = {"file": str(c.path), "n": c.n, "grid_accuracy": accuracy}
         else:
-
             for s in targets:
                 # The artifact's serving defaults: what a served request naming only its language gets.
                 artifact = load_intervention(scorer.map_sets[0][s.flores])

@@ -140,7 +140,6 @@ def score_with_vllm(llm, requests: list[tuple[Encoded, Condition]], progress: bo
     """Summed option log-likelihoods of every request, through the engine (see the module notes)."""
     from vllm import SamplingParams
 
-
     def prompt(enc: Encoded) -> Encoded:
         """What the engine is sent: with `shared_prefix`, all but the option's last token (sampled)."""
         return Encoded(enc.token_ids[:-1], enc.context_len, enc.num_special) if shared_prefix else enc

@@ -77,7 +77,6 @@ class WorkerState:
     @property
     def fingerprint(self) -> dict:
         if self._fingerprint is None:
-
             self._fingerprint = model_fingerprint(self.model_dir)
         return self._fingerprint
 

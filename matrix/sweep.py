@@ -307,7 +307,6 @@ def run_sweep(
     languages, then `pairs`, or else the config's design: its partner pairs or all pairs) with exactly those runs."""
     from tqdm import tqdm
 
-
     started = time.perf_counter()
     results = Path(results)
     language_data(config.languages, config.data_dir)  # a language without data stops the sweep before anything

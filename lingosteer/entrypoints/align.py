@@ -284,7 +284,6 @@ def run_build(args) -> int:
     import shutil
     import tempfile
 
-
     sources = build_sources(args)
     outs = {sources[0]: args.out} if len(sources) == 1 else {code: args.out / code for code in sources}
     existing = [str(out) for out in outs.values() if out.exists()]

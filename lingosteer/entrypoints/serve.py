@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from alignment.artifact import MANIFEST_NAME, MATRICES_NAME
 from intervene_server.artifacts import DEFAULT_MAX_UPLOAD_BYTES
@@ -67,7 +68,6 @@ def register(subparsers) -> None:
 def build_serve_parser():
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
-
 
     parser = make_arg_parser(FlexibleArgumentParser(
         prog="lingosteer serve", usage="lingosteer serve MODEL --interventions DIR [options]",
@@ -250,9 +250,6 @@ def list_command(args) -> int:
 
 
 def push_command(args) -> int:
-    from pathlib import Path
-
-
     if args.upload and args.pin:
         raise ValueError("--pin works with loads by path (push PATH --pin), not with --upload")
     if args.upload:  # read once, before any server is changed: every server gets the same bytes

@@ -156,7 +156,6 @@ def _analyse(args: argparse.Namespace) -> int:
 
     embeddings, note = None, ""
     if args.embedding_model:
-
         languages = tuple(load_records(args.results)[0]["identity"]["languages"])
         embeddings, description = language_embeddings(languages, args.embedding_model, args.data, args.embedding_layer)
         note = description["note"]
