@@ -120,8 +120,6 @@ def default_interference_file():
 
 
 def serve_command(args) -> int:
-    from pathlib import Path
-
     import uvloop
     from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
