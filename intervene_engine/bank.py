@@ -218,12 +218,12 @@ class DeviceBank:
         return None
 
     def _slot_view(self, slot: int, compact: CompactMap) -> MapView:
-        if self.up is None:  # a full bank holds D^T whatever the form
-            return MapView(self.down[slot], None, self.bias[slot], {layer: layer for layer in compact.layers})
-        rank = compact.rank  # the map's own rank: padding past it is never multiplied
+        # A full bank holds D^T whatever the form; in a low-rank bank only the map's own rank is
+        # multiplied (the padding past it is zeros).
+        rank = self.rank_cap if self.up is None else compact.rank
         return MapView(
             down=self.down[slot, :, :, :rank],
-            up=None if compact.up is None else self.up[slot, :, :rank],
+            up=None if self.up is None or compact.up is None else self.up[slot, :, :rank],
             bias=self.bias[slot],
             index={layer: layer for layer in compact.layers},
         )
