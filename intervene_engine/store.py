@@ -65,15 +65,15 @@ def compact_map(artifact: Intervention, dtype: torch.dtype) -> CompactMap:
     layers = tuple(sorted(artifact.layers))
     tensors = artifact.tensors
 
-    def stacked(name: str, transform=lambda t: t) -> torch.Tensor:
-        return torch.stack([transform(tensors[f"{name}.{layer}"]) for layer in layers]).to(dtype).contiguous()
+    def stacked(per_layer) -> torch.Tensor:
+        return torch.stack([per_layer(layer) for layer in layers]).to(dtype).contiguous()
 
     down = up = None
     if form == "lowrank":  # D = U V, so h @ D^T = h @ V^T @ U^T
-        down, up = stacked("V", lambda v: v.T), stacked("U", lambda u: u.T)
-    elif form == "full":
-        down = stacked("W", lambda w: (w - torch.eye(w.shape[0], dtype=w.dtype)).T)
-    return CompactMap(form, layers, down, up, stacked("b"))
+        down, up = stacked(lambda layer: tensors[f"V.{layer}"].T), stacked(lambda layer: tensors[f"U.{layer}"].T)
+    elif form == "full":  # D = W - I, as the artifact defines it
+        down = stacked(lambda layer: artifact.delta(layer)[0].T)
+    return CompactMap(form, layers, down, up, stacked(lambda layer: tensors[f"b.{layer}"]))
 
 
 def read_intervention(path: str | Path, fingerprint: dict, num_layers: int, dtype: torch.dtype) -> LoadedIntervention:
