@@ -5,16 +5,20 @@ LRU eviction, pinning), the worker holds every loaded version's map on the host 
 it was stored (`CompactMap`), and copies the maps a step needs into preallocated device
 slots. The bank's buffers are allocated once, when the worker attaches (after the weights
 load, before vLLM profiles memory and sizes the KV cache, so on a GPU they are counted in
-that profile and a load later can never take memory the KV cache was given):
+that profile and a load later can never take memory the KV cache was given). With S slots
+of rank R (R = d in a full bank), in the engine's dtype:
 
-    down [slots + 1, L, d, R]   D^T (full maps), V^T (low-rank maps, zero-padded to R)
-    up   [slots + 1, L, R, d]   U^T (low-rank maps); absent in a full bank (R = d)
-    bias [slots + 1, L, d]
+    down [L, d, S R]    slot s's D^T (full maps) or V^T (low-rank maps, zero-padded to R)
+                        in columns (s - 1) R ... s R - 1
+    up   [L, S R, d]    slot s's U^T in rows (s - 1) R ... s R - 1; absent in a full bank
+    bias [L, S + 1, d]  row 0: the no-op slot (zeros), which unsteered rows point at
 
-in the engine's dtype; slot 0 is the no-op slot (all zeros), which a graph-safe op (a
-separate issue) can point unsteered rows at. Which form a slot holds, and its rank, are
-read on the host when a step is planned, never inside the op: a shift-only map is served
-from its bias with no matmul, a low-rank map of rank r costs r (2 d) per row and layer.
+Layer-major, so one layer's slots are one matrix: the steering op (`residual_op`) multiplies
+every row of a step by all of them at once and keeps, per row, its own slot's columns. That
+costs S R (2 d) per row and layer whoever is steered, and launches the same kernels on the same
+shapes whichever rows, languages, alphas and layers a step steers: what a captured CUDA graph
+needs. A slot holding a shift-only map has zero matrices; a step whose steered rows all use
+shift maps skips the matmuls (decided on the host, like vLLM's separate LoRA / no-LoRA graphs).
 """
 
 import os
@@ -28,6 +32,9 @@ import torch
 MAX_LANGUAGES_ENV = "LINGOSTEER_MAX_LANGUAGES"
 MAX_CPU_LANGUAGES_ENV = "LINGOSTEER_MAX_CPU_LANGUAGES"
 MAX_MAP_RANK_ENV = "LINGOSTEER_MAX_MAP_RANK"
+# "1": steer every step by the op's graph-safe path (`residual_op.steer_rows`), which a captured CUDA graph
+# needs, also where none is captured: to test it in a real engine and to measure what it costs.
+GRAPH_SAFE_ENV = "LINGOSTEER_GRAPH_SAFE"
 # Defaults for a 7B model (d = 4096, 32 layers, bf16) on one 80 GB GPU. Full maps by default, because
 # the recommended fitting recipe (alignment.recipe.RECOMMENDED) stores full d x d maps: a full slot is
 # 32 x 4096^2 x 2 B = 1.07 GB, so 4 slots take 4.3 GB (5% of the card) from the KV cache; 16 host copies
@@ -49,6 +56,7 @@ class BankConfig:
     max_languages: int = DEFAULT_MAX_LANGUAGES  # device slots
     max_cpu_languages: int = DEFAULT_MAX_CPU_LANGUAGES  # maps held on the host; the rest are re-read from disk
     max_map_rank: int | None = DEFAULT_MAX_MAP_RANK  # None: "full", d x d slots
+    graph_safe: bool = False  # GRAPH_SAFE_ENV
 
     def __post_init__(self) -> None:
         if self.max_languages < 1:
@@ -67,6 +75,7 @@ class BankConfig:
             max_languages=int(os.environ.get(MAX_LANGUAGES_ENV, DEFAULT_MAX_LANGUAGES)),
             max_cpu_languages=int(os.environ.get(MAX_CPU_LANGUAGES_ENV, DEFAULT_MAX_CPU_LANGUAGES)),
             max_map_rank=DEFAULT_MAX_MAP_RANK if rank is None else parse_map_rank(rank),
+            graph_safe=os.environ.get(GRAPH_SAFE_ENV, "0") == "1",
         )
 
     def env(self) -> dict[str, str]:
@@ -75,7 +84,7 @@ class BankConfig:
             MAX_LANGUAGES_ENV: str(self.max_languages),
             MAX_CPU_LANGUAGES_ENV: str(self.max_cpu_languages),
             MAX_MAP_RANK_ENV: "full" if self.max_map_rank is None else str(self.max_map_rank),
-        }
+        } | ({GRAPH_SAFE_ENV: "1"} if self.graph_safe else {})
 
 
 def parse_map_rank(text: str) -> int | None:
@@ -104,16 +113,6 @@ class CompactMap:
         return sum(t.numel() * t.element_size() for t in (self.down, self.up, self.bias) if t is not None)
 
 
-@dataclass(frozen=True)
-class MapView:
-    """Where one step reads a version's map: views of a bank slot (or, past the slots, of the host copy)."""
-
-    down: torch.Tensor | None  # [L or n, d, r]
-    up: torch.Tensor | None  # [L or n, r, d]
-    bias: torch.Tensor  # [L or n, d]
-    index: dict[int, int]  # model layer -> first index of the tensors above
-
-
 class DeviceBank:
     """The preallocated slots and which version each holds, least recently used first."""
 
@@ -121,18 +120,19 @@ class DeviceBank:
                  device: torch.device):
         self.config = config
         self.hidden_size = hidden_size
-        slots = config.max_languages + 1  # slot 0: the no-op slot
+        slots = config.max_languages
         self.rank_cap = hidden_size if config.max_map_rank is None else config.max_map_rank
-        self.down = torch.zeros(slots, num_layers, hidden_size, self.rank_cap, dtype=dtype, device=device)
+        self.down = torch.zeros(num_layers, hidden_size, slots * self.rank_cap, dtype=dtype, device=device)
         self.up = None if config.max_map_rank is None else torch.zeros(
-            slots, num_layers, self.rank_cap, hidden_size, dtype=dtype, device=device)
-        self.bias = torch.zeros(slots, num_layers, hidden_size, dtype=dtype, device=device)
-        self.layer_mask = torch.zeros(slots, num_layers, dtype=torch.bool, device=device)
+            num_layers, slots * self.rank_cap, hidden_size, dtype=dtype, device=device)
+        self.bias = torch.zeros(num_layers, slots + 1, hidden_size, dtype=dtype, device=device)
+        self.slot_ids = torch.arange(1, slots + 1, device=device)  # the op compares each row's slot with these
         self.device = device
         self.slot_of: OrderedDict[str, int] = OrderedDict()  # version -> slot, least recently used first
+        self.rank_of = [0] * (slots + 1)  # by slot: the columns its map uses (0: a shift map, and slot 0)
         self.evictions = 0
         self.swaps_in = 0  # copies of a host map into a slot
-        self.overflows = 0  # versions a step served from the host copy because every slot was needed
+        self.overflows = 0  # versions a step served from a bank of its own because every slot was needed
 
     @property
     def dtype(self) -> torch.dtype:
@@ -140,8 +140,12 @@ class DeviceBank:
 
     @property
     def memory_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.down, self.up, self.bias, self.layer_mask)
-                   if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.down, self.up, self.bias) if t is not None)
+
+    @property
+    def has_matrix(self) -> list[bool]:
+        """By slot: whether its map multiplies (False for a shift map, and slot 0)."""
+        return [rank > 0 for rank in self.rank_of]
 
     def check_fits(self, compact: CompactMap, where: str) -> None:
         """Refuse a map no slot can hold, naming the cap and how to raise it."""
@@ -152,48 +156,61 @@ class DeviceBank:
                 f"(--max-map-rank / {MAX_MAP_RANK_ENV}); start it with --max-map-rank "
                 f"{'full' if compact.form == 'full' else compact.rank}, or refit the map with `align fit --rank N`")
 
-    def views(self, maps: dict[str, CompactMap], pinned: set[str]) -> dict[str, MapView]:
+    def assign(self, maps: dict[str, CompactMap], pinned: set[str]) -> tuple[dict[str, int], dict[str, CompactMap]]:
         """Slots for the versions one step uses, copying in those not resident and evicting the least
-        recently used versions this step does not use (never a pinned one). Versions past the slots
-        this leaves are served from their host copy (counted in `overflows`)."""
-        needed = [version for version, compact in maps.items() if compact.down is not None]
-        for version in needed:
+        recently used versions this step does not use (never a pinned one). Returns the slot of each
+        version that got one, and the versions left over when the step needs more than there are slots
+        (counted in `overflows`; `overflow_bank` serves them)."""
+        for version in maps:
             if version in self.slot_of:
                 self.slot_of.move_to_end(version)
-        views = {version: _host_view(compact, self.device) for version, compact in maps.items()
-                 if compact.down is None}  # shift maps: a bias, no slot
-        for version in needed:
+        slots, left_over = {}, {}
+        for version, compact in maps.items():
             slot = self.slot_of.get(version)
             if slot is None:
-                slot = self._free_slot(keep=set(needed) | pinned)
+                slot = self._free_slot(keep=set(maps) | pinned)
                 if slot is None:
                     self.overflows += 1
-                    views[version] = _host_view(maps[version], self.device)
+                    left_over[version] = compact
                     continue
-                self.place(version, maps[version], slot)
-            views[version] = self._slot_view(slot, maps[version])
-        return views
+                self.place(version, compact, slot)
+            slots[version] = slot
+        return slots, left_over
+
+    def overflow_bank(self, maps: dict[str, CompactMap]) -> tuple["DeviceBank", dict[str, int]]:
+        """A bank of this one's rank allocated for one step, holding `maps` (the versions `assign` left over).
+        Not graph safe, and it copies the maps every step: only a step that mixes more languages than
+        --max-languages takes this path."""
+        config = BankConfig(len(maps), len(maps), self.config.max_map_rank)
+        bank = DeviceBank(config, self.bias.shape[0], self.hidden_size, self.dtype, self.device)
+        for slot, (version, compact) in enumerate(maps.items(), start=1):
+            bank.place(version, compact, slot)
+        return bank, dict(bank.slot_of)
 
     def place(self, version: str, compact: CompactMap, slot: int) -> None:
         """Copy a host map into a slot, zero-padded to the slot's rank."""
         layers = torch.tensor(compact.layers, device=self.device)
-        for buffer in (self.down, self.up, self.bias, self.layer_mask):
-            if buffer is not None:
-                buffer[slot].zero_()
-        if compact.up is not None and self.up is None:  # a low-rank map in a full bank: its product, D^T
-            self.down[slot, layers] = torch.bmm(compact.down.float(), compact.up.float()).to(self.device, self.dtype)
-        else:
-            self.down[slot, layers, :, :compact.rank] = compact.down.to(self.device, non_blocking=True)
-        if compact.up is not None and self.up is not None:
-            self.up[slot, layers, :compact.rank] = compact.up.to(self.device, non_blocking=True)
-        self.bias[slot, layers] = compact.bias.to(self.device, non_blocking=True)
-        self.layer_mask[slot, layers] = True
+        cols = slice((slot - 1) * self.rank_cap, slot * self.rank_cap)
+        self.down[:, :, cols].zero_()
+        self.bias[:, slot].zero_()
+        if self.up is not None:
+            self.up[:, cols].zero_()
+        if compact.down is not None:
+            if compact.up is not None and self.up is None:  # a low-rank map in a full bank: its product, D^T
+                down = torch.bmm(compact.down.float(), compact.up.float())
+            else:
+                down = compact.down
+            self.down[layers, :, cols.start:cols.start + down.shape[2]] = down.to(self.device, self.dtype)
+            if compact.up is not None and self.up is not None:
+                self.up[layers, cols.start:cols.start + compact.rank] = compact.up.to(self.device, self.dtype)
+        self.bias[layers, slot] = compact.bias.to(self.device, self.dtype)
+        self.rank_of[slot] = 0 if compact.down is None else (self.rank_cap if self.up is None else compact.rank)
         self.slot_of[version] = slot
         self.swaps_in += 1
 
     def pin(self, version: str, compact: CompactMap, pinned: set[str]) -> None:
         """Make a pinned version resident now (it is then never evicted)."""
-        if compact.down is not None and version not in self.slot_of:
+        if version not in self.slot_of:
             slot = self._free_slot(keep=pinned | {version})
             if slot is None:
                 raise CapacityError(f"no device slot left to pin {version}: every one of the "
@@ -216,22 +233,3 @@ class DeviceBank:
                 self.evictions += 1
                 return slot
         return None
-
-    def _slot_view(self, slot: int, compact: CompactMap) -> MapView:
-        # A full bank holds D^T whatever the form; in a low-rank bank only the map's own rank is
-        # multiplied (the padding past it is zeros).
-        rank = self.rank_cap if self.up is None else compact.rank
-        return MapView(
-            down=self.down[slot, :, :, :rank],
-            up=None if self.up is None or compact.up is None else self.up[slot, :, :rank],
-            bias=self.bias[slot],
-            index={layer: layer for layer in compact.layers},
-        )
-
-
-def _host_view(compact: CompactMap, device: torch.device) -> MapView:
-    def moved(tensor):
-        return None if tensor is None else tensor.to(device, non_blocking=True)
-
-    return MapView(moved(compact.down), moved(compact.up), moved(compact.bias),
-                   {layer: i for i, layer in enumerate(compact.layers)})

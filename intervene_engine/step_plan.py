@@ -6,9 +6,12 @@ over tokens), consumed by the per-layer op. Request i owns rows
 num_computed[i] + 0, 1, ... — so "last prompt token" stays correct when chunked
 prefill puts it in a later step than the rest of the prompt.
 
-The plan's row indices and alphas live in buffers allocated once per worker and
-filled in place each step, as vLLM's runner does with its own inputs: host memory
-(pinned on a GPU machine) copied to the device in one transfer per buffer.
+What the op reads is data in buffers allocated once per worker and filled in place
+before each forward, as vLLM's runner does with its own inputs (and vLLM's LoRA with
+its per-token adapter index): each row's bank slot (0: the no-op slot) and its alpha at
+each layer (0: not steered there). Host memory (pinned on a GPU machine) is copied to
+the device in one transfer per buffer; the rows a step steers change only contents, never
+a shape.
 """
 
 from collections import defaultdict
@@ -24,19 +27,45 @@ from intervene_engine.store import LoadedIntervention
 
 
 @dataclass(frozen=True)
-class RowGroup:
-    """Rows that share one intervention at one layer: update = rows @ down (@ up) + bias, in the bank's dtype."""
+class SlotGroup:
+    """Steered rows that share a slot and a set of layers: rows order[start:end] of their pass."""
 
-    rows: torch.Tensor  # int64 [n]
-    alphas: torch.Tensor  # fp32 [n, 1]
-    down: torch.Tensor | None  # [d, r]: D^T (full) or V^T (low rank); None: a shift, no matmul
-    up: torch.Tensor | None  # [r, d]: U^T (low rank)
-    bias: torch.Tensor  # [d]
+    slot: int
+    rank: int  # columns of the slot to multiply (0: a shift map, bias only)
+    layers: frozenset[int]
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class BankPass:
+    """One bank's steering of one step: what the op reads, for rows [0, n) of the step."""
+
+    slot: torch.Tensor  # int64 [max_rows]: each row's slot in `bank` (0: not steered)
+    alpha: torch.Tensor  # fp32 [max_rows, L]: each row's alpha at each model layer (0: not steered there)
+    bank: DeviceBank
+    matmul: bool  # False: every steered row's slot holds a shift map, so the op adds biases only
+    # Eager steps (no CUDA graph captures the forward): the steered rows grouped by slot, so the op
+    # multiplies only those rows, each by its own slot. None: the graph-safe path, every row by every slot.
+    groups: tuple[SlotGroup, ...] | None = None
+    order: torch.Tensor | None = None  # int64 [max_rows]: the groups' rows, one group after the other
 
 
 @dataclass(frozen=True)
 class StepPlan:
-    by_layer: dict[int, list[RowGroup]]
+    # The worker's bank, from persistent buffers; then, when a step mixes more versions than it has
+    # slots, a bank of the step's own for the rest (`DeviceBank.overflow_bank`).
+    passes: tuple[BankPass, ...]
+
+
+@dataclass(frozen=True)
+class SteeredRows:
+    """Rows of one request, steered from one slot with one alpha at some layers."""
+
+    rows: np.ndarray
+    slot: int
+    alpha: float
+    layers: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -63,61 +92,92 @@ def selected_rows(req: ScheduledRequest) -> np.ndarray:
     return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
 
 
-class StepBuffers:
-    """Row indices and alphas of one step's steered rows; a step has at most `max_rows` rows
-    (vLLM's max_num_batched_tokens), and each row is steered by at most one request."""
+def write_rows(slot: np.ndarray, alpha: np.ndarray, parts: list[SteeredRows]) -> int:
+    """Write `parts` into host arrays that are zero elsewhere; the end of the rows written."""
+    end = 0
+    for part in parts:
+        slot[part.rows] = part.slot
+        alpha[np.ix_(part.rows, part.layers)] = part.alpha
+        end = max(end, int(part.rows.max()) + 1)
+    return end
 
-    def __init__(self, max_rows: int, device: torch.device):
-        self.rows = CpuGpuBuffer(max_rows, dtype=torch.int64, device=device)
-        self.alphas = CpuGpuBuffer(max_rows, 1, dtype=torch.float32, device=device)
+
+def group_rows(order: np.ndarray, parts: list[SteeredRows], bank: DeviceBank) -> tuple[SlotGroup, ...]:
+    """Write `parts`' rows into `order` grouped by (slot, layers); the groups."""
+    grouped = defaultdict(list)
+    for part in parts:
+        grouped[(part.slot, part.layers)].append(part.rows)
+    groups, start = [], 0
+    for (slot, layers), rows in grouped.items():
+        rows = np.concatenate(rows)
+        order[start:start + rows.size] = rows
+        groups.append(SlotGroup(slot, bank.rank_of[slot], frozenset(layers), start, start + rows.size))
+        start += rows.size
+    return tuple(groups)
+
+
+class StepBuffers:
+    """Each row's slot and per-layer alpha for one step of at most `max_rows` rows (vLLM's
+    max_num_batched_tokens), and the steered rows grouped by slot for eager steps; each row is
+    steered by at most one request. Slot and alpha are zero outside the step's steered rows, on
+    the host and on the device, so the op may read any [0, n)."""
+
+    def __init__(self, max_rows: int, num_layers: int, device: torch.device):
+        self.slot = CpuGpuBuffer(max_rows, dtype=torch.int64, device=device)
+        self.alpha = CpuGpuBuffer(max_rows, num_layers, dtype=torch.float32, device=device)
+        self.order = CpuGpuBuffer(max_rows, dtype=torch.int64, device=device)
+        self._end = 0  # rows [0, _end) may be non-zero: the last fill's
         # The host buffers are refilled next step: first wait until this step's copies are done.
         self._copied = None if device.type == "cpu" else torch.Event(device=device, blocking=True)
 
-    def fill(self, parts: list[tuple[np.ndarray, float]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rows and alphas of `parts` ((rows, alpha) each), one after the other, on the device."""
+    def fill(self, parts: list[SteeredRows], bank: DeviceBank, graph_safe: bool) -> BankPass:
+        """Write this step's rows and copy them to the device, clearing the previous step's."""
         if self._copied is not None:
             self._copied.synchronize()
-        end = 0
-        for rows, alpha in parts:
-            self.rows.np[end:end + rows.size] = rows
-            self.alphas.np[end:end + rows.size] = alpha
-            end += rows.size
-        if self._copied is None:  # CPU: the host buffers are the device's
-            return self.rows.cpu[:end], self.alphas.cpu[:end]
-        rows, alphas = self.rows.copy_to_gpu(end), self.alphas.copy_to_gpu(end)
-        self._copied.record()
-        return rows, alphas
+        self.slot.np[:self._end] = 0
+        self.alpha.np[:self._end] = 0
+        end = write_rows(self.slot.np, self.alpha.np, parts)
+        copied = max(end, self._end)
+        self.slot.copy_to_gpu(copied)
+        self.alpha.copy_to_gpu(copied)
+        self._end = end
+        groups = None
+        if not graph_safe:
+            groups = group_rows(self.order.np, parts, bank)
+            self.order.copy_to_gpu(groups[-1].end)
+        if self._copied is not None:
+            self._copied.record()
+        return BankPass(self.slot.gpu, self.alpha.gpu, bank, any(bank.has_matrix[part.slot] for part in parts),
+                        groups, self.order.gpu)
 
 
 def build_step_plan(requests: list[ScheduledRequest], buffers: StepBuffers, bank: DeviceBank,
-                    pinned: frozenset[str] = frozenset()) -> StepPlan | None:
-    """The step's row groups, reading each version's map from its bank slot (copied in if needed)."""
-    # Group by (version, layers): one gather + matmul per group and layer.
-    grouped: dict[tuple, list[tuple[np.ndarray, float]]] = defaultdict(list)
-    interventions: dict[str, LoadedIntervention] = {}
+                    pinned: frozenset[str] = frozenset(), graph_safe: bool = False) -> StepPlan | None:
+    """The step's passes, copying maps into bank slots where needed (None: no row is steered).
+    `graph_safe`: plan for the op's graph-safe path (`residual_op.steer_rows`) alone."""
+    steered = []  # (rows, version, spec) per request with a row to steer
+    maps = {}
     for req in requests:
         rows = selected_rows(req)
-        if rows.size == 0:
-            continue
-        intervention = req.intervention
         # req.spec is resolved (`request_spec.resolve`): its alpha and layers are what the request gets.
-        grouped[(intervention.version, req.spec.layers)].append((rows, req.spec.alpha))
-        interventions[intervention.version] = intervention
-    if not grouped:
+        if rows.size == 0 or req.spec.alpha == 0:  # alpha 0 is the plain run
+            continue
+        steered.append((rows, req.intervention.version, req.spec))
+        maps[req.intervention.version] = req.intervention.compact
+    if not steered:
         return None
-    views = bank.views({version: i.compact for version, i in interventions.items()}, set(pinned))
-    # Each group's rows are one contiguous slice of the step's buffers.
-    rows, alphas = buffers.fill([part for parts in grouped.values() for part in parts])
-    by_layer: dict[int, list[RowGroup]] = defaultdict(list)
-    start = 0
-    for (version, layers), parts in grouped.items():
-        end = start + sum(part_rows.size for part_rows, _ in parts)
-        view = views[version]
-        for layer in layers:
-            i = view.index[layer]
-            by_layer[layer].append(RowGroup(
-                rows[start:end], alphas[start:end], None if view.down is None else view.down[i],
-                None if view.up is None else view.up[i], view.bias[i],
-            ))
-        start = end
-    return StepPlan(dict(by_layer))
+    slots, left_over = bank.assign(maps, set(pinned))
+    passes = []
+    if slots:
+        passes.append(buffers.fill([SteeredRows(rows, slots[version], spec.alpha, spec.layers)
+                                    for rows, version, spec in steered if version in slots], bank, graph_safe))
+    if left_over:  # a bank of the step's own, in host arrays of the step's own
+        extra, extra_slots = bank.overflow_bank(left_over)
+        parts = [SteeredRows(rows, extra_slots[version], spec.alpha, spec.layers)
+                 for rows, version, spec in steered if version in extra_slots]
+        slot, alpha, order = (np.zeros_like(buffer.np) for buffer in (buffers.slot, buffers.alpha, buffers.order))
+        write_rows(slot, alpha, parts)
+        groups = None if graph_safe else group_rows(order, parts, extra)
+        passes.append(BankPass(*(torch.from_numpy(array).to(bank.device) for array in (slot, alpha)), extra,
+                               any(extra.has_matrix), groups, torch.from_numpy(order).to(bank.device)))
+    return StepPlan(tuple(passes))

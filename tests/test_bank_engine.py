@@ -6,6 +6,9 @@ attaches) and 5 languages loaded, one of them pinned: a batch steers more langua
 there are slots, and a sequence of requests cycles through every language, so slots are
 evicted and maps released to disk are read again. Every steered output must still equal
 the HF reference of its own map, and plain requests plain vLLM's output.
+
+Every test runs twice: with the op's eager path (steered rows grouped by slot), and with its
+graph-safe path (LINGOSTEER_GRAPH_SAFE=1: every row times every slot, bench/graph_safety.py).
 """
 
 import pytest
@@ -29,13 +32,14 @@ def artifacts(tmp_path_factory, model_dir):
             for seed, language in enumerate(LANGUAGES, start=10)}
 
 
-@pytest.fixture(scope="module")
-def llm(model_dir, artifacts):
+@pytest.fixture(scope="module", params=[False, True], ids=["eager", "graph-safe"])
+def llm(request, model_dir, artifacts):
     from vllm import LLM
 
     with pytest.MonkeyPatch.context() as env:  # seen by the worker, in-process or a child started here
         for name, value in BANK_ENV.items():
             env.setenv(name, value)
+        env.setenv("LINGOSTEER_GRAPH_SAFE", "1" if request.param else "0")
         engine = LLM(**engine_kwargs(model_dir, **ENGINE))
     for language, path in artifacts.items():
         engine.collective_rpc("lingosteer_load", args=(str(path),), kwargs={"pin": language == PINNED})
@@ -68,9 +72,10 @@ def assert_matches_reference(steered, prompt, hf_model, artifact):
     assert max(abs(a - b) for a, b in zip(steered["logprobs"], reference)) < 1e-4
 
 
-def test_the_worker_has_the_configured_bank(llm):
+def test_the_worker_has_the_configured_bank(llm, request):
     status = bank(llm)
     assert (status["max_languages"], status["max_cpu_languages"]) == (2, 3)
+    assert status["graph_safe"] == request.node.callspec.params["llm"]
     assert len(status["resident"]) <= 2 and len(status["on_host"]) == 3  # 5 loaded, 2 released to disk
 
 

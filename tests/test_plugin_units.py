@@ -106,9 +106,9 @@ def test_the_worker_steers_a_language_only_request_with_the_serving_defaults():
     calibrated = _intervention("v1", layers=(0, 1))
     state.store.install(replace(calibrated, serving=ServingDefaults(alpha=0.25, layers=(1,), positions="prompt")))
     plan = state.plan_step(runner)
-    assert sorted(plan.by_layer) == [1]  # the serving layers only, not every layer of the artifact
-    [group] = plan.by_layer[1]
-    assert group.rows.tolist() == [0, 1, 2, 3] and group.alphas.squeeze(1).tolist() == [0.25] * 4
+    [step] = plan.passes
+    # The serving layers only, not every layer of the artifact.
+    assert step.alpha[:5].tolist() == [[0, 0.25]] * 4 + [[0, 0]] and step.slot[:5].tolist() == [1] * 4 + [0]
 
 
 @pytest.mark.parametrize("positions, num_computed, num_rows, expected", [
@@ -170,36 +170,49 @@ def test_worker_marks_prompts_that_start_with_bos():
     assert state.request("b", without).first_steerable == 0
 
 
-def test_plan_groups_by_intervention_and_carries_per_request_alpha():
+def test_plan_writes_each_rows_slot_and_alpha_at_each_layer():
     reqs = [
         _scheduled(0, 3, 0, 3, "all", alpha=0.5),
-        _scheduled(3, 1, 5, 5, "all"),            # default alpha 1.0, same group
-        _scheduled(4, 2, 0, 2, "all", layers=(1,)),  # other layer subset: own group
+        _scheduled(3, 1, 5, 5, "all"),            # default alpha 1.0
+        _scheduled(4, 2, 0, 2, "all", layers=(1,)),  # layer 1 only
     ]
-    plan = build_step_plan(reqs, StepBuffers(16, torch.device("cpu")), _bank())
-    assert sorted(plan.by_layer) == [0, 1]
-    [group0] = plan.by_layer[0]
-    assert group0.rows.tolist() == [0, 1, 2, 3]
-    assert group0.alphas.squeeze(1).tolist() == [0.5, 0.5, 0.5, 1.0]
-    assert sorted(g.rows.tolist() for g in plan.by_layer[1]) == [[0, 1, 2, 3], [4, 5]]
+    [step] = build_step_plan(reqs, StepBuffers(16, 2, torch.device("cpu")), _bank()).passes
+    assert step.slot[:8].tolist() == [1] * 6 + [0, 0]  # one version, one slot; 0: not steered
+    assert step.alpha[:8, 0].tolist() == [0.5, 0.5, 0.5, 1.0, 0, 0, 0, 0]
+    assert step.alpha[:8, 1].tolist() == [0.5, 0.5, 0.5, 1.0, 1.0, 1.0, 0, 0]
+    assert step.matmul
 
 
 def test_plan_is_none_when_no_row_is_selected():
-    assert build_step_plan([_scheduled(0, 1, 10, 5, "last")], StepBuffers(16, torch.device("cpu")), _bank()) is None
+    plan = build_step_plan([_scheduled(0, 1, 10, 5, "last")], StepBuffers(16, 2, torch.device("cpu")), _bank())
+    assert plan is None
 
 
-def test_step_plans_are_filled_into_buffers_allocated_once():
-    buffers = StepBuffers(16, torch.device("cpu"))
+def test_step_plans_are_filled_into_buffers_allocated_once_and_cleared_between_steps():
+    buffers = StepBuffers(16, 2, torch.device("cpu"))
     bank = _bank()
-    build_step_plan([_scheduled(0, 3, 0, 3, "all", alpha=0.5)], buffers, bank)
-    plan = build_step_plan([_scheduled(0, 2, 0, 2, "all", layers=(1,)), _scheduled(2, 3, 0, 3, "all", alpha=2.0)],
-                           buffers, bank)
-    groups = sorted(plan.by_layer[1], key=lambda group: group.rows.tolist())
-    assert [g.rows.tolist() for g in groups] == [[0, 1], [2, 3, 4]]
-    assert [g.alphas.squeeze(1).tolist() for g in groups] == [[1.0, 1.0], [2.0, 2.0, 2.0]]
-    for group in groups:  # views of the one allocation, not per-step tensors
-        assert group.rows.untyped_storage().data_ptr() == buffers.rows.cpu.untyped_storage().data_ptr()
-        assert group.alphas.untyped_storage().data_ptr() == buffers.alphas.cpu.untyped_storage().data_ptr()
+    build_step_plan([_scheduled(0, 5, 0, 5, "all", alpha=0.5)], buffers, bank)
+    [step] = build_step_plan([_scheduled(1, 2, 0, 2, "all", alpha=2.0, layers=(1,))], buffers, bank).passes
+    assert step.slot is buffers.slot.gpu and step.alpha is buffers.alpha.gpu  # the one allocation, every step
+    assert step.slot[:6].tolist() == [0, 1, 1, 0, 0, 0]  # the previous step's rows 0..4 are cleared
+    assert step.alpha[:6].tolist() == [[0, 0], [0, 2.0], [0, 2.0], [0, 0], [0, 0], [0, 0]]
+
+
+def test_a_step_mixing_more_versions_than_slots_steers_the_rest_from_a_bank_of_its_own():
+    from intervene_engine.residual_op import active_plan
+
+    versions = [_intervention(f"v{i}") for i in range(3)]  # D^T = (layer + 1) I for each
+    reqs = [ScheduledRequest(i, 1, 0, 1, 0, resolve(InterventionRequest("swh_Latn", positions="all",
+                                                                        alpha=0.5 * (i + 1)), v.serving, v.layers), v)
+            for i, v in enumerate(versions)]
+    bank = _bank()  # two slots
+    plan = build_step_plan(reqs, StepBuffers(16, 2, torch.device("cpu")), bank)
+    assert len(plan.passes) == 2 and bank.overflows == 1
+    assert plan.passes[0].bank is bank and plan.passes[1].bank is not bank
+    hidden, residual = torch.zeros(4, 4), torch.ones(4, 4)
+    with active_plan(plan):
+        torch.ops.lingosteer.steer_residual(hidden, residual, 1)
+    assert residual[:, 0].tolist() == [1 + 0.5 * 2, 1 + 1.0 * 2, 1 + 1.5 * 2, 1]  # h + alpha (2 I) h; row 3 plain
 
 
 def test_op_updates_only_selected_rows_with_the_formula():
@@ -208,7 +221,8 @@ def test_op_updates_only_selected_rows_with_the_formula():
     torch.manual_seed(0)
     hidden, residual = torch.randn(6, 4), torch.randn(6, 4)
     hidden_before, residual_before = hidden.clone(), residual.clone()
-    plan = build_step_plan([_scheduled(2, 2, 0, 2, "all", alpha=0.5)], StepBuffers(16, torch.device("cpu")), _bank())
+    plan = build_step_plan([_scheduled(2, 2, 0, 2, "all", alpha=0.5)], StepBuffers(16, 2, torch.device("cpu")),
+                           _bank())
     with active_plan(plan):
         torch.ops.lingosteer.steer_residual(hidden, residual, 1)
     stream = hidden_before[2:4] + residual_before[2:4]
@@ -374,7 +388,7 @@ def test_worker_parses_each_request_once_and_forgets_it_when_it_finishes(monkeyp
     state.store.install(_intervention("v1"))
     for _ in range(3):
         plan = state.plan_step(runner)
-        assert plan.by_layer[0][0].rows.tolist() == [0, 1]
+        assert plan.passes[0].slot[:5].tolist() == [1, 1, 0, 0, 0]
     assert len(calls) == 2  # one parse per request, not per step
     state.forget("steered")
     state.forget("plain")
@@ -389,11 +403,11 @@ def test_worker_keeps_a_request_on_its_bound_version_and_runs_unbound_requests_p
     state = runner.lingosteer_state
     state.store.install(_intervention("v1"))
     state.store.remove("swh_Latn")  # unloaded while the bound request runs: it keeps v1
-    [group] = state.plan_step(runner).by_layer[0]
-    assert group.rows.tolist() == [0, 1]
+    [step] = state.plan_step(runner).passes
+    assert step.slot[:4].tolist() == [1, 1, 0, 0]
     state.store.install(_intervention("v2"))  # loaded after the unbound request arrived: it stays plain
-    [group] = state.plan_step(runner).by_layer[0]
-    assert group.rows.tolist() == [0, 1] and list(state.bank.slot_of) == ["v1"]
+    [step] = state.plan_step(runner).passes
+    assert step.slot[:4].tolist() == [1, 1, 0, 0] and list(state.bank.slot_of) == ["v1"]
 
 
 def test_worker_forgets_requests_when_vllm_drops_their_state():
