@@ -1,8 +1,10 @@
 """The engine core's view of which intervention version serves each language.
 
-A view of the worker's store (`intervene_engine.store`, the one record of what is
-loaded): read once when the engine core first needs it, then updated from the
-answer of each load and unload RPC as it passes through the engine core.
+A view of the workers' stores (`intervene_engine.store`, the one record of what is
+loaded; every worker holds the same): read once when the engine core first needs it,
+then updated from the answer of each load and unload RPC as it passes through the
+engine core, once every worker answered the same (`worker_rpc.agreed_answer`). A
+change they disagree on is undone on every worker from this view (`previous`).
 
 Requests enter the scheduler (`EngineCore.add_request`) on the engine core's busy
 loop, the same thread that runs load/unload RPCs, in order. Binding a request
@@ -28,20 +30,33 @@ logger = logging.getLogger("lingosteer.plugin")
 class EngineDirectory:
     def __init__(self, loaded: list[dict], salter: BlockSalter | None = None) -> None:
         self.versions: dict[str, str] = {entry["language"]: entry["version"] for entry in loaded}
+        self.pinned: set[str] = {entry["language"] for entry in loaded if entry.get("pinned")}
         # By version: a request's unset positions are its bound version's (they decide what the cache may share).
         self.serving: dict[str, ServingDefaults] = {
             entry["version"]: ServingDefaults.model_validate(entry["serving"], strict=False) for entry in loaded}
         self.salter = salter
 
     def follow(self, method: str, answer) -> None:
-        """Apply what the worker's store just did: `lingosteer_load` answers the loaded
-        intervention's description, `lingosteer_unload` the version it unloaded."""
+        """Apply what every worker's store just did (`worker_rpc.agreed_answer`): `lingosteer_load` answers
+        the loaded intervention's description, `lingosteer_unload` the version it unloaded."""
         if method == "lingosteer_load":
             self.versions[answer["language"]] = answer["version"]
             self.serving[answer["version"]] = ServingDefaults.model_validate(answer["serving"], strict=False)
+            if answer.get("pinned"):
+                self.pinned.add(answer["language"])
+            else:
+                self.pinned.discard(answer["language"])
         elif method == "lingosteer_unload":
-            self.versions = {language: v for language, v in self.versions.items() if v != answer}
+            unloaded = {language for language, v in self.versions.items() if v == answer}
+            self.versions = {language: v for language, v in self.versions.items() if language not in unloaded}
+            self.pinned -= unloaded
             self.serving.pop(answer, None)
+
+    def previous(self, language: str) -> dict | None:
+        """What `worker_rpc.lingosteer_restore` restores for `language` when the workers disagree on a change:
+        its version here, before the change (None: not loaded)."""
+        version = self.versions.get(language)
+        return None if version is None else {"version": version, "pinned": language in self.pinned}
 
     def bind(self, request: Request) -> None:
         """Pin a steered request to the current version; let the prefix cache share only what is plain."""

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from intervene_engine.request_spec import parse_request_args
 from intervene_engine.vllm_compat import ENGINE_CORE_ATTRIBUTES, check_runner, check_vllm, patches_in, require
+from intervene_engine.worker_rpc import ERROR_KEY, WorkerRpcError, WorkersDisagreeError, agreed_answer, failed
 
 logger = logging.getLogger("lingosteer.plugin")
 _registered = False
@@ -107,18 +108,57 @@ def bind_added_requests(add_request: Callable) -> Callable:
 
 
 def follow_loads(collective_rpc: Callable) -> Callable:
-    from intervene_engine.engine_directory import versions_in_use  # local: see register()
-
     @functools.wraps(collective_rpc)
     def collective_rpc_then_follow(self, method, *args, **kwargs):
-        result = collective_rpc(self, method, *args, **kwargs)
-        if isinstance(method, str) and method in ("lingosteer_load", "lingosteer_unload"):
-            _engine_directory(self).follow(method, result[0])
-            in_use = versions_in_use(self.scheduler.requests.values())
-            collective_rpc(self, "lingosteer_release_unused", args=(in_use,))
-        return result
+        if not (isinstance(method, str) and method in ("lingosteer_load", "lingosteer_unload")):
+            return collective_rpc(self, method, *args, **kwargs)
+        directory = _engine_directory(self)  # read before the change: what a disagreement restores
+        answers = collective_rpc(self, method, *args, **kwargs)
+        try:
+            answer = agreed_answer(method, answers)  # WorkerRpcError: it failed on every worker, nothing changed
+        except WorkersDisagreeError as disagreement:
+            restored = _roll_back(self, collective_rpc, directory, method, answers, _worker_arguments(*args, **kwargs))
+            _release_unused(self, collective_rpc)
+            raise WorkersDisagreeError(f"{disagreement}; rolled back on every worker: {restored}") from None
+        directory.follow(method, answer)
+        _release_unused(self, collective_rpc)
+        return answers
 
     return collective_rpc_then_follow
+
+
+def _worker_arguments(timeout=None, args=(), kwargs=None) -> tuple[tuple, dict]:
+    """The worker method's arguments, from the rest of `EngineCore.collective_rpc(method, timeout, args, kwargs)`."""
+    return tuple(args), dict(kwargs or {})
+
+
+def _roll_back(core, collective_rpc: Callable, directory, method: str, answers: list,
+               arguments: tuple[tuple, dict]) -> str:
+    """Restore, on every worker, the version each language the disagreed change touched had before it; says what."""
+    if method == "lingosteer_load":  # the language is the artifact's, known from the workers that loaded it
+        languages = sorted({answer["language"] for answer in answers if not failed(answer)})
+    else:
+        args, kwargs = arguments
+        languages = [args[0] if args else kwargs["language"]]
+    restored = []
+    for language in languages:
+        previous = directory.previous(language)
+        outcomes = collective_rpc(core, "lingosteer_restore", args=(language, previous))
+        broken = [f"rank {rank}: {outcome[ERROR_KEY]}" for rank, outcome in enumerate(outcomes) if failed(outcome)]
+        if broken:
+            raise WorkerRpcError(
+                f"{method}: the workers disagreed, and restoring {language} failed on {'; '.join(broken)}: they may "
+                f"now steer {language} differently; unload it (or restart the engine)")
+        restored.append(f"{language} stays unloaded" if previous is None
+                        else f"{language} keeps version {previous['version']}")
+    return ", ".join(restored)
+
+
+def _release_unused(core, collective_rpc: Callable) -> None:
+    """Let every worker drop the versions neither current nor named by a request the scheduler holds."""
+    from intervene_engine.engine_directory import versions_in_use  # local: see register()
+
+    collective_rpc(core, "lingosteer_release_unused", args=(versions_in_use(core.scheduler.requests.values()),))
 
 
 def _engine_directory(core):
@@ -130,7 +170,8 @@ def _engine_directory(core):
         from intervene_engine.prefix_cache import BlockSalter
 
         require(core, ENGINE_CORE_ATTRIBUTES, "EngineCore")
-        # Passes through the wrapped collective_rpc, which only follows loads and unloads.
-        core.lingosteer_directory = EngineDirectory(
-            core.collective_rpc("lingosteer_list")[0], BlockSalter.of_engine_core(core))
+        # Passes through the wrapped collective_rpc, which only follows loads and unloads. Every worker holds
+        # the same interventions (each preloads the same LINGOSTEER_INTERVENTIONS): agreed_answer checks it.
+        loaded = agreed_answer("lingosteer_list", core.collective_rpc("lingosteer_list"))
+        core.lingosteer_directory = EngineDirectory(loaded, BlockSalter.of_engine_core(core))
     return core.lingosteer_directory

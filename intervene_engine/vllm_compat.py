@@ -9,10 +9,14 @@ wrapper that is never called (requests would run plain while their responses say
 
 The same holds for configurations of the right vLLM in which the steering op would
 not run on every step: the V2 model runner (vLLM's default on GPUs) never calls
-the wrapped `_model_forward`, and a replayed CUDA graph skips the op's Python.
-Nor does the plugin run one engine over several workers (tensor or pipeline
-parallel): interventions are loaded, listed and bound through one worker's answers.
-`check_runner` refuses all three when the worker attaches.
+the wrapped `_model_forward`, and vLLM's CUDA-graph capture of the (graph-safe) op is not yet
+proven on a GPU (docs/gpu-plan.md).
+An engine over several workers is steered when tensor or pipeline parallel: every
+worker holds every map and steers the residual stream of the layers it runs, and the
+engine core checks that all workers answer each load alike (`worker_rpc`). Prefill
+context parallelism (a request's tokens split over workers) is refused, and so is, on
+CPU, pipeline parallelism in eager mode, which vLLM 0.32 itself cannot run.
+`check_runner` refuses these when the worker attaches.
 
 vLLM is imported inside the functions: vLLM's plugin loader logs and skips a plugin
 whose module fails to import, and a skipped plugin is the silent no-op this module
@@ -166,20 +170,42 @@ def check_vllm(version: str | None = None) -> None:
             require(owner, names, place.partition(":")[2] or place, version)
 
 
+def check_parallelism(vllm_config) -> None:
+    """Refuse the ways of splitting a model over workers that lingosteer does not steer, saying what to set.
+
+    Tensor parallelism is steered: a decoder layer's attention and MLP end in row-parallel layers that
+    all-reduce, so the (hidden_states, residual) a layer returns are the whole residual stream on every rank,
+    and each rank, holding every map, steers its copy alike. So is pipeline parallelism: each stage routes its
+    own layers (`model.layers[start_layer:end_layer]`) through the op, before the stream travels on."""
+    from vllm.config.compilation import CompilationMode
+    from vllm.platforms import current_platform
+
+    parallel = vllm_config.parallel_config
+    if parallel.prefill_context_parallel_size > 1:
+        raise UnsupportedVllmError(
+            f"lingosteer does not steer prefill context parallelism (prefill_context_parallel_size="
+            f"{parallel.prefill_context_parallel_size}): it splits a request's tokens over the workers, and "
+            "lingosteer plans the rows to steer from the whole batch; start vLLM with "
+            "--prefill-context-parallel-size 1 (tensor and pipeline parallelism are supported), or VLLM_PLUGINS='' "
+            "to run vLLM without lingosteer"
+        )
+    if (parallel.pipeline_parallel_size > 1 and current_platform.is_cpu()
+            and vllm_config.compilation_config.mode == CompilationMode.NONE):
+        raise UnsupportedVllmError(
+            f"vLLM {installed_version()} cannot run pipeline parallelism eagerly on CPU (pipeline_parallel_size="
+            f"{parallel.pipeline_parallel_size}, compilation mode NONE): its CPU worker allocates a later stage's "
+            "input buffers only in the compile warm-up, which an eager engine skips, so the first step fails. "
+            "Start vLLM without --enforce-eager (lingosteer steers compiled CPU engines), or with "
+            "--pipeline-parallel-size 1 (tensor parallelism runs eagerly)"
+        )
+
+
 def check_runner(runner: object, vllm_config) -> None:
     """Refuse a worker in which the steering op would not run on every step, saying what to set."""
     from vllm.config.compilation import CUDAGraphMode
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    parallel = vllm_config.parallel_config
-    if parallel.world_size > 1:
-        raise UnsupportedVllmError(
-            f"lingosteer steers engines with one worker, but this one has {parallel.world_size} "
-            f"(tensor_parallel_size={parallel.tensor_parallel_size}, "
-            f"pipeline_parallel_size={parallel.pipeline_parallel_size}): its interventions are loaded and listed "
-            "through one worker's answers. Start vLLM with --tensor-parallel-size 1 --pipeline-parallel-size 1 "
-            "(for more throughput, run several such servers), or VLLM_PLUGINS='' to run vLLM without lingosteer"
-        )
+    check_parallelism(vllm_config)
     if not isinstance(runner, GPUModelRunner):
         runner_class = type(runner)
         raise UnsupportedVllmError(
@@ -190,8 +216,9 @@ def check_runner(runner: object, vllm_config) -> None:
     cudagraph_mode = vllm_config.compilation_config.cudagraph_mode
     if cudagraph_mode != CUDAGraphMode.NONE:
         raise UnsupportedVllmError(
-            f"lingosteer cannot steer inside CUDA graphs (cudagraph_mode={cudagraph_mode}): a replayed graph "
-            "skips the steering op, so steered requests would run plain; start vLLM with --enforce-eager "
+            f"lingosteer does not yet steer inside CUDA graphs (cudagraph_mode={cudagraph_mode}): its op is graph "
+            "safe on CPU (docs/gpu-plan.md), but capturing it in vLLM's graphs is not proven on a GPU, and a graph "
+            "captured without it would serve steered requests plain; start vLLM with --enforce-eager "
             "(LLM(enforce_eager=True)), or VLLM_PLUGINS='' to run vLLM without lingosteer"
         )
     require(runner, RUNNER_ATTRIBUTES, "GPUModelRunner")

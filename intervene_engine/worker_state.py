@@ -22,9 +22,16 @@ from lingosteer.fingerprint import model_fingerprint
 
 logger = logging.getLogger("lingosteer.plugin")
 
-# vLLM model classes whose decoder layers return (hidden_states, residual) with the
-# stream = hidden_states + residual, each checked against an HF reference in tests.
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Gemma3ForCausalLM")
+# vLLM model classes (the class vLLM instantiates, not the checkpoint's `architectures` entry) whose
+# `model.layers[start_layer:end_layer]` return (hidden_states, residual) with the stream = hidden_states +
+# residual, which the next layer's (or the final norm's) fused add+norm takes as its input; in each, that
+# stream after layer i is what the HF decoder layer i returns (alignment.hf_steering hooks it). Gemma 2 / 3
+# norm the attention and MLP outputs before adding them, inside the layer: the stream is unchanged.
+# tests/test_architectures.py checks every one against plain vLLM and the HF reference.
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+    "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM",
+)
 
 # Artifact directories to load when the engine starts (for `vllm serve` users):
 # comma-separated; each is one artifact or a folder of artifacts.
@@ -32,7 +39,7 @@ PRELOAD_ENV = "LINGOSTEER_INTERVENTIONS"
 
 
 class UnsupportedArchitectureError(ValueError):
-    pass
+    """The engine's model is not one lingosteer can steer: the engine stops at start (`attach_to_model`)."""
 
 
 @dataclass(frozen=True)
@@ -64,15 +71,11 @@ class WorkerState:
     _warned_languages: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
-        self.buffers = StepBuffers(self.max_rows, self.device)
+        self.buffers = StepBuffers(self.max_rows, self.num_layers, self.device)
         # Allocated here, once: at attach time, before vLLM profiles memory and sizes its KV cache.
         self.bank = DeviceBank(self.bank_config, self.num_layers, self.hidden_size, self.dtype, self.device)
         self.store.max_cpu_languages = self.bank_config.max_cpu_languages
         self.store.max_pins = self.bank_config.max_languages - 1
-
-    @property
-    def supported(self) -> bool:
-        return self.architecture in SUPPORTED_ARCHITECTURES
 
     @property
     def fingerprint(self) -> dict:
@@ -81,10 +84,6 @@ class WorkerState:
         return self._fingerprint
 
     def load(self, path: str | Path, pin: bool = False) -> dict:
-        if not self.supported:
-            raise UnsupportedArchitectureError(
-                f"lingosteer cannot steer {self.architecture}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
         intervention = self._read(path)
         self.bank.check_fits(intervention.compact, str(path))
         self.store.install(intervention, pin=pin)
@@ -108,6 +107,7 @@ class WorkerState:
             "max_languages": self.bank_config.max_languages,
             "max_cpu_languages": self.bank_config.max_cpu_languages,
             "max_map_rank": self.bank_config.max_map_rank or "full",
+            "graph_safe": self.bank_config.graph_safe,
             "bank_bytes": self.bank.memory_bytes,
             "resident": sorted(self.bank.slot_of),
             "on_host": [version for version, i in self.store.versions.items() if i.compact is not None],
@@ -152,7 +152,8 @@ class WorkerState:
             self.bank.drop(self.store.trim(self._versions_in_use()))
         if not scheduled:
             return None
-        return build_step_plan(scheduled, self.buffers, self.bank, frozenset(self.store.pinned_versions()))
+        return build_step_plan(scheduled, self.buffers, self.bank, frozenset(self.store.pinned_versions()),
+                               self.bank_config.graph_safe)
 
     def request(self, req_id: str, state) -> WorkerRequest:
         """The request's arguments and intervention (`state`: vLLM's CachedRequestState), resolved when
@@ -198,12 +199,14 @@ def attach_to_model(model: torch.nn.Module, model_dir: str, device: torch.device
     """Route every decoder layer's output through the steering op (before compilation), and allocate the bank
     (`BankConfig.from_env`)."""
     architecture = type(model).__name__
-    num_layers = len(model.model.layers) if hasattr(model, "model") else 0
-    state = WorkerState(architecture, model_dir, num_layers, device, max_rows, hidden_size, dtype,
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        # Stop rather than serve plain: requests that ask for a language would be answered unsteered in silence.
+        raise UnsupportedArchitectureError(
+            f"lingosteer cannot steer {architecture} (the vLLM model class of {model_dir}); supported: "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}; start vLLM with VLLM_PLUGINS='' to serve it without lingosteer"
+        )
+    state = WorkerState(architecture, model_dir, len(model.model.layers), device, max_rows, hidden_size, dtype,
                         bos_token_id=bos_token_id, bank_config=BankConfig.from_env())
-    if not state.supported:
-        logger.warning("lingosteer: %s is not supported; the engine runs plain", architecture)
-        return state
     for index, layer in decoder_layers(model):
         _route_through_op(layer, index)
     for path in _preload_paths(state):

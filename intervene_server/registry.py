@@ -22,6 +22,7 @@ from pathlib import Path
 
 from intervene_engine.request_spec import LANGUAGE_KEY, VERSION_KEY
 from intervene_engine.vllm_compat import patches_in
+from intervene_engine.worker_rpc import agreed_answer
 from intervene_server import metrics
 from intervene_server.schemas import AppliedIntervention, HistoryEntry, InterventionInfo
 
@@ -49,7 +50,7 @@ class InterventionRegistry:
 
     async def refresh(self) -> None:
         """Read the engine's loaded interventions (at start-up: `LINGOSTEER_INTERVENTIONS` may preload some)."""
-        [entries] = await self.engine.collective_rpc("lingosteer_list")
+        entries = agreed_answer("lingosteer_list", await self.engine.collective_rpc("lingosteer_list"))
         self.loaded = {entry["language"]: self._info(entry) for entry in entries}
 
     async def load(self, path: Path, pin: bool = False, loaded_by: str = "startup",
@@ -57,8 +58,11 @@ class InterventionRegistry:
         """Load or replace (`pin`: keep it in a device slot); returns the new info and the version it replaced."""
         async with self._swap:
             try:
-                [entry] = await self.engine.collective_rpc("lingosteer_load", args=(str(path), pin))
-            except Exception as error:  # the worker's validation error, relayed by the engine core
+                # One answer per worker: the engine core compared them and rolled back a load they disagreed on
+                # (plugin.follow_loads).
+                answers = await self.engine.collective_rpc("lingosteer_load", args=(str(path), pin))
+                entry = agreed_answer("lingosteer_load", answers)
+            except Exception as error:  # the workers' validation error, relayed by the engine core
                 raise LoadError(_last_line(error)) from None  # nothing changed
             info = self._info(entry)
             replaced = self.loaded.get(info.language)
@@ -88,12 +92,14 @@ class InterventionRegistry:
 
     async def update_bank_metrics(self) -> None:
         """The bank's gauges from the worker (`lingosteer_status`)."""
-        [status] = await self.engine.collective_rpc("lingosteer_status")
+        # The first worker's: every worker runs the same steps on the same maps, so their banks are alike.
+        status = (await self.engine.collective_rpc("lingosteer_status"))[0]
         metrics.set_bank(status["bank"])
 
     async def unload(self, language: str) -> str:
         async with self._swap:
-            [version] = await self.engine.collective_rpc("lingosteer_unload", args=(language,))
+            version = agreed_answer("lingosteer_unload",
+                                    await self.engine.collective_rpc("lingosteer_unload", args=(language,)))
             self.loaded = {code: info for code, info in self.loaded.items() if code != language}
         return version
 

@@ -28,7 +28,7 @@ def data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(request, tmp_path_factory, data_dir):
-    """Factory: `tiny_model_dir("llama" | "qwen2" | "gemma3", dtype="float32") -> Path`.
+    """Factory: `tiny_model_dir(arch, dtype="float32") -> Path`, arch one of `tiny_models.ARCHITECTURES`.
 
     Builds live in pytest's cache directory keyed by their parameters, so a rerun
     reuses them; a fresh clone (CI) builds each in a few seconds. Without the cache

@@ -12,6 +12,7 @@ import pytest
 import torch
 from vllm import SamplingParams
 
+from intervene_engine.worker_state import SUPPORTED_ARCHITECTURES
 from lingosteer.backend import engine_kwargs, shutdown_engine
 from plugin_support import hf_reference_logprobs, run_plain_vllm, summarize, write_planted_intervention
 
@@ -71,7 +72,7 @@ def test_compiled_engine_really_steers_and_matches_hf(compiled, plain_llama):
     from transformers import AutoModelForCausalLM
 
     arch, llm, model_dir, artifact = compiled
-    assert llm.collective_rpc("lingosteer_status")[0]["supported"]
+    assert llm.collective_rpc("lingosteer_status")[0]["architecture"] in SUPPORTED_ARCHITECTURES
     prompts = token_prompts(model_dir)
     steered = generate(llm, prompts, [STEER] * len(prompts))
     unsteered = generate(llm, prompts, [None] * len(prompts))

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 import vllm
-from vllm.config.compilation import CUDAGraphMode
+from vllm.config.compilation import CompilationMode, CUDAGraphMode
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from intervene_engine.vllm_compat import (
@@ -142,10 +142,13 @@ class V2Runner:
     """Stands for vllm.v1.worker.gpu.model_runner.GPUModelRunner: not a subclass of the V1 runner."""
 
 
-def config(cudagraph_mode: CUDAGraphMode, tensor_parallel: int = 1, pipeline_parallel: int = 1) -> SimpleNamespace:
+def config(cudagraph_mode: CUDAGraphMode, tensor_parallel: int = 1, pipeline_parallel: int = 1,
+           prefill_context_parallel: int = 1, mode: CompilationMode = CompilationMode.NONE) -> SimpleNamespace:
     parallel = SimpleNamespace(tensor_parallel_size=tensor_parallel, pipeline_parallel_size=pipeline_parallel,
-                               world_size=tensor_parallel * pipeline_parallel)
-    return SimpleNamespace(compilation_config=SimpleNamespace(cudagraph_mode=cudagraph_mode), parallel_config=parallel)
+                               prefill_context_parallel_size=prefill_context_parallel,
+                               world_size=tensor_parallel * pipeline_parallel * prefill_context_parallel)
+    return SimpleNamespace(compilation_config=SimpleNamespace(cudagraph_mode=cudagraph_mode, mode=mode),
+                           parallel_config=parallel)
 
 
 def test_v1_runner_without_cuda_graphs_is_accepted():
@@ -165,12 +168,29 @@ def test_cuda_graphs_are_refused_naming_enforce_eager(mode):
         check_runner(V1Runner(), config(mode))
 
 
-@pytest.mark.parametrize("tensor_parallel, pipeline_parallel", [(2, 1), (4, 1), (1, 2)])
-def test_several_workers_are_refused_naming_the_sizes(tensor_parallel, pipeline_parallel):
-    with pytest.raises(UnsupportedVllmError, match=rf"has {tensor_parallel * pipeline_parallel} "
-                       rf"\(tensor_parallel_size={tensor_parallel}, pipeline_parallel_size={pipeline_parallel}\).*"
-                       r"--tensor-parallel-size 1"):
-        check_runner(V1Runner(), config(CUDAGraphMode.NONE, tensor_parallel, pipeline_parallel))
+@pytest.mark.parametrize("tensor_parallel, pipeline_parallel, mode", [
+    (2, 1, CompilationMode.NONE), (4, 1, CompilationMode.NONE), (2, 2, CompilationMode.DYNAMO_TRACE_ONCE),
+    (1, 2, CompilationMode.DYNAMO_TRACE_ONCE),
+])
+def test_tensor_and_compiled_pipeline_parallel_workers_are_accepted(tensor_parallel, pipeline_parallel, mode):
+    check_runner(V1Runner(), config(CUDAGraphMode.NONE, tensor_parallel, pipeline_parallel, mode=mode))
+
+
+def test_eager_pipeline_parallel_on_cpu_is_refused_naming_what_to_set(monkeypatch):
+    from vllm.platforms import current_platform
+
+    monkeypatch.setattr(current_platform, "is_cpu", lambda: True)
+    with pytest.raises(UnsupportedVllmError, match=r"pipeline parallelism eagerly on CPU \(pipeline_parallel_size=2, "
+                       r".*without --enforce-eager.*--pipeline-parallel-size 1"):
+        check_runner(V1Runner(), config(CUDAGraphMode.NONE, pipeline_parallel=2))
+    monkeypatch.setattr(current_platform, "is_cpu", lambda: False)  # vLLM's GPU runner allocates them eagerly too
+    check_runner(V1Runner(), config(CUDAGraphMode.NONE, pipeline_parallel=2))
+
+
+def test_prefill_context_parallel_is_refused_naming_the_size():
+    with pytest.raises(UnsupportedVllmError, match=r"prefill_context_parallel_size=2\).*"
+                       r"--prefill-context-parallel-size 1"):
+        check_runner(V1Runner(), config(CUDAGraphMode.NONE, tensor_parallel=2, prefill_context_parallel=2))
 
 
 @pytest.mark.parametrize("missing, named", [
@@ -196,6 +216,10 @@ def test_cpu_engine_config_passes_the_runner_check(tiny_model_dir):
         vllm_config = engine_args.create_engine_config()
         assert not vllm_config.use_v2_model_runner
         check_runner(V1Runner(), vllm_config)
-    engine_args = EngineArgs(**engine_kwargs(tiny_model_dir("llama"), enforce_eager=True, tensor_parallel_size=2))
-    with pytest.raises(UnsupportedVllmError, match="tensor_parallel_size=2"):
-        check_runner(V1Runner(), engine_args.create_engine_config())
+    def parallel(**kwargs):
+        return EngineArgs(**engine_kwargs(tiny_model_dir("llama"), **kwargs)).create_engine_config()
+
+    check_runner(V1Runner(), parallel(enforce_eager=True, tensor_parallel_size=2))
+    check_runner(V1Runner(), parallel(enforce_eager=False, pipeline_parallel_size=2))
+    with pytest.raises(UnsupportedVllmError, match="pipeline parallelism eagerly on CPU"):
+        check_runner(V1Runner(), parallel(enforce_eager=True, pipeline_parallel_size=2))

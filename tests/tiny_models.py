@@ -1,4 +1,5 @@
-"""Tiny random models for tests: Llama, Qwen2 and Gemma 3 (text), built at test time.
+"""Tiny random models for tests, built at test time: Llama, Mistral, Qwen2, Qwen3, Gemma 2,
+Gemma 3 (text) and Phi-3, the architectures lingosteer steers, and GPT-2, one it refuses.
 
 Each model is a normal Hugging Face directory (config.json, model.safetensors,
 generation_config.json, PreTrainedTokenizerFast files) that both transformers and
@@ -25,13 +26,20 @@ from pathlib import Path
 
 from lingosteer import DEFAULT_DATA_DIR
 
-ARCHITECTURES = ("llama", "qwen2", "gemma3")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")  # the steerable ones
+UNSTEERABLE_ARCHITECTURES = ("gpt2",)  # vLLM serves it, lingosteer refuses it (its layers return one tensor)
+# The class transformers and vLLM both name each one (vLLM's class is what the plugin reports).
+ARCHITECTURE_CLASSES = {
+    "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM",
+    "phi3": "Phi3ForCausalLM", "gpt2": "GPT2LMHeadModel",
+}
 TOKENIZER_LANGUAGES = ("eng_Latn", "swh_Latn", "ita_Latn", "zho_Hans")
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>")
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = range(4)
 DEFAULT_VOCAB_SIZE = 2048
 
-# Sizes shared by all three: 4 heads of 32 (the smallest head size vLLM's CPU
+# Sizes shared by all (GPT-2 names them its own way): 4 heads of 32 (the smallest head size vLLM's CPU
 # attention supports), grouped-query attention, short context.
 _COMMON = dict(
     hidden_size=128,
@@ -46,28 +54,55 @@ _COMMON = dict(
 )
 
 
+# Gemma 2 and 3: sliding-window and global layers alternating, Gemma's query scaling, tied embeddings.
+_GEMMA_LAYERS = dict(
+    num_hidden_layers=4,
+    layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+    sliding_window=64,
+    query_pre_attn_scalar=_COMMON["head_dim"],
+    tie_word_embeddings=True,
+)
+
+
 def _config(arch: str, vocab_size: int):
     """The transformers config of one tiny architecture (layer counts differ on purpose)."""
-    from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config
+    from transformers import (
+        Gemma2Config, Gemma3TextConfig, GPT2Config, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config,
+    )
 
     if arch == "llama":
         return LlamaConfig(vocab_size=vocab_size, num_hidden_layers=2, tie_word_embeddings=False, **_COMMON)
+    if arch == "mistral":
+        # Mistral 7B v0.1's 4096-token sliding window (transformers' default), longer than any test prompt.
+        # 3 layers: with Llama's 2 the same seed gave Llama's weights, so the same numbers.
+        return MistralConfig(vocab_size=vocab_size, num_hidden_layers=3, tie_word_embeddings=False, **_COMMON)
     if arch == "qwen2":
         # Qwen2 has biases on q/k/v, which a residual-stream hook must not care about.
         return Qwen2Config(vocab_size=vocab_size, num_hidden_layers=3, tie_word_embeddings=True, **_COMMON)
+    if arch == "qwen3":
+        # Qwen3 norms q and k per head (q_norm / k_norm) and has no q/k/v biases.
+        return Qwen3Config(vocab_size=vocab_size, num_hidden_layers=3, tie_word_embeddings=True, **_COMMON)
+    if arch == "gemma2":
+        # Gemma 2: post-attention and post-feedforward norms, logit soft-capping, sliding and global layers
+        # alternating (a short window, as for Gemma 3 below).
+        return Gemma2Config(vocab_size=vocab_size, **_GEMMA_LAYERS, **_COMMON)
+    if arch == "phi3":
+        # Phi-3 packs q/k/v into one qkv_proj and gate/up into one gate_up_proj; its config has no head_dim
+        # (hidden_size / num_attention_heads = 32 all the same).
+        common = {key: value for key, value in _COMMON.items() if key != "head_dim"}
+        return Phi3Config(vocab_size=vocab_size, num_hidden_layers=2, tie_word_embeddings=False, **common)
+    if arch == "gpt2":
+        # The refusal tests' model: LayerNorm with biases, learned positions, layers that return one tensor.
+        return GPT2Config(
+            vocab_size=vocab_size, n_embd=_COMMON["hidden_size"], n_inner=_COMMON["intermediate_size"], n_layer=2,
+            n_head=_COMMON["num_attention_heads"], n_positions=_COMMON["max_position_embeddings"],
+            bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, tie_word_embeddings=True,
+        )
     if arch == "gemma3":
         # Gemma 3 mixes sliding-window and global layers; a short window makes the
         # sliding layers behave differently from global ones on ordinary prompts.
-        return Gemma3TextConfig(
-            vocab_size=vocab_size,
-            num_hidden_layers=4,
-            layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
-            sliding_window=64,
-            query_pre_attn_scalar=_COMMON["head_dim"],
-            tie_word_embeddings=True,
-            **{**_COMMON, "num_key_value_heads": 1},
-        )
-    raise ValueError(f"unknown tiny architecture {arch!r}; expected one of {ARCHITECTURES}")
+        return Gemma3TextConfig(vocab_size=vocab_size, **_GEMMA_LAYERS, **{**_COMMON, "num_key_value_heads": 1})
+    raise ValueError(f"unknown tiny architecture {arch!r}; expected one of {list(ARCHITECTURE_CLASSES)}")
 
 
 def read_sib200_sentences(data_dir: Path, languages: tuple[str, ...]) -> list[str]:
@@ -141,8 +176,8 @@ def cached_tiny_model(arch: str, cache_root: Path, **params) -> Path:
     The build goes to a temporary sibling first and is renamed into place, so an
     interrupted build never leaves a half-written directory that a later run would trust.
     """
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown tiny architecture {arch!r}; expected one of {ARCHITECTURES}")
+    if arch not in ARCHITECTURE_CLASSES:
+        raise ValueError(f"unknown tiny architecture {arch!r}; expected one of {list(ARCHITECTURE_CLASSES)}")
     key_source = json.dumps({"arch": arch, **{k: str(v) for k, v in params.items()}}, sort_keys=True)
     key = hashlib.sha256(key_source.encode() + Path(__file__).read_bytes()).hexdigest()[:16]
     cache_root = Path(cache_root)
