@@ -48,6 +48,18 @@ def retrieval_p1(queries: np.ndarray, keys: np.ndarray) -> float:
     return float(np.mean(nearest[:, 0] == np.arange(len(queries))))
 
 
+def retrieval_hits(queries: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Per query (bool [n]): is its nearest key (cosine) the key with the same index? `retrieval_p1` is
+    their mean; per query, they are what a bootstrap over sentences resamples."""
+    import faiss
+
+    keys = _normalise(keys)
+    index = faiss.IndexFlatIP(keys.shape[1])
+    index.add(keys)
+    _, nearest = index.search(_normalise(queries), 1)
+    return nearest[:, 0] == np.arange(len(queries))
+
+
 def retrieval_p1_raw_and_centred(queries: np.ndarray, keys: np.ndarray, name: str) -> dict[str, float]:
     """{name: P@1 of `queries` against `keys`, name + "_centred": the same with each side's mean removed}.
 
