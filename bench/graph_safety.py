@@ -213,10 +213,10 @@ def main(argv=None) -> int:
 
             result["tensor_parallel"] = check_tensor_parallel(model_dir, work / "tp")
         if "architectures" not in skip:
-            from architectures import ARCHITECTURES, check_architecture  # local: bench/ sibling, starts engines
+            from architectures import check_architecture  # local: bench/ sibling, starts engines
 
             result["architectures"] = {arch: check_architecture(arch, work / "arch", args.data)
-                                       for arch in ARCHITECTURES}
+                                       for arch in tiny_models.ARCHITECTURES}
     result["seconds"] = round(time.perf_counter() - started, 1)
     result["passed"] = passed(result)
     if args.json:

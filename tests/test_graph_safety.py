@@ -42,3 +42,14 @@ def test_an_op_that_finds_its_rows_by_reading_the_buffer_is_caught(graph_safety,
     monkeypatch.setattr(graph_safety, "steer_rows", gathered)
     result = graph_safety.replay_check(tiny_model_dir(graph_safety.ARCH), tmp_path, None, steps=3, seed=0)
     assert "aten.nonzero.default" in result["data_dependent_ops"] and not result["static_shapes"]
+
+
+def test_the_script_prints_one_object_with_the_proofs_keys(graph_safety, data_dir, capsys):
+    """Its engine parts (tensor parallel, architectures) are skipped here: their own tests start those engines."""
+    import json
+
+    assert graph_safety.main(["--json", "--steps", "3", "--data", str(data_dir),
+                              "--skip", "tensor_parallel,architectures"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {"steps", "traces", "recompilations", "max_abs_diff_hf", "full_bank", "lowrank_bank"} <= set(result)
+    assert result["steps"] == 3 and result["traces"] == 1 and result["passed"]
