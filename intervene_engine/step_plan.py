@@ -167,17 +167,16 @@ def build_step_plan(requests: list[ScheduledRequest], buffers: StepBuffers, bank
     if not steered:
         return None
     slots, left_over = bank.assign(maps, set(pinned))
+
+    def parts(slot_of: dict[str, int]) -> list[SteeredRows]:
+        return [SteeredRows(rows, slot_of[version], spec.alpha, spec.layers)
+                for rows, version, spec in steered if version in slot_of]
+
     passes = []
     if slots:
-        passes.append(buffers.fill([SteeredRows(rows, slots[version], spec.alpha, spec.layers)
-                                    for rows, version, spec in steered if version in slots], bank, graph_safe))
-    if left_over:  # a bank of the step's own, in host arrays of the step's own
+        passes.append(buffers.fill(parts(slots), bank, graph_safe))
+    if left_over:  # a bank, and buffers, of the step's own
         extra, extra_slots = bank.overflow_bank(left_over)
-        parts = [SteeredRows(rows, extra_slots[version], spec.alpha, spec.layers)
-                 for rows, version, spec in steered if version in extra_slots]
-        slot, alpha, order = (np.zeros_like(buffer.np) for buffer in (buffers.slot, buffers.alpha, buffers.order))
-        write_rows(slot, alpha, parts)
-        groups = None if graph_safe else group_rows(order, parts, extra)
-        passes.append(BankPass(*(torch.from_numpy(array).to(bank.device) for array in (slot, alpha)), extra,
-                               any(extra.has_matrix), groups, torch.from_numpy(order).to(bank.device)))
+        extra_buffers = StepBuffers(*buffers.alpha.np.shape, bank.device)
+        passes.append(extra_buffers.fill(parts(extra_slots), extra, graph_safe))
     return StepPlan(tuple(passes))
