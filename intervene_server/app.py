@@ -13,7 +13,6 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-from alignment.artifact import discover_interventions
 from intervene_server.artifacts import DEFAULT_MAX_UPLOAD_BYTES, UPLOAD_DIR_NAME
 from intervene_server.auth import configure_audit_log
 from intervene_server.detection import DEFAULT_MIN_CONFIDENCE, LanguageDetector
@@ -44,10 +43,10 @@ async def attach_lingosteer(app, engine_client, args, options: ServerOptions) ->
     """Mount lingosteer on a built vLLM app whose state is initialised; preload the root."""
     from vllm.renderers.chat_utils import load_chat_template
 
-    registry = InterventionRegistry(engine_client, options.interventions)
+    registry = InterventionRegistry(engine_client, options.interventions, model_fingerprint(Path(args.model)))
     registry.pin_versions()
     await registry.refresh()
-    await preload(registry, Path(args.model), options.pins)
+    await preload(registry, options.pins)
     app.state.lingosteer_bank_poll = asyncio.create_task(registry.poll_bank())  # held: tasks are weakly referenced
     prompt_tokenizer = PromptTokenizer(engine_client.get_tokenizer(), load_chat_template(args.chat_template))
     router = LanguageRouter(
@@ -80,10 +79,11 @@ def mount(app, registry: InterventionRegistry, router: LanguageRouter, options: 
     app.openapi_schema = None  # rebuilt with our routes on the next /openapi.json
 
 
-async def preload(registry: InterventionRegistry, model_dir: Path, pins: tuple[str, ...] = ()) -> None:
+async def preload(registry: InterventionRegistry, pins: tuple[str, ...] = ()) -> None:
     """Load every artifact under the root fitted on this model (pinning `pins`); others are skipped with a log
-    line. Loading keeps at most --max-cpu-languages maps on the host: the rest are read again on first use."""
-    chosen = discover_interventions(registry.root, fingerprint=model_fingerprint(model_dir), within_root=True)
+    line. Loading keeps at most --max-cpu-languages maps on the host: the rest are read again on first use.
+    Artifacts added under the root later are loaded by the first request for their language."""
+    chosen = registry.artifacts_under_root()
     missing = sorted(set(pins) - set(chosen))
     if missing:
         raise ValueError(f"--pin {' '.join(missing)}: no intervention for this model under {registry.root} "

@@ -18,7 +18,7 @@ ROUTING_ERRORS = Counter(
 INTERVENTION_EVENTS = Counter(
     "lingosteer_intervention_events",
     "Loads, swaps and unloads of interventions, and refused loads.",
-    ["event", "language"],  # event: load | swap | unload | rejected (a rollback is a swap)
+    ["event", "language"],  # event: load | swap | unload | rejected | first_use (a rollback is a swap)
 )
 # The worker's bank (intervene_engine.bank), read from `lingosteer_status` every BANK_POLL_SECONDS:
 # the worker counts, these mirror its counts (so they are gauges, not counters).

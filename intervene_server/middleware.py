@@ -24,7 +24,7 @@ from starlette.datastructures import Headers, MutableHeaders
 
 from intervene_server import metrics
 from intervene_server.registry import current_applied
-from intervene_server.routing import LanguageRouter, RoutingError
+from intervene_server.routing import LanguageRouter, NotLoadedError, RoutingError
 from intervene_server.schemas import AppliedIntervention
 
 logger = logging.getLogger("lingosteer.server")
@@ -58,7 +58,13 @@ class LanguageRoutingMiddleware:
                 "(the server's --max-request-mb)", param=None,
             )
         try:
-            routed = await run_in_threadpool(self._route, body, endpoint)
+            try:
+                routed = await run_in_threadpool(self._route, body, endpoint, True)
+            except NotLoadedError as missing:
+                # Look under the root for an artifact added after start; then route as usual (the
+                # usual 404, 400 or plain run where there was none).
+                found = await self.router.registry.load_on_first_use(missing.language)
+                routed = await run_in_threadpool(self._route, body, endpoint, found)
         except RoutingError as error:
             metrics.ROUTING_ERRORS.labels(endpoint=endpoint).inc()
             return await _send_openai_error(send, error.status, str(error), error.param)
@@ -73,16 +79,17 @@ class LanguageRoutingMiddleware:
             current_applied.reset(token)
             metrics.count_request(endpoint, applied)
 
-    def _route(self, body: bytes, endpoint: str) -> tuple[bytes, AppliedIntervention, frozenset[int]] | None:
+    def _route(self, body: bytes, endpoint: str,
+               first_use: bool) -> tuple[bytes, AppliedIntervention, frozenset[int]] | None:
         """The rewritten body, what it will get and the choices whose echoed prompt starts with a BOS the
-        server added; None if the body is not a JSON object."""
+        server added; None if the body is not a JSON object. `first_use`: see `LanguageRouter.route`."""
         try:
             payload = json.loads(body)
         except ValueError:
             return None
         if not isinstance(payload, dict):
             return None
-        applied = self.router.route(payload, endpoint)
+        applied = self.router.route(payload, endpoint, first_use)
         n = payload.get("n") if isinstance(payload.get("n"), int) else 1
         # vLLM numbers the choices of prompt i i * n, ..., i * n + n - 1.
         echoed_bos = frozenset(i * n + j for i in applied.bos_added or [] for j in range(n)) \

@@ -15,11 +15,13 @@ the version a response reports is the version that served it, even during swaps.
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import Callable
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from pathlib import Path
 
+from alignment.artifact import InterventionError, discover_interventions
 from intervene_engine.request_spec import LANGUAGE_KEY, VERSION_KEY
 from intervene_engine.vllm_compat import patches_in
 from intervene_engine.worker_rpc import agreed_answer
@@ -30,6 +32,9 @@ logger = logging.getLogger("lingosteer.server")
 
 # The record of the HTTP request being handled (set by the routing middleware).
 current_applied: ContextVar[AppliedIntervention | None] = ContextVar("lingosteer_applied", default=None)
+# A language looked for under the root and not found is not looked for again this soon: the
+# lookup walks the root, and a client may send many requests for a language nobody added.
+FIRST_USE_RETRY_SECONDS = 2.0
 
 
 class LoadError(ValueError):
@@ -41,12 +46,20 @@ class NoEarlierVersionError(LookupError):
 
 
 class InterventionRegistry:
-    def __init__(self, engine_client, root: Path):
+    def __init__(self, engine_client, root: Path, fingerprint: dict | None = None):
         self.engine = engine_client
         self.root = root.resolve()
+        self.fingerprint = fingerprint  # the served model's: artifacts fitted on others are skipped
         self.loaded: dict[str, InterventionInfo] = {}
         self.history: dict[str, list[HistoryEntry]] = {}  # per language, oldest first
         self._swap = asyncio.Lock()
+        self._first_use = asyncio.Lock()
+        self._not_found_at: dict[str, float] = {}  # language -> when the root last had no artifact for it
+        self._unloaded: set[str] = set()  # unloaded by an admin: not loaded on first use until loaded again
+
+    def artifacts_under_root(self) -> dict[str, Path]:
+        """Language -> artifact directory, for the artifacts under the root fitted on the served model."""
+        return discover_interventions(self.root, fingerprint=self.fingerprint, within_root=True)
 
     async def refresh(self) -> None:
         """Read the engine's loaded interventions (at start-up: `LINGOSTEER_INTERVENTIONS` may preload some)."""
@@ -67,10 +80,44 @@ class InterventionRegistry:
             info = self._info(entry)
             replaced = self.loaded.get(info.language)
             self.loaded = {**self.loaded, info.language: info}
+            self._unloaded.discard(info.language)
             self.history.setdefault(info.language, []).append(HistoryEntry(
                 version=info.version, path=info.path, loaded_by=loaded_by,
                 at=datetime.now(UTC).isoformat(timespec="seconds"), source=source))
         return info, replaced.version if replaced else None
+
+    async def load_on_first_use(self, language: str) -> bool:
+        """Load `language` from under the root if an artifact for it was added there after start, as vLLM's
+        filesystem LoRA resolver finds an adapter on first use; True if it is loaded now."""
+        async with self._first_use:  # concurrent first requests for one language load it once
+            if language in self.loaded:
+                return True
+            if not self.may_find(language):
+                return False
+            try:
+                path = (await asyncio.to_thread(self.artifacts_under_root)).get(language)
+            except (InterventionError, OSError) as error:  # e.g. two artifacts for one language: refused
+                logger.warning("lingosteer: cannot look for %s under %s: %s", language, self.root, error)
+                path = None
+            if path is None:
+                self._not_found_at[language] = time.monotonic()
+                return False
+            try:
+                info, _ = await self.load(path, loaded_by="first use", source="first-use")
+            except LoadError as error:
+                logger.warning("lingosteer: cannot load %s on first use from %s: %s", language, path, error)
+                self._not_found_at[language] = time.monotonic()
+                return False
+        metrics.INTERVENTION_EVENTS.labels(event="first_use", language=language).inc()
+        logger.info("lingosteer: loaded %s version %s from %s on first use", language, info.version, info.path)
+        return True
+
+    def may_find(self, language: str) -> bool:
+        """Whether to look under the root for `language`: not if an admin unloaded it, nor if it was looked
+        for in vain moments ago (routing asks first, so requests in such a language are routed once)."""
+        looked_at = self._not_found_at.get(language)
+        recent = looked_at is not None and time.monotonic() - looked_at < FIRST_USE_RETRY_SECONDS
+        return language not in self._unloaded and not recent
 
     def previous(self, language: str) -> HistoryEntry:
         """The latest version of `language` loaded before its current one."""
@@ -101,6 +148,7 @@ class InterventionRegistry:
             version = agreed_answer("lingosteer_unload",
                                     await self.engine.collective_rpc("lingosteer_unload", args=(language,)))
             self.loaded = {code: info for code, info in self.loaded.items() if code != language}
+            self._unloaded.add(language)
         return version
 
     async def poll_bank(self) -> None:

@@ -40,6 +40,15 @@ ON_MISSING = ("error", "passthrough")
 STEERING_KEYS = (LANGUAGE_KEY, "alpha", "layers", "positions")
 
 
+class NotLoadedError(LookupError):
+    """The request names a language with no loaded intervention: the caller may look for its artifact
+    under the root (`InterventionRegistry.load_on_first_use`) and route again."""
+
+    def __init__(self, language: str):
+        super().__init__(language)
+        self.language = language
+
+
 class RoutingError(ValueError):
     """The request's language routing arguments are invalid (HTTP 400), or its model does not exist (404)."""
 
@@ -73,8 +82,11 @@ class LanguageRouter:
             for language, info in sorted(self.registry.loaded.items())
         ]
 
-    def route(self, payload: dict, endpoint: str) -> AppliedIntervention:
+    def route(self, payload: dict, endpoint: str, first_use: bool = False) -> AppliedIntervention:
         """Rewrite `payload["vllm_xargs"]` in place; return what will be applied.
+
+        With `first_use`, a language that names no loaded intervention, and that the registry may find under
+        its root, raises `NotLoadedError` instead of the 404, 400 or plain run it would otherwise get.
 
         Runs in a worker thread while loads may replace `registry.loaded` on the event
         loop, so one request sees one snapshot of it throughout."""
@@ -91,7 +103,7 @@ class LanguageRouter:
         if on_missing not in ON_MISSING:
             raise RoutingError(f"'on_missing' must be one of {ON_MISSING}, got {on_missing!r}")
         min_confidence = _confidence(xargs.pop("min_confidence", self.detector.min_confidence))
-        named = self._model_language(payload, loaded)
+        named = self._model_language(payload, loaded, first_use)
         if named is not None:
             given = xargs.get(LANGUAGE_KEY)
             if given not in (None, "") and _normalized(given) != named:
@@ -107,11 +119,11 @@ class LanguageRouter:
         elif not isinstance(requested, str):
             raise RoutingError(f"'language' must be a string, got {requested!r}")
         elif requested == AUTO:
-            applied = self._detect(payload, endpoint, min_confidence, loaded)
+            applied = self._detect(payload, endpoint, min_confidence, loaded, first_use)
         elif requested == AUTO_SPANS:
             applied = self._detect_spans(payload, endpoint, xargs, min_confidence, loaded)
         else:
-            applied = self._explicit(requested, on_missing, loaded)
+            applied = self._explicit(requested, on_missing, loaded, first_use)
 
         if applied.applied:
             applied = self._serving_defaults(applied, xargs, loaded[applied.language])
@@ -144,7 +156,7 @@ class LanguageRouter:
         payload["prompt"] = prompt
         applied.bos_added = added
 
-    def _model_language(self, payload: dict, loaded: dict[str, InterventionInfo]) -> str | None:
+    def _model_language(self, payload: dict, loaded: dict[str, InterventionInfo], first_use: bool) -> str | None:
         """The language a `BASE:LANG` model name selects (rewriting `model` to BASE); None for other names,
         which vLLM judges (BASE, a LoRA adapter or its own 404)."""
         model = payload.get("model")
@@ -152,6 +164,8 @@ class LanguageRouter:
             return None
         base, _, code = model.rpartition(":")
         language = _normalized(code) if base in self.served_models else None
+        if language is not None and language not in loaded and first_use and self.registry.may_find(language):
+            raise NotLoadedError(language)
         if language not in loaded:
             models = [*self.served_models,
                       *(language_model_name(name, code) for name in self.served_models for code in sorted(loaded))]
@@ -160,13 +174,16 @@ class LanguageRouter:
         payload["model"] = base
         return language
 
-    def _explicit(self, requested: str, on_missing: str, loaded: dict[str, InterventionInfo]) -> AppliedIntervention:
+    def _explicit(self, requested: str, on_missing: str, loaded: dict[str, InterventionInfo],
+                  first_use: bool) -> AppliedIntervention:
         try:
             language = normalize_code(requested)
         except UnknownLanguageError as error:
             raise RoutingError(str(error)) from None
         if language in loaded:
             return AppliedIntervention(applied=True, source="explicit", language=language)
+        if first_use and self.registry.may_find(language):
+            raise NotLoadedError(language)
         if on_missing == "passthrough":
             return _plain(f"no intervention loaded for {language} (on_missing=passthrough)",
                           source="explicit", language=language)
@@ -176,7 +193,7 @@ class LanguageRouter:
             "Set vllm_xargs.on_missing='passthrough' to serve such requests plain."
         )
 
-    def _detect(self, payload, endpoint, min_confidence, loaded) -> AppliedIntervention:
+    def _detect(self, payload, endpoint, min_confidence, loaded, first_use: bool) -> AppliedIntervention:
         text = "\n".join(part.text for part in user_text_parts(payload, endpoint))
         if not text.strip():
             metrics.DETECTIONS.labels(outcome="no_text").inc()
@@ -186,6 +203,9 @@ class LanguageRouter:
         if detection.confidence < min_confidence:
             metrics.DETECTIONS.labels(outcome="low_confidence").inc()
             return _plain(f"auto: confidence {detection.confidence:.2f} below {min_confidence}", **found)
+        missing = detection.language is not None and detection.language not in loaded
+        if missing and first_use and self.registry.may_find(detection.language):
+            raise NotLoadedError(detection.language)
         if detection.language not in loaded:
             metrics.DETECTIONS.labels(outcome="no_intervention").inc()
             return _plain(f"auto: no intervention loaded for {found['language']}", **found)

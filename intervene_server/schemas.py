@@ -84,9 +84,9 @@ class HistoryEntry(BaseModel):
 
     version: str
     path: str
-    loaded_by: str = Field(description="'startup', or the admin caller's address")
+    loaded_by: str = Field(description="'startup', 'first use', or the admin caller's address")
     at: str = Field(description="ISO 8601 UTC time of the load")
-    source: Literal["startup", "path", "upload", "rollback"]
+    source: Literal["startup", "path", "upload", "rollback", "first-use"]
 
 
 class UnloadResult(BaseModel):

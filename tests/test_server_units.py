@@ -779,3 +779,56 @@ def test_echoed_logprobs_leave_the_added_bos_out():
     assert document["choices"][0] == choice(0)
     assert document["choices"][1]["logprobs"] == {"tokens": ["a", "b"], "token_logprobs": [-1.0, -2.0],
                                                    "top_logprobs": [{"a": -1.0}, {"b": -2.0}], "text_offset": [5, 6]}
+
+
+def test_an_artifact_added_under_the_root_after_start_is_loaded_by_the_first_request_for_it(
+        router, model_dir, tmp_path, monkeypatch):
+    """As vLLM's filesystem LoRA resolver: a request naming a language whose artifact appeared under the root
+    after start loads it, then is steered; a language with none keeps its 404 / 400; an admin unload sticks."""
+    import asyncio
+    import json
+
+    import httpx
+
+    from intervene_server import registry as registry_module
+    from intervene_server.middleware import LanguageRoutingMiddleware
+    from lingosteer.fingerprint import model_fingerprint
+    from plugin_support import write_planted_intervention
+
+    async def echo_body(scope, receive, send):  # stands in for vLLM: answers with the body it was sent
+        body = (await receive())["body"]
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": json.dumps({"sent": json.loads(body)}).encode()})
+
+    root = tmp_path / "root"
+    root.mkdir()
+    registry = InterventionRegistry(_WorkerBehindRpc(model_dir), root, model_fingerprint(model_dir))
+    app = LanguageRoutingMiddleware(echo_body, LanguageRouter(registry, router.detector, router.prompt_tokenizer,
+                                                              served_models=("tiny",)))
+
+    async def scenario():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://server") as client:
+            def complete(model, xargs=None):
+                return client.post("/v1/completions", json={"model": model, "prompt": "x",
+                                                            **({"vllm_xargs": xargs} if xargs else {})})
+
+            assert (await complete("tiny:swh_Latn")).status_code == 404  # nothing under the root yet
+            write_planted_intervention(root / "swh", model_dir, [0, 1], "swh_Latn")
+            assert (await complete("tiny:swh_Latn")).status_code == 404  # looked for moments ago: not again yet
+            monkeypatch.setattr(registry_module, "FIRST_USE_RETRY_SECONDS", 0.0)
+            response = await complete("tiny:swh_Latn")
+            assert response.status_code == 200, response.text
+            assert response.json()["sent"]["vllm_xargs"] == {"language": "swh_Latn"}
+
+            write_planted_intervention(root / "ita", model_dir, [1], "ita_Latn", seed=2)
+            both = await asyncio.gather(*(complete("tiny", {"language": "it"}) for _ in range(3)))
+            assert [r.status_code for r in both] == [200] * 3 and len(registry.history["ita_Latn"]) == 1
+
+            fresh = await complete("tiny", {"language": "fra_Latn"})  # no artifact: the usual 400
+            assert fresh.status_code == 400 and "loaded: ita_Latn, swh_Latn" in fresh.json()["error"]["message"]
+            await registry.unload("ita_Latn")  # an admin's unload is not undone by the next request
+            assert (await complete("tiny", {"language": "it"})).status_code == 400
+
+    asyncio.run(scenario())
+    assert [entry.source for entry in registry.history["swh_Latn"]] == ["first-use"]
+    assert registry.history["swh_Latn"][0].loaded_by == "first use"
