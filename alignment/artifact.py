@@ -450,24 +450,34 @@ def discover_interventions(
     fingerprint: dict | None = None,
     *,
     within_root: bool = False,
+    skip_invalid: bool = False,
 ) -> dict[str, Path]:
     """Source language (FLORES code) -> artifact directory, for the artifacts `find_artifact_dirs` finds.
 
     With `fingerprint`, artifacts fitted on another model are skipped (one root may hold several
     models' artifacts); with `within_root`, so are artifacts whose files link outside `root` (the
-    server loads nothing from outside its root). Two artifacts for one language are an error, and so
-    is a language of `languages` (None: every language found) without one. Manifests are validated;
-    the tensors are read only by `load_intervention`.
+    server loads nothing from outside its root). Two artifacts for a language of `languages` (None: every
+    language found) are an error, and so is a language of `languages` without one. Manifests are validated
+    (with `skip_invalid`, an invalid one is skipped with a log line instead of raising: a server looking
+    for one language must not be stopped by another's broken artifact); the tensors are read only by
+    `load_intervention`.
     """
     root = Path(root)
     by_language: dict[str, Path] = {}
+    second: dict[str, Path] = {}  # a language's second artifact: an error if the language is asked for
     other_models = 0
     for directory in find_artifact_dirs(root):
         outside = files_outside(directory, root) if within_root else []
         if outside:
             logger.warning("lingosteer: skipping %s: %s link outside %s", directory, ", ".join(outside), root)
             continue
-        manifest = read_manifest(directory)
+        try:
+            manifest = read_manifest(directory)
+        except InterventionError as error:
+            if not skip_invalid:
+                raise
+            logger.warning("lingosteer: skipping %s: %s", directory, error)
+            continue
         if fingerprint is not None:
             try:
                 check_fingerprint(fingerprint, manifest.model)
@@ -477,9 +487,12 @@ def discover_interventions(
                 continue
         source = manifest.source
         if source in by_language:
-            raise InterventionError(f"two interventions for {source} under {root}: {by_language[source]} "
-                                    f"and {directory}; keep one")
+            second.setdefault(source, directory)
+            continue
         by_language[source] = directory
+    for source in sorted(second) if languages is None else [code for code in languages if code in second]:
+        raise InterventionError(f"two interventions for {source} under {root}: {by_language[source]} "
+                                f"and {second[source]}; keep one")
     if languages is None:
         return dict(sorted(by_language.items()))
     missing = [language for language in languages if language not in by_language]

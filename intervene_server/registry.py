@@ -61,6 +61,15 @@ class InterventionRegistry:
         """Language -> artifact directory, for the artifacts under the root fitted on the served model."""
         return discover_interventions(self.root, fingerprint=self.fingerprint, within_root=True)
 
+    def artifact_for(self, language: str) -> Path | None:
+        """`language`'s artifact under the root, fitted on the served model; other languages' broken or doubled
+        artifacts do not stand in its way. None if there is none."""
+        try:
+            return discover_interventions(self.root, [language], self.fingerprint, within_root=True,
+                                          skip_invalid=True)[language]
+        except FileNotFoundError:
+            return None
+
     async def refresh(self) -> None:
         """Read the engine's loaded interventions (at start-up: `LINGOSTEER_INTERVENTIONS` may preload some)."""
         entries = agreed_answer("lingosteer_list", await self.engine.collective_rpc("lingosteer_list"))
@@ -95,11 +104,12 @@ class InterventionRegistry:
             if not self.may_find(language):
                 return False
             try:
-                path = (await asyncio.to_thread(self.artifacts_under_root)).get(language)
-            except (InterventionError, OSError) as error:  # e.g. two artifacts for one language: refused
+                path = await asyncio.to_thread(self.artifact_for, language)
+            except (InterventionError, OSError) as error:  # e.g. two artifacts for this language: refused
                 logger.warning("lingosteer: cannot look for %s under %s: %s", language, self.root, error)
                 path = None
             if path is None:
+                logger.info("lingosteer: no artifact for %s under %s", language, self.root)
                 self._not_found_at[language] = time.monotonic()
                 return False
             try:

@@ -820,6 +820,9 @@ def test_an_artifact_added_under_the_root_after_start_is_loaded_by_the_first_req
             assert response.status_code == 200, response.text
             assert response.json()["sent"]["vllm_xargs"] == {"language": "swh_Latn"}
 
+            (root / "broken").mkdir()  # other languages' bad manifests and second versions do not stop the lookup
+            (root / "broken" / "manifest.json").write_text("{}")
+            write_planted_intervention(root / "swh_v2", model_dir, [0, 1], "swh_Latn", seed=7)
             write_planted_intervention(root / "ita", model_dir, [1], "ita_Latn", seed=2)
             both = await asyncio.gather(*(complete("tiny", {"language": "it"}) for _ in range(3)))
             assert [r.status_code for r in both] == [200] * 3 and len(registry.history["ita_Latn"]) == 1
