@@ -1,7 +1,9 @@
 """The lm-evaluation-harness model `lingosteer`: any lm-eval task through our vLLM engine and plugin.
 
-    lingosteer lm-eval --model lingosteer \\
+    lingosteer lm-eval --local-data ../shared/data --model lingosteer \\
         --model_args pretrained=gemma-3-270m,interventions=DIR,language=auto --tasks xcopa_sw,xnli_sw
+
+(`--local-data`: lm-eval's own tasks reading the local files, `evaluation.lmeval_tasks`.)
 
 model_args (comma-separated, lm-eval's syntax):
   pretrained     prepared model name or Hugging Face model directory
@@ -15,7 +17,10 @@ model_args (comma-separated, lm-eval's syntax):
   layers         a subset of the intervention's layers, colon-separated (3:5:7), since commas
                  separate model_args (default: the serving layers)
   positions      tokens steered: "last", "prompt" or "all", as a served request's positions with
-                 the context as the prompt (`evaluation.scoring`; default: the serving positions)
+                 the context as the prompt (`evaluation.scoring`; default: the serving positions).
+                 lm-eval's own XNLI scores the whole sentence pair as the continuation of an empty
+                 context, where "last" and "prompt" have no context token to steer: a steered run
+                 of it needs "all" (`check_steerable_context`)
   dtype          engine dtype (default float32, as the benchmarks); max_model_len; enforce_eager
   batch_size, max_batch_size, device: accepted and ignored (the engine batches by itself)
 
@@ -41,7 +46,7 @@ from lm_eval.models.utils import (
     postprocess_generated_text,
 )
 
-from alignment.artifact import load_intervention
+from alignment.artifact import POSITION_MODES, load_intervention
 from evaluation.runner import ENGLISH, find_interventions, start_scoring_engine
 from evaluation.scoring import (
     PLAIN,
@@ -52,8 +57,7 @@ from evaluation.scoring import (
     score_with_vllm,
     served_condition,
 )
-from alignment.artifact import POSITION_MODES
-from intervene_engine.request_spec import InterventionRequest
+from intervene_engine.request_spec import InterventionRequest, position_span
 from lingosteer.backend import DEFAULT_MAX_MODEL_LEN, shutdown_engine
 from lingosteer.languages import UnknownLanguageError, normalize_code
 from lingosteer.models import resolve_model
@@ -84,6 +88,19 @@ def resolve_language(task_name: str, language: str, loaded: dict[str, Path]) -> 
         raise ValueError(f"task {task_name!r}: no intervention for {flores} is loaded "
                          f"(loaded: {', '.join(sorted(loaded))}); fit one, or run it with language=none")
     return flores
+
+
+def check_steerable_context(where: str, encoded: Encoded, condition: Condition) -> None:
+    """Refuse a steered request whose position mode is placed relative to a context holding no token after
+    BOS. lm-eval's XNLI, for one, asks for the whole sentence pair as the continuation of an empty context
+    (BOS): "last" would steer BOS, which no map was fitted on, and "prompt" nothing at all, either way a
+    number that is not what the positions mean, given silently."""
+    if condition.plain or encoded.context_len > encoded.num_special:
+        return
+    if position_span(condition.steer, encoded.context_len, encoded.num_special)[1] is not None:
+        raise ValueError(f"{where}: the context holds no token after BOS (the task scores the whole text as the "
+                         f"continuation), so positions {condition.steer!r}, placed relative to the context, steer "
+                         "none of it; give positions=all (every token after BOS)")
 
 
 def _sampling_kwargs(gen_kwargs: dict, eos: str) -> tuple[dict, list[str], int]:
@@ -210,8 +227,9 @@ class LingosteerLM(TemplateLM):
             if len(context) + len(continuation) >= self.max_length:
                 raise ValueError(f"{where}: {len(context) + len(continuation)} tokens do not fit "
                                  f"max_model_len={self.max_length} (one position is kept for vLLM's output)")
-            scoring.append((Encoded(tuple(context + continuation), len(context), leading_special(context, special)),
-                            condition))
+            encoded = Encoded(tuple(context + continuation), len(context), leading_special(context, special))
+            check_steerable_context(where, encoded, condition)
+            scoring.append((encoded, condition))
         scored = score_with_vllm(self.llm, scoring, progress=not disable_tqdm)
         results = [(float(score), bool(greedy)) for score, greedy in zip(scored.scores, scored.greedy)]
         for (pair, _, _), result in zip(requests, results):

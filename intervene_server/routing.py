@@ -26,6 +26,7 @@ from intervene_engine.request_spec import (
     RequestSpecError,
     flatten_ranges,
     parse_request_spec,
+    position_span,
     resolve,
 )
 from intervene_server import metrics
@@ -140,6 +141,7 @@ class LanguageRouter:
         else:
             payload.pop("vllm_xargs", None)
         if endpoint == "completion":
+            refuse_context_positions_on_echo(payload, applied)
             self._add_bos(payload, applied)
         return applied
 
@@ -314,3 +316,28 @@ def _confidence(value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
         raise RoutingError(f"'min_confidence' must be a number in [0, 1], got {value!r}")
     return float(value)
+
+
+def refuse_context_positions_on_echo(payload: dict, applied: AppliedIntervention) -> None:
+    """Refuse a steered completion that asks for prompt log-probabilities under a position mode whose span
+    ends where the prompt ends ("last", "prompt").
+
+    Log-likelihood scoring through this endpoint (lm-eval's local-completions) sends context and
+    continuation as one prompt, echoed, and slices the continuation's log-probabilities itself: the
+    server cannot tell where the context ends. `lingosteer bench` and the lm-eval backend place these
+    modes relative to the context (its last token, its tokens), here they would land on the whole
+    prompt ("last": the continuation's last token, which changes no echoed log-probability), so the
+    number would silently not be bench's. "all" (every token after BOS) is the same on both paths, and
+    explicit token ranges say where they go."""
+    echoed = payload.get("echo") and payload.get("logprobs") is not None
+    if not applied.applied or applied.alpha == 0 or not (echoed or payload.get("prompt_logprobs") is not None):
+        return  # unsteered (alpha 0 too: bench scores it plain), or no prompt log-probabilities asked for
+    positions = applied.positions
+    if not isinstance(positions, str) or position_span(positions, 1)[1] is None:
+        return
+    raise RoutingError(
+        f"echoed prompt log-probabilities under positions {positions!r} cannot be those of `lingosteer bench`: "
+        "an echo prompt holds context and continuation and does not say where the context ends, so "
+        f"{positions!r} would steer relative to the whole prompt instead of the context. Send "
+        "vllm_xargs.positions='all' (every token after BOS: the same on both paths) or explicit token ranges, "
+        "or score with `lingosteer lm-eval` / `lingosteer bench`, which know the split", "echo")

@@ -554,6 +554,23 @@ def test_unload_then_400_then_reload(server, admin, client, model_name):
     assert admin.post("/admin/interventions", json={"path": "llama/ita"}).status_code == 200
 
 
+def test_an_artifact_added_under_the_root_while_serving_is_loaded_by_its_first_request(
+        server, root, admin, client, model_name, model_dir):
+    """No push needed (as vLLM's filesystem LoRA resolver): the first request for its language loads it."""
+    import shutil
+
+    added = write_planted_intervention(root / "llama" / "fra", model_dir, [1], "fra_Latn", seed=5)
+    try:
+        _, field, header = complete(client, f"{model_name}:fra_Latn", ITALIAN[0])
+        assert field == header and field["applied"] and field["language"] == "fra_Latn"
+        history = admin.get("/admin/interventions/fra_Latn/history").json()
+        assert [(entry["source"], entry["loaded_by"]) for entry in history] == [("first-use", "first use")]
+        assert f"{model_name}:fra_Latn" in {card.id for card in client.models.list().data}
+    finally:
+        admin.delete("/admin/interventions/fra_Latn")
+        shutil.rmtree(added)
+
+
 def test_interventions_cli_drives_the_api(server, capsys):
     from lingosteer.entrypoints.main import main
 
@@ -669,45 +686,204 @@ def test_a_language_model_name_steers_as_vllm_xargs_do(client, model_name):
         complete(client, f"{model_name}:fra_Latn", ITALIAN[1])
 
 
-def _local_xcopa_task(directory: Path) -> None:
-    """lm-eval's own xcopa_sw (prompts, choices, metric), its dataset pointed at the local file."""
-    import lm_eval.tasks
-
-    (directory / "xcopa_sw_local.yaml").write_text(
-        f"include: {Path(lm_eval.tasks.__file__).parent / 'xcopa' / 'default_sw.yaml'}\n"
-        "task: xcopa_sw_local\ndataset_path: json\ndataset_name: null\n"
-        f"dataset_kwargs:\n  data_files:\n    validation: {DATA / 'xcopa' / 'val.sw.jsonl'}\n"
-        "test_split: null\n")
-
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# lm-eval's local-completions scores a log-likelihood request as one echoed prompt (context and continuation)
+# and slices the continuation's log-probabilities itself. Its numbers are compared with `lingosteer bench`'s
+# reference scorer (`evaluation.scoring.score_with_hf`: HF transformers, bench's token split and steered
+# positions), which needs no second engine beside the server; tests/test_lmeval_backend.py and
+# tests/test_evaluation.py tie the `lingosteer` lm-eval model and bench's vLLM scorer to the same numbers.
+LMEVAL_ITEMS = 4
+LMEVAL_TASKS = ("xcopa_sw", "xnli_sw")  # lm-eval's own definitions, on the local files
+EVERY_TOKEN = {"alpha": 1.0, "layers": (0, 1), "positions": "all"}  # serving defaults the same on both paths
+# vLLM and HF transformers sum a few dozen fp32 log-probabilities each (tests/test_evaluation.py's bound)
+HF_TOLERANCE = 2e-3
 
 
-def test_lm_eval_local_completions_scores_token_prompts_as_if_they_started_with_bos(
-        server, model_name, model_dir, tmp_path):
-    """lm-eval's defaults (add_bos_token=False): the server adds BOS and leaves it out of the echo."""
+@pytest.fixture(scope="module")
+def local_tasks(tmp_path_factory, data_dir) -> Path:
+    """lm-eval's own XCOPA / XNLI tasks, their items from the local files (`lingosteer lm-eval-tasks`)."""
+    from evaluation.lmeval_tasks import write_local_tasks
+
+    out = tmp_path_factory.mktemp("lm-eval-tasks")
+    write_local_tasks(data_dir, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_model(model_dir):
+    from alignment.hidden_states import load_model_and_tokenizer
+
+    return load_model_and_tokenizer(model_dir)[0]
+
+
+def local_completions(server, model: str, model_dir, local_tasks: Path, tasks) -> dict:
+    """lm-eval's `local-completions` against the server on `tasks`' first LMEVAL_ITEMS items, with lm-eval's
+    defaults (add_bos_token=False: its token-id prompts get their BOS from the server)."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    _local_xcopa_task(tmp_path)
-    results = {}
-    for model in (model_name, f"{model_name}:swh_Latn"):
-        args = dict(model=model, base_url=server["base"] + "/v1/completions", tokenizer=str(model_dir),
-                    tokenizer_backend="huggingface", num_concurrent=1, max_retries=1)
-        out = simple_evaluate(model="local-completions", model_args=args, tasks=["xcopa_sw_local"], limit=4,
-                              task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True)
-        results[model] = out["samples"]["xcopa_sw_local"]
-    # Each option's log-likelihood is what the same prompt, sent with BOS, gets for the option's tokens.
-    from transformers import AutoTokenizer
+    args = dict(model=model, base_url=server["base"] + "/v1/completions", tokenizer=str(model_dir),
+                tokenizer_backend="huggingface", num_concurrent=1, max_retries=1)
+    # Only our task files are indexed (they include lm-eval's own by path); the index of every task is slower.
+    return simple_evaluate(model="local-completions", model_args=args, tasks=list(tasks), limit=LMEVAL_ITEMS,
+                           task_manager=TaskManager(include_path=str(local_tasks), include_defaults=False),
+                           log_samples=True)
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    sample = results[model_name][0]
-    context, option = sample["arguments"][0]
-    context_ids = tokenizer(context, add_special_tokens=False).input_ids
-    whole = tokenizer(context + option, add_special_tokens=False).input_ids
-    reply = httpx.post(server["base"] + "/v1/completions", json={
-        "model": model_name, "prompt": [tokenizer.bos_token_id, *whole], "echo": True, "max_tokens": 1,
-        "logprobs": 1, "temperature": 0}, timeout=120).json()
-    expected = sum(reply["choices"][0]["logprobs"]["token_logprobs"][1 + len(context_ids):-1])
-    assert sample["resps"][0][0][0] == pytest.approx(expected, abs=1e-4)
-    assert len(results[f"{model_name}:swh_Latn"]) == 4
+
+def logged_requests(out: dict, task: str) -> list[tuple[str, str, float]]:
+    """(context, continuation, log-likelihood) of every request lm-eval made for `task`, item by item."""
+    return [(context, continuation, float(response[0][0]))
+            for sample in out["samples"][task]
+            for (context, continuation), response in zip(sample["arguments"], sample["resps"])]
+
+
+def lm_eval_tokens(tokenizer, context: str, continuation: str):
+    """A request as lm-eval splits it into tokens for a tokenizer that starts text with BOS (the `lingosteer`
+    model; local-completions once the server adds BOS): an empty context (XNLI) is BOS alone, before the
+    continuation encoded without it; otherwise the context alone, the whole text, the continuation the rest."""
+    from evaluation.scoring import Encoded
+
+    if not context:
+        return Encoded((tokenizer.bos_token_id, *tokenizer(continuation, add_special_tokens=False).input_ids), 1, 1)
+    return Encoded(tuple(tokenizer(context + continuation).input_ids), len(tokenizer(context).input_ids), 1)
+
+
+def bench_scores(hf_model, tokenizer, out: dict, task: str, condition, interventions: dict):
+    """(lm-eval's log-likelihoods, bench's reference scores, bench's accuracy) of `task`'s requests."""
+    import numpy as np
+
+    from evaluation.scoring import score_with_hf
+
+    logged = logged_requests(out, task)
+    requests = [(lm_eval_tokens(tokenizer, context, continuation), condition) for context, continuation, _ in logged]
+    ours, _ = score_with_hf(hf_model, requests, interventions, tokenizer.pad_token_id, progress=False)
+    per_item = ours.reshape(len(out["samples"][task]), -1)
+    gold = [int(sample["target"]) for sample in out["samples"][task]]
+    return np.array([ll for _, _, ll in logged]), ours, float(np.mean(per_item.argmax(axis=1) == gold))
+
+
+def test_lm_eval_local_completions_on_its_own_tasks_scores_plain_as_bench(
+        server, model_name, model_dir, local_tasks, tokenizer, hf_model):
+    """The plain model name: every option's log-likelihood and the accuracy are bench's on the same items
+    (lm-eval's token-id prompts get their BOS from the server, and its echo leaves that BOS out)."""
+    import numpy as np
+
+    from evaluation.scoring import PLAIN
+
+    out = local_completions(server, model_name, model_dir, local_tasks, LMEVAL_TASKS)
+    for task in LMEVAL_TASKS:
+        theirs, ours, accuracy = bench_scores(hf_model, tokenizer, out, task, PLAIN, {})
+        np.testing.assert_allclose(theirs, ours, atol=HF_TOLERANCE, err_msg=task)
+        assert out["results"][task]["acc,none"] == pytest.approx(accuracy), task
+
+
+@pytest.fixture(scope="module")
+def swahili_on_every_token(server, root, model_dir):
+    """swh_Latn swapped, for the tests that ask for it, for a version whose serving defaults steer every token
+    (EVERY_TOKEN); the version serving before comes back after the module's last test."""
+    from alignment.artifact import ServingDefaults, set_serving_defaults
+    from plugin_support import planted_evidence
+
+    path = write_planted_intervention(root / ".every-token" / "swh", model_dir, [0, 1], "swh_Latn", seed=1)
+    set_serving_defaults(path, ServingDefaults(**EVERY_TOKEN), planted_evidence(summary="planted: every token"))
+    before = loaded(server)["swh_Latn"]["path"]
+
+    def load(relative: str) -> None:
+        reply = httpx.post(server["base"] + "/admin/interventions", json={"path": relative}, timeout=120,
+                           headers={"Authorization": f"Bearer {server['token']}"})
+        assert reply.status_code == 200, reply.text
+
+    load(".every-token/swh")
+    yield path
+    load(before)
+
+
+def test_a_model_name_steering_every_token_scores_as_bench(
+        server, model_name, model_dir, local_tasks, tokenizer, hf_model, swahili_on_every_token):
+    """Positions "all" mean the same tokens on an echo request (every prompt token after BOS) as in bench
+    (context and continuation after BOS): lm-eval's numbers through `BASE:swh_Latn` are bench's steered ones."""
+    import numpy as np
+
+    from alignment.artifact import load_intervention
+    from evaluation.scoring import PLAIN, Condition, extra_args
+
+    named = f"{model_name}:swh_Latn"
+    steered = Condition("swh_Latn", EVERY_TOKEN["alpha"], EVERY_TOKEN["positions"])
+    intervention = {"swh_Latn": load_intervention(swahili_on_every_token)}
+    out = local_completions(server, named, model_dir, local_tasks, LMEVAL_TASKS)
+    for task in LMEVAL_TASKS:
+        theirs, ours, accuracy = bench_scores(hf_model, tokenizer, out, task, steered, intervention)
+        np.testing.assert_allclose(theirs, ours, atol=HF_TOLERANCE, err_msg=task)
+        assert out["results"][task]["acc,none"] == pytest.approx(accuracy), task
+        _, plain, _ = bench_scores(hf_model, tokenizer, out, task, PLAIN, {})
+        assert np.abs(theirs - plain).max() > 1e-2, task  # steering changed them
+    # The same engine, told bench's own positions for each request as token ranges: the same numbers.
+    context, continuation, ll = logged_requests(out, "xcopa_sw")[0]
+    encoded = lm_eval_tokens(tokenizer, context, continuation)
+    replies = [httpx.post(server["base"] + "/v1/completions", timeout=120, json={
+        "model": model, "prompt": list(encoded.token_ids), "echo": True, "logprobs": 1, "max_tokens": 1,
+        "temperature": 0, **extra}).json() for model, extra in (
+            (named, {}), (model_name, {"vllm_xargs": extra_args(encoded, steered)}))]
+    assert replies[0]["lingosteer"]["positions"] == "all" and replies[0]["lingosteer"]["alpha"] == 1.0
+    for reply in replies:
+        assert sum(reply["choices"][0]["logprobs"]["token_logprobs"][encoded.context_len:-1]) == pytest.approx(
+            ll, abs=1e-5)
+
+
+def test_a_model_name_steering_the_last_token_refuses_echoed_logprobs(
+        server, model_name, model_dir, local_tasks, tokenizer):
+    """ita_Latn serves positions "last". bench steers the context's last token; an echo request does not say
+    where its context ends, and its last token is the continuation's, whose steering changes no echoed
+    log-probability: a 400 naming the ways out, and lm-eval stops instead of reporting a plain number."""
+    import requests
+
+    url = server["base"] + "/v1/completions"
+    prompt = tokenizer(ITALIAN[0]).input_ids
+    echo = {"model": f"{model_name}:ita_Latn", "prompt": prompt, "echo": True, "logprobs": 1, "max_tokens": 1}
+    reply = httpx.post(url, json=echo, timeout=120)
+    assert reply.status_code == 400
+    error = reply.json()["error"]
+    assert error["param"] == "echo"
+    assert all(part in error["message"] for part in ("'last'", "`lingosteer bench`", "positions='all'",
+                                                     "`lingosteer lm-eval`"))
+    generation = {key: value for key, value in echo.items() if key != "echo"}
+    assert httpx.post(url, json={**generation, "prompt_logprobs": 0}, timeout=120).status_code == 400
+    # Generation, every token, or ranges the client computed from its own split: served.
+    for body in (generation, {**echo, "vllm_xargs": {"positions": "all"}},
+                 {**echo, "vllm_xargs": {"positions": [[len(prompt) - 3, len(prompt) - 2]]}}):
+        assert httpx.post(url, json=body, timeout=120).status_code == 200, body
+    with pytest.raises(requests.HTTPError, match="400"):
+        local_completions(server, f"{model_name}:ita_Latn", model_dir, local_tasks, ["xcopa_it"])
+
+
+def test_echoed_prompt_logprobs_under_context_positions_are_refused_before_submission(tokenizer, tmp_path):
+    """The routing rule alone (no engine): which steered completions may ask for prompt log-probabilities."""
+    from intervene_server.detection import LanguageDetector
+    from intervene_server.prompt_tokens import PromptTokenizer
+    from intervene_server.registry import InterventionRegistry
+    from intervene_server.routing import LanguageRouter, RoutingError
+    from intervene_server.schemas import InterventionInfo
+
+    registry = InterventionRegistry(engine_client=None, root=tmp_path)
+    for language, positions in (("swh_Latn", "last"), ("ita_Latn", "prompt"), ("fra_Latn", "all")):
+        registry.loaded[language] = InterventionInfo(
+            language=language, target="eng_Latn", version=f"v-{language}", path=language, layers=[0, 1],
+            memory_bytes=0, serving={"alpha": 1.0, "layers": [0, 1], "positions": positions})
+    router = LanguageRouter(registry, LanguageDetector(0.5), PromptTokenizer(tokenizer, None), served_models=("tiny",))
+
+    def route(model: str, **body):
+        return router.route({"model": model, "prompt": [5, 6, 7], **body}, "completion")
+
+    for model in ("tiny:swh_Latn", "tiny:ita_Latn"):
+        for body in ({"echo": True, "logprobs": 0}, {"prompt_logprobs": 0},
+                     {"echo": True, "logprobs": 1, "vllm_xargs": {"positions": "last"}}):
+            with pytest.raises(RoutingError, match="cannot be those of `lingosteer bench`") as refused:
+                route(model, **body)
+            assert refused.value.param == "echo" and refused.value.status == 400
+        assert route(model, echo=True).applied  # echoes text, no log-probabilities
+        assert route(model, logprobs=1).applied  # generated tokens' log-probabilities only
+        assert route(model, echo=True, logprobs=1, vllm_xargs={"positions": "all"}).positions == "all"
+        assert route(model, echo=True, logprobs=1, vllm_xargs={"positions": [[1, 3]]}).positions == [[1, 3]]
+    assert route("tiny:fra_Latn", echo=True, logprobs=1).positions == "all"
+    assert not route("tiny", echo=True, logprobs=1).applied  # plain
+    # alpha 0 changes nothing: bench scores it plain too
+    assert route("tiny:swh_Latn", echo=True, logprobs=1, vllm_xargs={"alpha": 0.0}).alpha == 0.0
