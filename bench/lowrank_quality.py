@@ -141,9 +141,10 @@ def fit_recipe(specs: list[str], data_dir: Path | None) -> Recipe:
 
 
 def heldout_ntrex(recipe: Recipe, fit_pairs: dict[str, list], eval_pairs: int, seed: int,
-                  data_dir: Path | None) -> dict:
+                  data_dir: Path | None, exclude: np.ndarray | None = None) -> dict:
     """The held-out NTREX split, one index set for every language: `eval_pairs` lines drawn with `seed` from
-    the lines outside every NTREX range of the fit data whose source and English sentences are in no fit pair."""
+    the lines outside every NTREX range of the fit data whose source and English sentences are in no fit pair
+    (and, given `exclude`, a bool mask over the lines, outside the lines it marks)."""
     ntrex = {flores: parallel_ntrex(flores, TARGET, data_dir) for flores in fit_pairs}
     lines = len(next(iter(ntrex.values())))
     if any(len(pairs) != lines for pairs in ntrex.values()):
@@ -157,6 +158,8 @@ def heldout_ntrex(recipe: Recipe, fit_pairs: dict[str, list], eval_pairs: int, s
     for flores, pairs in fit_pairs.items():
         seen = {text for pair in pairs for text in pair}
         fitted |= np.array([src in seen or eng in seen for src, eng in ntrex[flores]])
+    if exclude is not None:
+        fitted |= exclude
     pool = np.flatnonzero(~fitted)
     if len(pool) < eval_pairs:
         raise ValueError(f"only {len(pool)} NTREX lines were not fitted on; --eval-pairs asks for {eval_pairs}")
