@@ -23,7 +23,7 @@ Every simulated build goes through the design's real `decide`. Builds use fixed 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import cycle, islice
 
 import numpy as np
@@ -89,6 +89,14 @@ def simulate(design: GateDesign, setting: Setting, gains: Sequence[float], build
 
     A negative gain harms the language with every candidate; a positive or zero one is GOOD's alone.
     """
+    return simulate_with_cost(design, setting, gains, builds, seed, proxy_gains, progress)[0]
+
+
+def simulate_with_cost(design: GateDesign, setting: Setting, gains: Sequence[float], builds: int, seed: int,
+                       proxy_gains: Sequence[float] | None = None,
+                       progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`simulate`, with what each decision needed scored: (adoption, share of the language's items scored,
+    share of its (item, condition) scorings), each [builds, languages]; 1 where the design scores everything."""
     if len(gains) > len(setting.plain):
         raise ValueError(f"{len(gains)} languages, but plain accuracies for only {len(setting.plain)}")
     candidates = search_space(LAYERS)
@@ -104,6 +112,8 @@ def simulate(design: GateDesign, setting: Setting, gains: Sequence[float], build
                                       setting.proxy_discordance,
                                       candidate_gains(proxy_gains[i], candidates, harmed=proxy_gains[i] < 0)))
     adopted = np.zeros((builds, len(gains)), dtype=bool)
+    items, scorings = np.ones((builds, len(gains))), np.ones((builds, len(gains)))
+    conditions = len(candidates) + 1
     for b in _progress(range(builds), progress, design.name):
         evidence = {}
         for i, language in enumerate(languages):
@@ -112,8 +122,14 @@ def simulate(design: GateDesign, setting: Setting, gains: Sequence[float], build
                               if proxy else None)
             evidence[language] = Evidence(plain[b], dict(zip(candidates, correct[b])), proxy_evidence)
         decisions = design.decide(evidence)
-        adopted[b] = [decisions[language].adopted for language in languages]
-    return adopted
+        for i, language in enumerate(languages):
+            decision = decisions[language]
+            adopted[b, i] = decision.adopted
+            if decision.items_scored is not None:
+                items[b, i] = decision.items_scored / setting.items
+            if decision.scorings is not None:
+                scorings[b, i] = decision.scorings / (setting.items * conditions)
+    return adopted, items, scorings
 
 
 def _progress(iterable, enabled: bool, desc: str):
@@ -143,19 +159,42 @@ def languages_for(design: GateDesign, languages: int) -> int:
 def operating_characteristic(design: GateDesign, setting: Setting, gains: Sequence[float], builds: int,
                              seed: int = 0, languages: int = 11, progress: bool = False) -> dict[float, tuple]:
     """gain -> (adoption rate per language, Monte Carlo SE), every language at that gain."""
+    return {gain: (point["rate"], point["se"]) for gain, point in
+            operating_characteristic_with_cost(design, setting, gains, builds, seed, languages, progress).items()}
+
+
+def operating_characteristic_with_cost(design: GateDesign, setting: Setting, gains: Sequence[float], builds: int,
+                                       seed: int = 0, languages: int = 11,
+                                       progress: bool = False) -> dict[float, dict[str, float]]:
+    """gain -> {rate, se (of the rate), items: mean share of each language's items scored, scorings: mean share of
+    its (item, condition) scorings}; the same draws as `operating_characteristic` (same seed, same numbers)."""
     n = languages_for(design, languages)
-    return {gain: adoption_rate(simulate(design, setting, [gain] * n, builds, seed, progress=progress))
-            for gain in gains}
+    curve = {}
+    for gain in gains:
+        adopted, items, scorings = simulate_with_cost(design, setting, [gain] * n, builds, seed, progress=progress)
+        rate, se = adoption_rate(adopted)
+        curve[gain] = {"rate": rate, "se": se, "items": float(items.mean()), "scorings": float(scorings.mean())}
+    return curve
 
 
 def mixed_case(design: GateDesign, setting: Setting, builds: int, seed: int = 0, gain: float = 0.036,
                harm: float = -0.03, languages: int = 11, progress: bool = False) -> tuple[float, float]:
     """Adoption rate of the one harmed language while the others gain (the last language is the harmed one);
     for a proxy-set design, of a language harmed on the target task while the proxy shows the gain."""
+    point = mixed_case_with_cost(design, setting, builds, seed, gain, harm, languages, progress)
+    return point["rate"], point["se"]
+
+
+def mixed_case_with_cost(design: GateDesign, setting: Setting, builds: int, seed: int = 0, gain: float = 0.036,
+                         harm: float = -0.03, languages: int = 11, progress: bool = False) -> dict[str, float]:
+    """`mixed_case` as {rate, se} of the harmed language, with {items, scorings}: the shares scored, averaged
+    over all languages of the build (what the build cost), as in `operating_characteristic_with_cost`."""
     gains = [gain] * (languages_for(design, languages) - 1) + [harm]
     # A proxy-set design judges each language alone: its hard case is a gain on the proxy that does not carry.
     proxy_gains = [gain] * len(gains) if design.uses_proxy else None
-    return adoption_rate(simulate(design, setting, gains, builds, seed, proxy_gains, progress), language=-1)
+    adopted, items, scorings = simulate_with_cost(design, setting, gains, builds, seed, proxy_gains, progress)
+    rate, se = adoption_rate(adopted, language=-1)
+    return {"rate": rate, "se": se, "items": float(items.mean()), "scorings": float(scorings.mean())}
 
 
 def minimum_detectable_gain(design: GateDesign, items: int, discordance: float, power: float = 0.8,
@@ -213,11 +252,18 @@ def detectable_gain(design: GateDesign, evidence: Mapping[str, Evidence], power:
     discordance = build_discordance(evidence)
     setting = Setting(items=min(e.items for e in evidence.values()), discordance=discordance,
                       plain=tuple(islice(cycle(XCOPA_PLAIN.values()), languages)))
+    proxies = [e.proxy for e in evidence.values() if e.proxy is not None]
+    if design.uses_proxy and proxies:  # the proxy sets as they are: their size, discordance and plain accuracy
+        setting = replace(setting, proxy_items=min(p.items for p in proxies),
+                          proxy_discordance=build_discordance({str(i): p for i, p in enumerate(proxies)}),
+                          proxy_plain=float(np.mean([p.plain.mean() for p in proxies])))
     curve: dict[float, tuple] = {}
     for gain in BUILD_GAINS:
         try:
             for plain in setting.plain:
                 flip_rates(plain, discordance, np.array([gain]))
+            if design.uses_proxy:
+                flip_rates(setting.proxy_plain, setting.proxy_discordance, np.array([gain]))
         except ValueError:
             break  # a larger gain is impossible too
         curve.update(operating_characteristic(design, setting, [gain], builds, seed, languages))

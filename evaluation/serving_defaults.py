@@ -10,6 +10,7 @@ goes into each manifest as `serving` + `evidence` (`alignment.artifact.set_servi
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -69,11 +70,19 @@ def calibrate_serving(artifact_dir: Path, model: str, task: Task, items, dtype: 
 
 
 def calibrate_languages(builds: Mapping[str, tuple[Path, object]], model: str, task: Task, design: GateDesign,
-                        dtype: str = "float32", progress: bool = True, llm=None) -> dict[str, Evidence]:
+                        dtype: str = "float32", progress: bool = True, llm=None,
+                        proxies: Mapping[str, object] | None = None) -> dict[str, Evidence]:
     """Choose and record the serving defaults of each language's artifact (`builds[language] = (artifact_dir,
     items)`) under `design`, deciding for all languages together; returns each language's evidence written.
-    Starts one scoring engine for all unless given one (`llm`, as `evaluation.runner.start_scoring_engine` makes)."""
+    Starts one scoring engine for all unless given one (`llm`, as `evaluation.runner.start_scoring_engine` makes).
+    `proxies[language]`: a design that reads a proxy set (`carry`) gets that language's larger labelled set of
+    another task (a `LanguageSet`, as `load_calibration_sets` loads), scored the same way on the same engine."""
     design.check({language: items.n for language, (_, items) in builds.items()})
+    if design.uses_proxy:
+        design.check_proxy({language: proxies[language].n if proxies and language in proxies else None
+                            for language in builds})
+    elif proxies:
+        raise ValueError(f"design {design.name!r} reads no proxy set")
     layers = {}
     for language, (artifact_dir, items) in builds.items():
         artifact = load_intervention(artifact_dir)
@@ -87,6 +96,10 @@ def calibrate_languages(builds: Mapping[str, tuple[Path, object]], model: str, t
     try:
         evidence = {language: _score(llm, artifact_dir, items, layers[language], progress)
                     for language, (artifact_dir, items) in builds.items()}
+        if design.uses_proxy:
+            evidence = {language: dataclasses.replace(e, proxy=_score(llm, builds[language][0], proxies[language],
+                                                                      layers[language], progress))
+                        for language, e in evidence.items()}
         engine = engine_facts(llm)
     finally:
         if own_engine:
@@ -101,6 +114,10 @@ def calibrate_languages(builds: Mapping[str, tuple[Path, object]], model: str, t
     for language, (artifact_dir, items) in builds.items():
         record = _evidence(task, items, design, list(builds), evidence[language], decisions[language],
                            detectable[language], date, engine)
+        if design.uses_proxy:
+            proxy = proxies[language]
+            record = record.model_copy(update={"rule": f"{record.rule} Proxy set: {proxy.path.name} "
+                                                       f"({proxy.n} items, all candidates scored)."})
         serving = decisions[language].config or ServingDefaults(alpha=0.0, layers=layers[language], positions="last")
         set_serving_defaults(artifact_dir, serving, record)
         written[language] = record

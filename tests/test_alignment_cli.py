@@ -175,7 +175,8 @@ def test_a_two_language_build_is_decided_jointly_by_the_pooled_design(tiny_model
     out = tmp_path / "interventions"
     assert main(["align", "build", "--model", str(tiny_model_dir("llama")), "--source", "sw,it",
                  "--data", f"sib200:dev@{data_dir}", "--max-pairs", "24", "--layers", "0-1",
-                 "--calibrate", str(data_dir / "xcopa"), "--calibration-max-items", "40", "--out", str(out)]) == 0
+                 "--calibrate", str(data_dir / "xcopa"), "--calibration-max-items", "40", "--gate-design", "pooled",
+                 "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["ita_Latn", "swh_Latn"]  # no staging left behind
     err = capsys.readouterr().err
     for code in ("swh_Latn", "ita_Latn"):

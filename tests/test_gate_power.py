@@ -200,3 +200,167 @@ def test_evidence_from_before_the_designs_still_loads():
     written = ManifestEvidence.model_validate({**older, "design": "pooled", "minimum_detectable_gain": 6.8,
                                                "discordance": 0.15, "decision": "off: ...", "delta_ci95": None})
     assert ManifestEvidence.model_validate_json(written.model_dump_json()) == written
+
+
+# ---- sequential: pooled with an interim look ---------------------------------------------
+
+
+def test_obrien_fleming_levels_match_the_standard_two_look_boundaries():
+    """Lan-DeMets O'Brien-Fleming-type spending, looks at 1/2 and 1, one-sided 0.025: z = 2.963 and 1.969."""
+    from scipy.stats import norm
+
+    from evaluation.gate_designs import obf_levels
+
+    interim, final = obf_levels(0.025)
+    assert norm.isf(interim) == pytest.approx(2.963, abs=0.001)
+    assert norm.isf(final) == pytest.approx(1.969, abs=0.001)
+    # The levels spend no more than the whole: the final nominal level is below the one-look test's.
+    for alpha in (0.05, 0.025 / 24):
+        interim, final = obf_levels(alpha)
+        assert interim < final < alpha
+
+
+def _planted(languages: int, items: int, plain_right: np.ndarray, steered_right: np.ndarray) -> dict[str, Evidence]:
+    candidates = search_space(LAYERS)
+    return {language: Evidence(plain_right.copy(), {c: steered_right.copy() for c in candidates})
+            for language in ["sw", "tr", "zh", "et", "ht", "ta", "id", "vi", "it", "qu", "th"][:languages]}
+
+
+def test_sequential_stops_at_the_half_when_every_language_is_settled():
+    items = 100
+    plain = np.zeros(items, bool)
+    steered = np.arange(items) % 3 == 0  # +33 points in both halves: crosses (a) and rules out harm at the interim
+    decisions = DESIGNS["sequential"].decide(_planted(3, items, plain, steered))
+    assert all(d.adopted and d.items_scored == 50 and d.scorings == 50 * 25 for d in decisions.values())
+    assert all("interim look" in d.reason for d in decisions.values())
+    # Every candidate loses items: not ahead at the interim, so the build stops there for futility.
+    decisions = DESIGNS["sequential"].decide(_planted(3, items, steered, plain))
+    assert all(not d.adopted and d.items_scored == 50 for d in decisions.values())
+
+
+def test_sequential_goes_on_when_the_interim_look_settles_nothing():
+    items = 100
+    plain = np.zeros(items, bool)
+    steered = np.zeros(items, bool)
+    steered[[10, 60]] = True  # ahead, but far from the interim boundary
+    decisions = DESIGNS["sequential"].decide(_planted(3, items, plain, steered))
+    assert all(not d.adopted and d.items_scored == items and d.scorings == items * 25 for d in decisions.values())
+
+
+def test_sequential_holds_the_pooled_targets_and_keeps_its_power():
+    sequential = DESIGNS["sequential"]
+    for gain, limit in ((0.0, 0.05), (-0.01, 0.01)):
+        rate, _ = operating_characteristic(sequential, XCOPA, [gain], builds=200, seed=12)[gain]
+        assert rate <= limit
+    assert mixed_case(sequential, XCOPA, builds=400, seed=13)[0] <= 0.05  # as pooled's check: same draws
+    rate, _ = operating_characteristic(sequential, XCOPA, [0.036], builds=200, seed=11)[0.036]
+    assert rate >= 0.75
+
+
+def test_the_cost_curve_has_the_same_draws_as_the_adoption_curve():
+    from evaluation.gate_power import operating_characteristic_with_cost
+
+    for name in ("pooled", "sequential"):
+        plain = operating_characteristic(DESIGNS[name], XCOPA, [0.036], builds=20, seed=5)[0.036]
+        point = operating_characteristic_with_cost(DESIGNS[name], XCOPA, [0.036], builds=20, seed=5)[0.036]
+        assert (point["rate"], point["se"]) == plain
+        assert 0.5 <= point["items"] <= 1 and 0 < point["scorings"] <= point["items"]
+        if name == "pooled":
+            assert point["items"] == point["scorings"] == 1.0
+
+
+def test_bench_runs_some_designs_and_merges_them_into_an_earlier_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import gate_power
+
+    common = ["--json", "--builds", "4", "--discordance", "0.06", "--figure", str(tmp_path / "oc.png")]
+    assert gate_power.main([*common, "--designs", "single,pooled"]) == 0
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(capsys.readouterr().out)
+    assert gate_power.main([*common, "--designs", "sequential", "--merge", str(earlier)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert list(result["designs"]) == ["single", "pooled", "sequential"]
+    assert result["designs"]["pooled"] == json.loads(earlier.read_text())["designs"]["pooled"]
+    assert set(result["designs"]["sequential"]["items_scored"]) == {"+3.6", "0", "-1", "mixed"}
+    assert result["merged_from"]["designs_run_now"] == ["sequential"]
+    with pytest.raises(SystemExit, match="same --builds and --seed"):
+        gate_power.main([*common[:2], "8", *common[3:], "--designs", "sequential", "--merge", str(earlier)])
+    sys.modules.pop("gate_power")
+
+
+# ---- carry: a proxy set ------------------------------------------------------------------
+
+
+def test_carry_keeps_a_proxy_gain_only_where_the_target_rules_out_harm():
+    rng = np.random.default_rng(0)
+    candidates = search_space(LAYERS)
+    proxy_plain = rng.random(600) < 0.4
+    proxy_steered = proxy_plain | (rng.random(600) < 0.3)  # a large gain on the proxy set
+    proxy = Evidence(proxy_plain, {c: proxy_steered for c in candidates})
+    target = np.arange(100) % 2 == 0
+    fine, harmed = target | (np.arange(100) % 10 == 1), target & (np.arange(100) % 10 != 0)
+    decisions = DESIGNS["carry"].decide({
+        "sw": Evidence(target, {c: fine for c in candidates}, proxy),
+        "tr": Evidence(target, {c: harmed for c in candidates}, proxy)})
+    assert decisions["sw"].adopted and "carries" in decisions["sw"].reason and "600 items" in decisions["sw"].reason
+    assert not decisions["tr"].adopted and "does not carry" in decisions["tr"].reason
+
+
+def _build(tiny_model_dir, data_dir, tmp_path, *extra: str) -> list[str]:
+    return ["align", "build", "--model", str(tiny_model_dir("llama")), "--source", "sw",
+            "--data", f"sib200:dev@{data_dir}", "--max-pairs", "10", "--layers", "0-1",
+            "--calibrate", str(data_dir / "xcopa" / "val.sw.jsonl"), "--out", str(tmp_path / "x"), *extra]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--gate-design", "carry"], "--gate-design carry chooses the configuration on a larger labelled set of "
+                                     "another task: give it with --proxy FILE_OR_DIR"),
+        (["--proxy", "XNLI"], "--proxy, --proxy-max-items and --proxy-task are read only by --gate-design carry, "
+                              "not current"),
+        (["--gate-design", "carry", "--proxy", "XNLI", "--proxy-max-items", "100"],
+         "--proxy-max-items 100: a proxy set needs at least 500 items"),
+        (["--gate-design", "carry", "--proxy", "XNLI/dev.th.tsv"], "--proxy: no xnli calibration file for swh_Latn"),
+        (["--gate-design", "carry", "--proxy", "SMALL"], "design 'carry': swh_Latn needs a labelled set of at least "
+                                                         "500 items of another task (XNLI dev has 2,490); got 120"),
+        (["--gate-design", "carry", "--proxy", "XCOPA"], "--proxy: the proxy set of swh_Latn is its calibration file"),
+    ],
+)
+def test_carry_in_align_build_refuses_a_missing_or_unusable_proxy(tiny_model_dir, data_dir, tmp_path, capsys,
+                                                                   extra, message):
+    from lingosteer.entrypoints.main import main
+
+    small = tmp_path / "xnli" / "dev.sw.tsv"  # the task from the folder's name, as the shared data's
+    small.parent.mkdir()
+    small.write_text("".join((data_dir / "xnli" / "dev.sw.tsv").read_text(encoding="utf-8").splitlines(True)[:120]),
+                     encoding="utf-8")
+    paths = {"XNLI": str(data_dir / "xnli"), "SMALL": str(small), "XCOPA": str(data_dir / "xcopa" / "val.sw.jsonl")}
+    extra = [paths.get(part.split("/")[0], "") + part[len(part.split("/")[0]):] if part.split("/")[0] in paths
+             else part for part in extra]
+    assert main(_build(tiny_model_dir, data_dir, tmp_path, *extra)) == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_carry_build_scores_the_proxy_set_on_the_same_engine(tiny_model_dir, data_dir, tmp_path, monkeypatch):
+    """The whole `align build --gate-design carry` on a tiny model, with the proxy minimum lowered to keep it short:
+    the XNLI proxy items are scored under every candidate through the build's engine and the design decides."""
+    from alignment.artifact import load_intervention
+    from evaluation import gate_designs
+    from lingosteer.entrypoints import align
+    from lingosteer.entrypoints.main import main
+
+    monkeypatch.setattr(gate_designs, "MIN_PROXY_ITEMS", 40)
+    monkeypatch.setattr(align, "MIN_PROXY_ITEMS", 40)
+    out = tmp_path / "swh_Latn"
+    assert main(["align", "build", "--model", str(tiny_model_dir("llama")), "--source", "sw",
+                 "--data", f"sib200:dev@{data_dir}", "--max-pairs", "24", "--layers", "0-1",
+                 "--calibrate", str(data_dir / "xcopa" / "val.sw.jsonl"), "--calibration-max-items", "40",
+                 "--gate-design", "carry", "--proxy", str(data_dir / "xnli"), "--proxy-max-items", "60",
+                 "--out", str(out)]) == 0
+    manifest = load_intervention(out).manifest
+    evidence = manifest.evidence
+    assert evidence.design == "carry" and evidence.task == "xcopa" and evidence.items == 40
+    assert evidence.rule.endswith("Proxy set: dev.sw.tsv (60 items, all candidates scored).")
+    assert (manifest.serving.alpha != 0) is evidence.adopted

@@ -4,6 +4,8 @@
         --out interventions/gemma-3-270m/swh_Latn          # the recommended recipe (alignment/recipe.py)
     lingosteer align build --model gemma-3-270m --source sw,th,tr --calibrate ../shared/data/xcopa \\
         --out interventions/gemma-3-270m                    # fit, then one gate (design 'pooled') for all three
+    lingosteer align build ... --source sw --calibrate ../shared/data/xcopa/val.sw.jsonl --gate-design carry \\
+        --proxy ../shared/data/xnli                         # chosen on XNLI dev, kept if XCOPA rules out harm
     lingosteer align fit ... --data sib200:train,dev --data ntrex:0-299 --solver procrustes --ray
     lingosteer align eval --model gemma-3-270m --intervention interventions/gemma-3-270m/swh_Latn \\
         --data sib200:test --json
@@ -28,7 +30,7 @@ from alignment.evaluate import evaluate_intervention, write_compare_report, writ
 from alignment.fitting import Compute, fit_artifact
 from alignment.hidden_states import POOLINGS, extract_hidden_states, load_model_and_tokenizer
 from alignment.recipe import RECIPES, RECOMMENDED, Recipe
-from evaluation.gate_designs import DESIGNS
+from evaluation.gate_designs import DEFAULT_SHARED_DESIGN, DESIGNS, MIN_PROXY_ITEMS
 from evaluation.serving_defaults import calibrate_languages, load_calibration_sets
 from evaluation.tasks import TASKS
 from lingosteer.data import parse_parallel_source
@@ -40,8 +42,6 @@ from lingosteer.models import resolve_model
 DATA_HELP = ("parallel data CORPUS[:SPLITS|:FIRST-LAST][@DIR], e.g. sib200:train,dev, ntrex:0-299@/data/ntrex128 "
              "or xcopa (validation items vs their English translations)")
 FLORES_SHAPE = re.compile(r"^[a-z]{3}_[A-Z][a-z]{3}$")
-# `carry` needs a second, larger labelled set scored under every candidate: `align build` does not score one.
-CLI_DESIGNS = tuple(name for name, design in DESIGNS.items() if not design.uses_proxy)
 
 
 def register(subparsers) -> None:
@@ -59,13 +59,25 @@ def register(subparsers) -> None:
     build.add_argument("--calibrate", nargs="+", required=True, type=Path, metavar="FILE_OR_DIR",
                        help="XCOPA/XNLI-style files or directories of them (<split>.<iso>.jsonl: the language "
                             "from the file name, as bench reads them); one file per language built")
-    build.add_argument("--gate-design", choices=("auto", *CLI_DESIGNS), default="auto",
+    build.add_argument("--gate-design", choices=("auto", *DESIGNS), default="auto",
                        help="how the gate decides (evaluation/gate_designs.py, docs/benchmarks.md 'Gate power'). "
-                            "auto (default): pooled for 2+ languages (one configuration chosen across languages, "
-                            "each language judged on a choice made without it; 100 XCOPA items x 11 languages "
-                            "detect +3.5 points), current for one: no single-language design meets the no-harm "
-                            "targets with power (current detects only gains above 9.3 points on 100 items). "
-                            "pooled and shrinkage need 2+ languages; carry (a larger proxy set) is not offered here")
+                            f"auto (default): {DEFAULT_SHARED_DESIGN} for 2+ languages (pooled, one configuration "
+                            "chosen across languages and each language judged on a choice made without it, tested "
+                            "with an interim look at half the items; 100 XCOPA items x 11 languages detect +3.5 "
+                            "points), current for one: no single-language design meets the no-harm targets with "
+                            "power (current detects only gains above 9.3 points on 100 items). pooled, sequential "
+                            "and shrinkage need 2+ languages; carry needs --proxy. A build scores every item in "
+                            "one pass, so sequential saves no scoring here; it decides by its two looks")
+    build.add_argument("--proxy", nargs="+", type=Path, default=None, metavar="FILE_OR_DIR",
+                       help="--gate-design carry only: a larger labelled set of another task for each language built "
+                            f"(XNLI dev files dev.<iso>.tsv, or their directory; at least {MIN_PROXY_ITEMS} items "
+                            "each), scored under every candidate on the same engine: GATE_RULE chooses the "
+                            "configuration on it, kept only if the calibration items rule out a 3-point loss. "
+                            "Scoring 2,490 XNLI items under 25 conditions takes hours per language on CPU")
+    build.add_argument("--proxy-max-items", type=int, default=None, metavar="N",
+                       help=f"only the first N items of each proxy file (at least {MIN_PROXY_ITEMS})")
+    build.add_argument("--proxy-task", choices=tuple(TASKS), default=None,
+                       help="the proxy set's task (default: from the proxy paths' names)")
     build.add_argument("--task", choices=tuple(TASKS), default=None,
                        help="the calibration task (default: from the paths' names)")
     build.add_argument("--calibration-max-items", type=int, default=None, help="only the first N calibration items")
@@ -272,10 +284,46 @@ def build_sources(args) -> list[str]:
 
 
 def gate_design(name: str, languages: int):
-    """--gate-design: 'auto' is pooled for 2 or more languages and current for one (docs/benchmarks.md)."""
+    """--gate-design: 'auto' is DEFAULT_SHARED_DESIGN for 2 or more languages and current for one
+    (docs/benchmarks.md)."""
     if name == "auto":
-        name = "pooled" if languages >= 2 else "current"
+        name = DEFAULT_SHARED_DESIGN if languages >= 2 else "current"
     return DESIGNS[name]
+
+
+def check_proxy_options(args, design) -> None:
+    """--proxy goes with a proxy design (carry) and only with one; checked before anything is read."""
+    if design.uses_proxy and not args.proxy:
+        raise ValueError(f"--gate-design {design.name} chooses the configuration on a larger labelled set of another "
+                         f"task: give it with --proxy FILE_OR_DIR (e.g. XNLI dev files of the same languages, at "
+                         f"least {MIN_PROXY_ITEMS} items each)")
+    if not design.uses_proxy and (args.proxy or args.proxy_max_items is not None or args.proxy_task):
+        raise ValueError(f"--proxy, --proxy-max-items and --proxy-task are read only by --gate-design carry, "
+                         f"not {design.name}")
+    if args.proxy_max_items is not None and args.proxy_max_items < MIN_PROXY_ITEMS:
+        raise ValueError(f"--proxy-max-items {args.proxy_max_items}: a proxy set needs at least {MIN_PROXY_ITEMS} "
+                         "items to have more power than the calibration items themselves")
+    missing = [str(path) for path in args.proxy or [] if not path.exists()]
+    if missing:
+        raise FileNotFoundError(f"proxy path(s) not found: {', '.join(missing)}")
+
+
+def load_proxy_sets(args, design, sources: list[str], sets: dict) -> dict | None:
+    """Each language's proxy set (a `LanguageSet` of the proxy files' task), checked before anything is fitted:
+    every language built has one, with at least MIN_PROXY_ITEMS items, and none is a calibration file."""
+    if not design.uses_proxy:
+        return None
+    try:
+        _, proxies = load_calibration_sets(args.model, args.proxy, sources,
+                                           TASKS[args.proxy_task] if args.proxy_task else None, args.proxy_max_items)
+    except (ValueError, FileNotFoundError) as error:
+        raise ValueError(f"--proxy: {error}") from None
+    same = [code for code in sources if proxies[code].path.resolve() == sets[code].path.resolve()]
+    if same:
+        raise ValueError(f"--proxy: the proxy set of {', '.join(same)} is its calibration file; the proxy must be "
+                         "another labelled set (another task's items)")
+    design.check_proxy({code: proxies[code].n for code in sources})
+    return proxies
 
 
 def run_build(args) -> int:
@@ -295,9 +343,11 @@ def run_build(args) -> int:
     if missing:
         raise FileNotFoundError(f"calibration path(s) not found: {', '.join(missing)}")
     design = gate_design(args.gate_design, len(sources))
+    check_proxy_options(args, design)
     task, sets = load_calibration_sets(args.model, args.calibrate, sources, TASKS[args.task] if args.task else None,
                                        args.calibration_max_items)
     design.check({code: items.n for code, items in sets.items()})
+    proxies = load_proxy_sets(args, design, sources, sets)
     parent = args.out.parent if len(sources) == 1 else args.out
     parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{args.out.name}.build." if len(sources) == 1 else ".build."
@@ -309,7 +359,7 @@ def run_build(args) -> int:
         print(f"calibrating the serving defaults of {', '.join(sources)} (fits done; scoring every candidate "
               f"through vLLM; gate design {design.name})", file=sys.stderr)
         evidence = calibrate_languages({code: (staged[code], sets[code]) for code in sources}, args.model, task,
-                                       design, dtype=args.engine_dtype)
+                                       design, dtype=args.engine_dtype, proxies=proxies)
         for code in sources:
             replace_dir(staged[code], outs[code])
     finally:
