@@ -162,12 +162,14 @@ class LingosteerLM(TemplateLM):
         self.llm = start_scoring_engine(model_dir, dtype, max_model_len=self._max_length,
                                         enforce_eager=bool(enforce_eager), skip_tokenizer_init=False)  # text
         self._shutdown = weakref.finalize(self, shutdown_engine, self.llm)
+        _OPEN.add(self)
         for path in self.interventions.values():
             self.llm.collective_rpc("lingosteer_load", args=(str(path),))
 
     def close(self) -> None:
         """Stop the engine now (otherwise when this object is collected, or at exit)."""
         self._shutdown()
+
 
     @property
     def eot_token_id(self) -> int:
@@ -266,3 +268,14 @@ class LingosteerLM(TemplateLM):
             self.cache_hook.add_partial("generate_until", request.args, text)
             texts.append(text)
         return texts
+
+
+# Models whose engines may still run. At interpreter exit, multiprocessing's exit handler can join the engine's
+# process before the model's finalizer has stopped it, and wait forever; `close_all` stops them first.
+_OPEN: weakref.WeakSet["LingosteerLM"] = weakref.WeakSet()
+
+
+def close_all() -> None:
+    """Stop the engine of every `lingosteer` model still open (`lingosteer lm-eval` calls it once lm-eval is done)."""
+    for model in list(_OPEN):
+        model.close()

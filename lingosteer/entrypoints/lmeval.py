@@ -49,16 +49,20 @@ def run_lm_eval(args) -> int:
     # Offline unless told otherwise: models and task data come from local caches and files.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    # local: importing it registers the `lingosteer` model with lm_eval, which must see the offline settings above
-    import evaluation.lmeval_backend  # noqa: F401
     from lm_eval.__main__ import cli_evaluate
+
+    # local: importing it registers the `lingosteer` model with lm_eval, which must see the offline settings above
+    from evaluation.lmeval_backend import close_all
 
     with tempfile.TemporaryDirectory(prefix="lingosteer-lm-eval-tasks-") as tasks_dir:
         forwarded = args.forwarded
         if args.local_data is not None:
             forwarded = with_local_tasks(forwarded, args.local_data, Path(tasks_dir))
         sys.argv = ["lm-eval", *forwarded]
-        cli_evaluate()
+        try:
+            cli_evaluate()
+        finally:
+            close_all()  # before exit: see lmeval_backend._OPEN
     return 0
 
 
